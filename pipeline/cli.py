@@ -1,0 +1,200 @@
+"""The ``ctseg`` command line: argument parsing over :mod:`pipeline.api`, and nothing else.
+
+Exit codes: 0 ok; 1 runtime error; 2 bad arguments or configuration; 3 (predict) some cases failed.
+Errors print one line naming the file or case and the fix; ``--debug`` adds the traceback.
+Torch and MONAI are imported only inside the verbs, so ``ctseg --help`` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import __version__
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+DESCRIPTION = """CT segmentation pipeline: ingest -> preprocess -> train -> predict -> evaluate.
+
+  ctseg demo                                   synthetic end-to-end run on this machine
+  ctseg ingest EXPORT --output DIR             DICOM/NIfTI export -> HU NIfTI + labels
+  ctseg run -c configs/my.yaml                 every stage of an experiment, in order
+  ctseg predict --model M --input PATH --output OUT
+  ctseg evaluate --pred DIR --ref DIR --output OUT
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints usage; one line is kinder in batch logs
+        self.exit(EXIT_USAGE, f"ctseg: error: {message}. See 'ctseg {self.prog.split()[-1]} --help'.\n"
+                  if " " in self.prog else f"ctseg: error: {message}. See 'ctseg --help'.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
+                        help="YAML file of setting overrides (repeatable; later files win)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one setting, e.g. --set train.max_steps=200 (repeatable)")
+    common.add_argument("--experiment", help="experiment name (outputs/<experiment>/...)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+    parser = _Parser(prog="ctseg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ctseg {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+
+    p = verbs.add_parser("ingest", parents=[common], help="read a DICOM/NIfTI export into HU NIfTI volumes")
+    p.add_argument("source", nargs="?", type=Path, help="export folder or file (default: the dataset's source)")
+    p.add_argument("--output", type=Path, help="output folder (default: outputs/<experiment>/ingest)")
+    p.add_argument("--force", action="store_true", help="redo even if up to date")
+
+    p = verbs.add_parser("preprocess", parents=[common], help="plan, resample and cache training arrays")
+    p.add_argument("--force", action="store_true", help="redo even if up to date")
+
+    p = verbs.add_parser("train", parents=[common], help="train the network; writes a model folder")
+    p.add_argument("--force", action="store_true", help="retrain from scratch even if up to date")
+    p.add_argument("--resume", action="store_true", help="continue exactly where training stopped")
+
+    p = verbs.add_parser("predict", parents=[common], help="segment a batch of volumes (resumable)")
+    p.add_argument("--model", type=Path, help="trained model folder (default: outputs/<experiment>/train/model)")
+    p.add_argument("--input", type=Path, help="DICOM export, folder of NIfTI/NRRD/MHA, a file, or a .txt list")
+    p.add_argument("--output", type=Path, help="output folder (default: outputs/<experiment>/predict)")
+    p.add_argument("--shard", help="i/n: process only shard i of n (0-based) of the sorted cases")
+    p.add_argument("--retry-failed", action="store_true", help="retry cases that failed in an earlier run")
+
+    p = verbs.add_parser("evaluate", parents=[common], help="Dice, HD95, surface Dice, volumes per case")
+    p.add_argument("--pred", type=Path, help="predicted label volumes (folder)")
+    p.add_argument("--ref", type=Path, help="reference label volumes (folder)")
+    p.add_argument("--output", type=Path, help="output folder (default: outputs/<experiment>/evaluate)")
+    p.add_argument("--resample-ref", action="store_true", help="resample references onto the prediction grid")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
+                   help="compare two evaluation folders with a paired Wilcoxon test")
+
+    p = verbs.add_parser("run", parents=[common], help="all stages in order for one experiment")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+
+    p = verbs.add_parser("demo", parents=[common], help="generate phantoms and run every stage on them")
+    p.add_argument("--cases", type=int, help="number of phantoms (default from configs/demo.yaml)")
+
+    p = verbs.add_parser("config", parents=[common], help="print the resolved configuration")
+    p.add_argument("--reference", action="store_true", help="list every setting with its default and help")
+    return parser
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    from pipeline.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got '{text}'.") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard i/n must have 0 <= i < n, got '{text}'.")
+    return index, count
+
+
+def _load(args):
+    from pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if args.experiment:
+        overrides.append(f"experiment={args.experiment}")
+    if getattr(args, "resample_ref", False):
+        overrides.append("evaluate.resample_ref=true")
+    files = list(args.config)
+    if args.verb == "demo" and not files:
+        files = [_demo_config()]
+    return load_config(files, overrides)
+
+
+def _demo_config() -> Path:
+    from pipeline.demo import demo_config_path
+
+    return demo_config_path()
+
+
+def dispatch(args) -> int:
+    from pipeline import api
+
+    cfg = _load(args)
+    verb = args.verb
+    if verb == "config":
+        from pipeline.config import reference, to_yaml
+
+        if args.reference:
+            for key, kind, default, help_text in reference():
+                print(f"{key} ({kind}, default {default!r}): {help_text}")
+        else:
+            print(to_yaml(cfg), end="")
+        return EXIT_OK
+    if verb == "ingest":
+        report = api.ingest(cfg, source=args.source, output=args.output, force=args.force)
+    elif verb == "preprocess":
+        report = api.preprocess(cfg, force=args.force)
+    elif verb == "train":
+        report = api.train(cfg, force=args.force, resume=args.resume)
+    elif verb == "predict":
+        result = api.predict(cfg, model_dir=args.model, input_path=args.input, output=args.output,
+                             shard=_parse_shard(args.shard), retry_failed=args.retry_failed)
+        _summarise(result.report)
+        return result.exit_code
+    elif verb == "evaluate":
+        if args.compare:
+            report = api.compare(cfg, args.compare[0], args.compare[1], output=args.output)
+        else:
+            report = api.evaluate(cfg, pred_dir=args.pred, ref_dir=args.ref, output=args.output)
+    elif verb == "run":
+        reports = api.run(cfg, force=args.force)
+        return EXIT_PARTIAL if reports["predict"].get("status") == "failed" else EXIT_OK
+    elif verb == "demo":
+        report = api.demo(cfg, cases=args.cases)
+        return EXIT_OK if report.get("passed", True) else EXIT_RUNTIME
+    else:  # pragma: no cover - argparse rejects unknown verbs
+        return EXIT_USAGE
+    _summarise(report)
+    return EXIT_PARTIAL if report.get("status") == "failed" and verb == "predict" else (
+        EXIT_RUNTIME if report.get("status") == "failed" else EXIT_OK)
+
+
+def _summarise(report: dict) -> None:
+    counts = report.get("counts")
+    if counts:
+        print(f"ctseg {report.get('stage', '')}: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, "
+              f"{counts.get('resumed', 0)} already done; report: {Path(report.get('folder', '.')) / 'report.json'}")
+    elif report.get("status") == "up_to_date":
+        print(f"ctseg {report.get('stage')}: up to date ({report.get('folder')}), nothing to do")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="ctseg: %(message)s", stream=sys.stderr)
+    from pipeline.errors import CtsegError
+
+    try:
+        return dispatch(args)
+    except CtsegError as exc:
+        if args.debug:
+            raise
+        print(f"ctseg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ctseg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exception as exc:  # an unexpected failure still gets one line, unless --debug
+        if args.debug:
+            raise
+        print(f"ctseg: error: {type(exc).__name__}: {exc}. Rerun with --debug for the traceback.", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

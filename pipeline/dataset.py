@@ -1,0 +1,111 @@
+"""Dataset descriptions (``datasets/<name>/dataset.yaml``): where the cases are and what labels mean.
+
+A description names its label values (name, value, colour, synonyms) and says where the cases
+are, either as an export folder to scan (``source``) or as an explicit ``cases`` list. Relative
+paths are relative to the folder of the dataset.yaml. Example::
+
+    name: phantom
+    labels:
+      - {name: liver, value: 1, color: [221, 130, 101], synonyms: [Liver]}
+    source: ../../outputs/demo/export          # a DICOM export or a folder of volumes, or:
+    cases:
+      - {id: p000, image: export/P000/1/2, label: nifti/p000_label.nii.gz, role: train}
+    test_cases: [p009]                         # ids held out from training
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from pipeline.config import build_dataclass
+from pipeline.errors import ConfigError
+from pipeline.labels.names import LabelSpec
+
+
+@dataclass
+class DatasetCase:
+    """One case given explicitly: an image (DICOM series folder or volume file) and an optional label."""
+
+    id: str
+    image: str
+    label: Optional[str] = None
+    role: Literal["train", "test"] = "train"
+
+
+@dataclass
+class DatasetDescription:
+    """The parsed dataset.yaml."""
+
+    name: str
+    labels: list[LabelSpec]
+    description: str = ""
+    source: Optional[str] = None
+    cases: list[DatasetCase] = field(default_factory=list)
+    test_cases: list[str] = field(default_factory=list)
+    path: str = ""  # the dataset.yaml it came from; filled in by load_dataset
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.path).parent
+
+    def resolve(self, relative: str) -> Path:
+        candidate = Path(relative).expanduser()
+        return candidate if candidate.is_absolute() else (self.folder / candidate)
+
+    def foreground(self) -> list[LabelSpec]:
+        return [spec for spec in self.labels if spec.value != 0]
+
+    def label_values(self) -> set[int]:
+        return {0} | {spec.value for spec in self.labels}
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
+
+    def label_json(self) -> list[dict]:
+        return [{"name": s.name, "value": s.value, "color": list(s.color), "synonyms": list(s.synonyms)}
+                for s in self.labels]
+
+
+def load_dataset(path: str | Path) -> DatasetDescription:
+    """Parse and check a dataset.yaml; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset description {path} does not exist. Set 'dataset' in the config (or "
+                          f"--set dataset=datasets/<name>/dataset.yaml) to an existing file.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"dataset description {path} is not valid YAML: {str(exc).splitlines()[0]}.") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"dataset description {path} must be a mapping, got {type(data).__name__}.")
+    sources = {key: str(path) for key in _dotted_keys(data)}
+    description = build_dataclass(DatasetDescription, {**data, "path": str(path)}, sources)
+    _check(description, path)
+    return description
+
+
+def _dotted_keys(data, prefix=""):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield f"{prefix}{key}"
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
+def _check(description: DatasetDescription, path: Path) -> None:
+    values = [spec.value for spec in description.labels]
+    if len(set(values)) != len(values):
+        raise ConfigError(f"dataset description {path}: label values must be unique, got {values}.")
+    if any(v < 0 or v > 65535 for v in values):
+        raise ConfigError(f"dataset description {path}: label values must be in 0..65535, got {values}.")
+    if not description.foreground():
+        raise ConfigError(f"dataset description {path} must name at least one foreground label (value > 0).")
+    if not description.source and not description.cases:
+        raise ConfigError(f"dataset description {path} must give 'source' (an export folder) or 'cases' "
+                          f"(a list of id/image/label). Add one of them.")
+    ids = [case.id for case in description.cases]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"dataset description {path}: case ids must be unique.")

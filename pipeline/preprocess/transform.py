@@ -1,0 +1,91 @@
+"""The forward preprocessing of one volume onto the model grid, and the way back for labels.
+
+A *plan* (a plain dict, stored in ``plan.json`` and in every model folder) fixes:
+``target_spacing`` (mm along R, A, S), ``intensity`` (``{"mode": "window", "low", "high"}`` or
+``{"mode": "percentile_zscore", "low", "high", "mean", "std"}``), ``crop_to_body`` and
+``body_threshold_hu``.
+
+The model grid is the source grid reoriented to the closest RAS axes, resampled to the target
+spacing over the same field of view, then optionally cropped to the body. Every step is a change
+of :class:`~pipeline.geometry.Grid`, so going back is one nearest-neighbour resampling from the
+model grid onto the source grid (:func:`labels_to_source`): exact by construction, for oblique and
+feet-first sources too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.geometry import Grid, Volume, canonical_grid, crop_grid, regrid_spacing, resample_to_grid
+
+AIR_HU = -1024.0
+BODY_MARGIN_MM = 10.0
+
+
+@dataclass
+class Prepared:
+    """A volume on the model grid: ``array`` float32 [i, j, k] plus the grid and the source grid."""
+
+    array: np.ndarray
+    grid: Grid
+    source_grid: Grid
+
+
+def resampled_grid(source: Grid, plan: dict) -> Grid:
+    """The source's field of view on canonical axes at the plan's target spacing (before cropping)."""
+    return regrid_spacing(canonical_grid(source), plan["target_spacing"])
+
+
+def body_box(hu: np.ndarray, grid: Grid, threshold_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) voxel box around everything above ``threshold_hu``, with a 10 mm margin."""
+    inside = hu > threshold_hu
+    if not inside.any():
+        return np.zeros(3, dtype=int), np.asarray(hu.shape)
+    margin = np.ceil(BODY_MARGIN_MM / grid.spacing).astype(int)
+    start, stop = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(inside.any(axis=other))
+        start.append(max(0, present[0] - margin[axis]))
+        stop.append(min(hu.shape[axis], present[-1] + 1 + margin[axis]))
+    return np.asarray(start), np.asarray(stop)
+
+
+def scale_intensity(hu: np.ndarray, intensity: dict) -> np.ndarray:
+    """HU → network input, as the plan says. Uses MONAI's array transforms."""
+    from monai.transforms import ScaleIntensityRange
+
+    low, high = float(intensity["low"]), float(intensity["high"])
+    if intensity["mode"] == "window":
+        scaled = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)(hu)
+    elif intensity["mode"] == "percentile_zscore":
+        mean, std = float(intensity["mean"]), max(float(intensity["std"]), 1e-6)
+        # clip to the dataset percentiles, then z-score: one affine map after the clip
+        scaled = ScaleIntensityRange(a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std,
+                                     clip=True, dtype=np.float32)(hu)
+    else:
+        raise ValueError(f"plan intensity mode must be 'window' or 'percentile_zscore', got {intensity['mode']!r}")
+    return np.asarray(scaled, dtype=np.float32)
+
+
+def prepare_image(volume: Volume, plan: dict) -> Prepared:
+    """Resample (linear) onto the model grid, crop to the body and scale intensities."""
+    source = volume.grid
+    target = resampled_grid(source, plan)
+    hu = resample_to_grid(volume.array, source, target, order=1, fill=AIR_HU, out_dtype=np.float32)
+    if plan.get("crop_to_body", False):
+        start, stop = body_box(hu, target, plan.get("body_threshold_hu", -500.0))
+        hu = np.ascontiguousarray(hu[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]])
+        target = crop_grid(target, start, stop)
+    return Prepared(scale_intensity(hu, plan["intensity"]), target, source)
+
+
+def prepare_label(label: Volume, model_grid: Grid) -> np.ndarray:
+    """Resample a label map (nearest) onto a model grid made by :func:`prepare_image`."""
+    return resample_to_grid(label.array, label.grid, model_grid, order=0, fill=0)
+
+
+def labels_to_source(labels: np.ndarray, model_grid: Grid, source_grid: Grid, dtype=np.uint8) -> np.ndarray:
+    """Bring a label map from the model grid back onto the source grid (nearest neighbour)."""
+    return resample_to_grid(labels, model_grid, source_grid, order=0, fill=0, out_dtype=dtype)

@@ -1,0 +1,1 @@
+"""Train stage: MONAI networks, DiceCE loss, checkpoints and a self-contained model folder."""
