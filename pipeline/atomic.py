@@ -15,6 +15,13 @@ from typing import Iterator
 PARTIAL_MARK = ".partial-"
 
 
+def _default_mode() -> int:
+    """Permissions a plain open() would give (mkstemp's are 0600, too strict for shared results)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that keeps its suffixes; rename it onto ``path`` on success."""
@@ -28,6 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:  # data must be on disk before the rename makes it visible
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, _default_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 
+from pipeline.demo import DemoConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate.options import EvaluateConfig
 from pipeline.ingest.options import IngestConfig
@@ -43,6 +44,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
     def experiment_dir(self) -> Path:
@@ -156,7 +158,7 @@ def _coerce(hint, value, dotted: str, sources: dict[str, str]):
             try:
                 return _coerce(arg, value, dotted, sources)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"setting '{dotted}' must be {describe_type(hint)}, got {value!r} (from {where}).")
     if origin is Literal:

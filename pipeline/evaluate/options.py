@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.evaluate.metrics import MetricOptions
+
 
 @dataclass
 class EvaluateConfig:
     """Metric settings."""
 
-    surface_tolerance_mm: float = field(default=2.0, metadata={
-        "help": "Tolerance of the normalised surface Dice, in mm."})
+    metrics: MetricOptions = field(default_factory=MetricOptions)
     resample_ref: bool = field(default=False, metadata={
         "help": "Resample references onto the prediction grid (nearest) instead of refusing a mismatch."})

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+
+from pipeline.dicom.assemble import AssemblyOptions
+from pipeline.dicom.plausibility import PlausibilityOptions
+from pipeline.dicom.select import SelectionRules
 
 
 @dataclass
@@ -13,7 +16,8 @@ class IngestConfig:
         "help": "Case IDs from a scanned export are hashes of the study/series UIDs; the link back to the "
                 "patient is written only to ingest/private/case_mapping.csv. Set false to use sanitised "
                 "PatientID_SeriesNumber names instead."})
-    on_implausible: Literal["warn", "refuse"] = field(default="warn", metadata={
-        "help": "What to do when a volume does not look like CT in HU (e.g. uint8 0-255 display values)."})
     compresslevel: int = field(default=1, metadata={
         "help": "gzip level for written .nii.gz files (1 = fast, 9 = small)."})
+    select: SelectionRules = field(default_factory=SelectionRules)
+    assembly: AssemblyOptions = field(default_factory=AssemblyOptions)
+    plausibility: PlausibilityOptions = field(default_factory=PlausibilityOptions)

@@ -150,7 +150,7 @@ def _explicit_case(cfg: Config, dataset: DatasetDescription, case: DatasetCase) 
 
 
 def _scanned_cases(cfg: Config, root: Path, out: Path) -> tuple[list[CaseSource], dict]:
-    from pipeline.dicom.scan import scan_export
+    from pipeline.dicom.scan import labels_for, scan_export
     from pipeline.dicom.select import select_series, write_series_table
 
     scan = scan_export(root, workers=cfg.workers)
@@ -158,15 +158,15 @@ def _scanned_cases(cfg: Config, root: Path, out: Path) -> tuple[list[CaseSource]
         log.info("ingest: skipped %s (%s)", skipped.path, skipped.reason)
     decisions = select_series(scan.series, cfg.ingest.select)
     write_series_table(decisions, out)
-    label_objects = [s for s in scan.series if s.modality in ("RTSTRUCT", "SEG")]
     cases = []
     for decision in decisions:
         if not decision.selected:
             continue
         series = decision.series
         case_id = _case_id(cfg, series)
-        label = _matching_label_object(series, label_objects)
-        cases.append(CaseSource(case_id, "train", Path(series.files[0]).parent, series=series,
+        matches = labels_for(series, scan.series)
+        label = Path(matches[0].label.files[0]) if matches else None
+        cases.append(CaseSource(case_id, "train", root / series.folder, series=series,
                                 selection_reason=decision.reason, label_path=label,
                                 private={"patient_id": series.patient_id, "study_uid": series.study_uid,
                                          "series_uid": series.series_uid}))
@@ -187,15 +187,6 @@ def _case_id(cfg: Config, series) -> str:
     return safe_name(f"{series.patient_id}_{series.series_number}")
 
 
-def _matching_label_object(series, label_objects) -> Path | None:
-    """The RTSTRUCT or SEG that references this series (by series UID, else by frame of reference)."""
-    by_series = [obj for obj in label_objects if series.series_uid and series.series_uid in obj.referenced_series_uids]
-    by_frame = [obj for obj in label_objects if series.frame_of_reference_uid
-                and series.frame_of_reference_uid == obj.frame_of_reference_uid]
-    match = by_series or by_frame
-    return Path(match[0].files[0]) if match else None
-
-
 # ---------------------------------------------------------------------------------------------
 # One case
 # ---------------------------------------------------------------------------------------------
@@ -203,13 +194,9 @@ def _matching_label_object(series, label_objects) -> Path | None:
 def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record) -> dict:
     try:
         image, provenance, warnings = _read_image(cfg, case)
-        from pipeline.dicom.plausibility import PlausibilityOptions, check_plausibility
+        from pipeline.dicom.plausibility import check_plausibility
 
-        plausibility = check_plausibility(image, str(case.image_path), PlausibilityOptions())
-        if plausibility and cfg.ingest.on_implausible == "refuse":
-            raise InputError(f"{case.image_path} does not look like CT in HU: {'; '.join(plausibility)}. "
-                             f"Check the input, or set ingest.on_implausible=warn.")
-        warnings += plausibility
+        warnings += check_plausibility(image, f"case {case.id}", cfg.ingest.plausibility)
         label = _read_label(cfg, dataset, case, image) if case.label_path else None
     except CtsegError as exc:
         raise CaseError(case.id, str(exc)) from exc
@@ -296,22 +283,21 @@ def _read_dicom_label(path: Path, image: Volume, specs) -> np.ndarray:
                          f"maps ROI names to label values. Pass --set dataset=datasets/<name>/dataset.yaml.")
     from pipeline.labels.names import map_names_to_values, merge_masks
 
+    foreground = [spec for spec in specs if spec.value]
     if modality == "RTSTRUCT":
-        from pipeline.labels.rtstruct import rasterise_rtstruct
+        from pipeline.labels.rtstruct import rasterise_rtstruct, read_rtstruct
 
-        wanted = [name for spec in specs if spec.value for name in [spec.name, *spec.synonyms]]
-        masks = rasterise_rtstruct(path, image.grid, wanted)
-        mapping = map_names_to_values(list(masks), specs)
-        return merge_masks(masks, mapping)
+        names = [roi.name for roi in read_rtstruct(path)]
+        mapping = map_names_to_values(names, foreground, source=str(path))
+        return merge_masks(rasterise_rtstruct(path, image.grid, list(mapping)), mapping)
     if modality == "SEG":
         from pipeline.labels.seg import read_dicom_seg
 
-        label, names = read_dicom_seg(path, image.grid)
-        mapping = map_names_to_values(list(names.values()), specs)
-        remapped = np.zeros_like(label, dtype=np.uint16)
-        for number, name in names.items():
-            remapped[label == number] = mapping[name]
-        return remapped
+        _, segment_names = read_dicom_seg(path, image.grid)
+        mapping = map_names_to_values(list(segment_names.values()), foreground, source=str(path))
+        to_value = {number: mapping[name] for number, name in segment_names.items() if name in mapping}
+        label, _ = read_dicom_seg(path, image.grid, segment_to_value=to_value)
+        return label
     raise InputError(f"label {path} must be an RTSTRUCT, a DICOM SEG, or a NIfTI/NRRD label map, "
                      f"got DICOM modality '{modality}'.")
 

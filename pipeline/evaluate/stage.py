@@ -1,0 +1,181 @@
+"""The evaluate stage: pairs predicted and reference label volumes by case and scores them.
+
+Pairing: every ``<case>.nii.gz`` / ``.nii`` / ``.nrrd`` / ``.mha`` in the prediction folder (Slicer
+``.seg.nrrd`` files and probability maps are ignored) is matched with the reference file of the same
+case id (``<case>.*``, or ``<case>_label.*`` / ``<case>_seg.*``). A prediction folder written by
+``ctseg predict`` is read through its ledger when present, so only finished cases count.
+Outputs: ``metrics.csv``, ``summary.json``, ``evaluation.html``, ``report.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.config import Config, section_hash
+from pipeline.errors import CaseError, CtsegError, InputError
+from pipeline.geometry import resample_to_grid
+from pipeline.stage import StageRun
+from pipeline.volume_io import is_volume_file, load_volume, strip_volume_suffix
+
+log = logging.getLogger("ctseg")
+
+_IGNORED_SUFFIXES = (".seg.nrrd", "_prob.nii.gz", "_probabilities.nii.gz")
+_REF_SUFFIXES = ("", "_label", "_seg", "_mask")
+
+
+def list_volumes(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder} must be a folder of label volumes, but it does not exist. Check the path.")
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and is_volume_file(path) and not path.name.lower().endswith(_IGNORED_SUFFIXES) \
+                and not path.name.startswith("."):
+            found[strip_volume_suffix(path.name)] = path
+    return found
+
+
+def _ledger_cases(pred_dir: Path) -> set[str] | None:
+    """Case ids the predict ledger marks done, or None when the folder has no ledger."""
+    ledger = pred_dir / "ledger.sqlite"
+    if not ledger.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as connection:
+            rows = connection.execute("SELECT case_id FROM cases WHERE status = 'done'").fetchall()
+        return {row[0] for row in rows}
+    except sqlite3.Error as exc:
+        log.warning("evaluate: could not read %s (%s); pairing by file names instead", ledger, exc)
+        return None
+
+
+def pair_cases(pred_dir: Path, ref_dir: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    predictions = list_volumes(pred_dir)
+    done = _ledger_cases(pred_dir)
+    if done is not None:
+        predictions = {case: path for case, path in predictions.items() if case in done}
+    references = list_volumes(ref_dir)
+    pairs, unmatched = [], []
+    for case, pred_path in predictions.items():
+        ref_path = next((references[case + s] for s in _REF_SUFFIXES if case + s in references), None)
+        if ref_path is None:
+            unmatched.append(case)
+        else:
+            pairs.append((case, pred_path, ref_path))
+    if not pairs:
+        raise InputError(f"no prediction in {pred_dir} has a reference of the same case id in {ref_dir} "
+                         f"({len(predictions)} predictions, {len(references)} references). Name both <case>.nii.gz.")
+    return pairs, unmatched
+
+
+def class_names(cfg: Config, pred_dir: Path) -> dict[int, str] | None:
+    """Label names from the dataset, else from predict's label sidecar; None = use the values present."""
+    if cfg.dataset:
+        from pipeline.dataset import load_dataset
+
+        return {s.value: s.name for s in load_dataset(cfg.dataset).foreground()}
+    sidecar = pred_dir / "labels.json"
+    if sidecar.is_file():
+        data = json.loads(sidecar.read_text())
+        entries = data.get("labels", data) if isinstance(data, dict) else data
+        return {int(e["value"]): e["name"] for e in entries if int(e["value"]) != 0}
+    return None
+
+
+def _inputs_key(pairs) -> list:
+    return [(case, str(p), p.stat().st_mtime_ns, p.stat().st_size, str(r), r.stat().st_mtime_ns)
+            for case, p, r in pairs]
+
+
+def run_evaluate(cfg: Config, pred_dir: Path, ref_dir: Path, output: Path) -> dict:
+    from pipeline.evaluate.metrics import case_metrics
+    from pipeline.evaluate.report import (format_table, overlay_thumbnails, worst_cases, write_evaluation_html,
+                                          write_metrics_csv, write_summary_json)
+    from pipeline.evaluate.summary import summarise
+
+    pairs, unmatched = pair_cases(pred_dir, ref_dir)
+    run = StageRun.open("evaluate", output, section_hash(cfg.evaluate, _inputs_key(pairs)), force=True)
+    names = class_names(cfg, pred_dir)
+    options = cfg.evaluate.metrics
+    rows, thumbnails, notes = [], {}, []
+    if cfg.evaluate.resample_ref:
+        notes.append("References were resampled onto each prediction's grid with nearest neighbour "
+                     "(--resample-ref); metrics are on the prediction grid.")
+    if unmatched:
+        notes.append(f"{len(unmatched)} prediction(s) without a reference were skipped: {', '.join(unmatched)}")
+    for case, pred_path, ref_path in pairs:
+        with run.case(case, {"prediction": str(pred_path), "reference": str(ref_path)}) as record:
+            try:
+                pred = load_volume(pred_path)
+                ref = load_volume(ref_path)
+                ref_array = _reference_on_grid(cfg, pred, ref, pred_path, ref_path, record)
+                classes = names or {int(v): f"label_{int(v)}" for v in
+                                    np.union1d(np.unique(pred.array), np.unique(ref_array)) if v != 0}
+                case_rows = case_metrics(pred.array, ref_array, tuple(pred.grid.spacing), classes, options,
+                                         case_id=case)
+            except CtsegError as exc:
+                raise CaseError(case, str(exc)) from exc
+            rows.extend(case_rows)
+            record.extra["mean_dice"] = float(np.mean([r["dice"] for r in case_rows])) if case_rows else None
+            thumbnails[case] = (pred_path, ref_path)
+    if not rows:
+        run.finish(complete=False)
+        raise CtsegError(f"no case in {pred_dir} could be evaluated; see {output / 'report.json'}.")
+    summary = summarise(rows)
+    images = {}
+    for case in worst_cases(rows, 5):
+        pred_path, ref_path = thumbnails[case]
+        pred, ref = load_volume(pred_path), load_volume(ref_path)
+        ref_array = _reference_on_grid(cfg, pred, ref, pred_path, ref_path, None)
+        images[case] = overlay_thumbnails(None, pred.array, ref_array, tuple(pred.grid.spacing), affine=pred.affine)
+    write_metrics_csv(rows, output / "metrics.csv")
+    write_summary_json(summary, output / "summary.json")
+    write_evaluation_html(rows, summary, images, output / "evaluation.html", notes)
+    table = format_table(rows)
+    run.extra.update({"mean_foreground_dice": float(np.mean([r["dice"] for r in rows])), "notes": notes,
+                      "table": table, "outputs": {"metrics": str(output / "metrics.csv"),
+                                                  "summary": str(output / "summary.json"),
+                                                  "html": str(output / "evaluation.html")}})
+    report = run.finish()
+    print(table)
+    return report
+
+
+def _reference_on_grid(cfg: Config, pred, ref, pred_path: Path, ref_path: Path, record) -> np.ndarray:
+    from pipeline.evaluate.grids import check_same_grid
+
+    if pred.grid.difference(ref.grid) is None:
+        return ref.array
+    if not cfg.evaluate.resample_ref:
+        check_same_grid(pred_path, pred.grid, ref_path, ref.grid)
+    if record is not None:
+        record.warnings.append(f"reference resampled (nearest) from {ref.grid.shape} onto the prediction grid")
+    return resample_to_grid(ref.array, ref.grid, pred.grid, order=0, fill=0)
+
+
+def run_compare(cfg: Config, run_a: Path, run_b: Path, output: Path | None) -> dict:
+    """Paired per-class comparison of two evaluation folders (their metrics.csv)."""
+    from pipeline.evaluate.report import read_metrics_csv, write_comparison
+    from pipeline.evaluate.summary import compare_runs
+
+    rows_a = read_metrics_csv(_metrics_path(run_a))
+    rows_b = read_metrics_csv(_metrics_path(run_b))
+    comparison = compare_runs(rows_a, rows_b)
+    output = output or run_b / f"compare_vs_{run_a.name}"
+    write_comparison(comparison, output, run_a, run_b)
+    report = {"stage": "compare", "status": "ok", "folder": str(output), "run_a": str(run_a),
+              "run_b": str(run_b), "comparison": comparison}
+    atomic.write_json(output / "report.json", report)
+    return report
+
+
+def _metrics_path(folder: Path) -> Path:
+    path = folder / "metrics.csv" if folder.is_dir() else folder
+    if not path.is_file():
+        raise InputError(f"{path} must be the metrics.csv of an evaluation run, but it does not exist. "
+                         f"Run 'ctseg evaluate' for that run first.")
+    return path
