@@ -1,0 +1,391 @@
+"""Assembling one scanned series into a HU volume with exact geometry (array [i, j, k], RAS affine).
+
+Slices are sorted by their position along the slice normal ``n = row cosine × column cosine`` (never
+by InstanceNumber), ascending, so k runs along +n. For a regular series the affine is exactly the one
+implied by the DICOM attributes, in LPS::
+
+    column i = IOP row cosine    × PixelSpacing[1]   (distance between columns)
+    column j = IOP column cosine × PixelSpacing[0]   (distance between rows)
+    column k = (IPP_last − IPP_first) / (n − 1)
+    origin   = IPP_first
+
+then converted with :func:`pipeline.geometry.lps_to_ras`. Feet-first and oblique series keep their
+directions. A slice step that leans away from the normal by less than ``tilt_tolerance_deg`` stays
+in column k as it is (a tiny shear), so no slice is misplaced.
+
+Corrections, each recorded in ``provenance["corrections"]`` and in ``warnings``:
+
+- Gantry tilt (the angle between the normal and the direction in which slice positions advance,
+  measured from ImagePositionPatient/ImageOrientationPatient, never from GantryDetectorTilt): with
+  ``tilt="correct"`` each slice is shifted within its plane by its own offset (linear interpolation)
+  onto an orthogonal grid with axes row, column, normal that covers every acquired pixel; rows or
+  columns outside a slice's acquired area get the series minimum (air or the outside-FOV value), as
+  dcm2niix's ``_Tilt_1`` output does. The same in-plane correction handles slices whose positions
+  wander off a straight line. ``tilt="refuse"`` raises instead.
+- Uneven spacing or missing slices: positions further than ``max(spacing_tolerance × spacing,
+  spacing_tolerance_mm)`` from a regular grid are resampled linearly along the slice axis to the
+  median spacing; a gap above ``max_gap_slices`` spacings (or ``max_gap_mm``) is refused.
+- Duplicates: images at one position with identical pixels are dropped with a warning; different
+  pixels at one position are refused (scan already split what an attribute could separate).
+- PixelPaddingValue pixels become ``padding_hu`` (air).
+
+dcm2niix convention (checked in tests/test_dicom_assemble.py against dcm_qa_ct/ref): dcm2niix stores
+the rows in reverse order. With R rows, its voxel ``[i, j, k]`` is our ``[i, R−1−j, k]``, and its
+affine is ours times ``F = [[1,0,0,0], [0,−1,0,R−1], [0,0,1,0], [0,0,0,1]]``: column j negated and
+the origin moved to the last row (``origin + (R−1)·column_j``). Columns and slice order agree.
+:func:`to_dcm2niix_convention` applies exactly this.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+
+from pipeline.dicom.header import SliceRef
+from pipeline.dicom.pixels import decode_into, output_dtype
+from pipeline.dicom.scan import DUPLICATE_POSITION_MM, SeriesInfo, slice_normal, tilt_angle_deg
+from pipeline.errors import InputError
+from pipeline.geometry import Volume, lps_to_ras
+
+SUBPIXEL = 1e-3  # in-plane offsets below this many pixels are treated as zero
+
+
+@dataclass
+class AssemblyOptions:
+    """How a DICOM series becomes one volume, and which irregularities are corrected or refused."""
+
+    tilt: Literal["correct", "refuse"] = field(default="correct", metadata={
+        "help": "Gantry-tilted (sheared) series: resample onto an orthogonal grid ('correct') or refuse."})
+    tilt_tolerance_deg: float = field(default=0.05, metadata={
+        "help": "Slice steps that lean less than this from the slice normal are kept as they are."})
+    spacing_tolerance: float = field(default=0.01, metadata={
+        "help": "Slice positions may deviate from a regular grid by this fraction of the slice spacing "
+                "(or spacing_tolerance_mm, whichever is larger) before they are resampled."})
+    spacing_tolerance_mm: float = field(default=0.01, metadata={
+        "help": "Absolute floor of the slice position tolerance in mm (IPP values are often rounded)."})
+    max_gap_slices: float = field(default=3.0, metadata={
+        "help": "Largest gap between neighbouring slices, in slice spacings, that is filled by linear "
+                "interpolation (3.0 = up to two missing slices); larger gaps are refused."})
+    max_gap_mm: float = field(default=20.0, metadata={
+        "help": "Largest gap in mm that is filled by interpolation; 0 disables this limit."})
+    on_inconsistent: Literal["split", "refuse"] = field(default="split", metadata={
+        "help": "Series that mix image sizes, orientations or acquisitions: assemble the parts the scan "
+                "split them into ('split') or refuse them ('refuse')."})
+    padding_hu: float = field(default=-1024.0, metadata={
+        "help": "HU given to PixelPaddingValue pixels (outside the reconstructed field of view)."})
+    dtype: Literal["auto", "int16", "float32"] = field(default="auto", metadata={
+        "help": "Voxel type: 'auto' is int16 when the rescale gives integer HU, float32 otherwise."})
+    workers: int = field(default=2, metadata={"help": "Threads decoding pixel data."})
+
+
+@dataclass
+class AssembledVolume:
+    """A series as one volume, what was done to it, and what the user should know."""
+
+    volume: Volume
+    provenance: dict
+    warnings: list[str]
+
+
+def assemble_series(series: SeriesInfo, options: Optional[AssemblyOptions] = None) -> AssembledVolume:
+    """Read ``series``'s pixels into one HU volume on its exact grid (see module docstring)."""
+    options = options or AssemblyOptions()
+    _check_assemblable(series, options)
+    slices = _sorted_slices(series)
+    dtype = output_dtype(slices, options.dtype)
+    stack = np.empty((len(slices), series.rows, series.columns), dtype=dtype)
+    stats = decode_into(slices, stack, options.padding_hu, options.workers, series.name)
+    warnings: list[str] = []
+    corrections: list[dict] = []
+    if series.split_reason:
+        warnings.append(f"{series.name} is part {series.part} of a split series: {series.split_reason}")
+    stack, slices = _drop_duplicates(stack, slices, series, warnings, corrections)
+    if stats.padding_voxels:
+        corrections.append({"type": "padding_to_air", "pixel_padding_value": slices[0].pixel.padding_value,
+                            "voxels": stats.padding_voxels, "hu": options.padding_hu})
+    if stats.clipped_voxels:
+        warnings.append(f"{series.name}: {stats.clipped_voxels} voxels outside the int16 range were clipped")
+    stack, affine_lps, geometry = _regular_grid(stack, slices, series, options, warnings, corrections)
+    volume = Volume(stack.transpose(2, 1, 0), lps_to_ras(affine_lps))
+    provenance = {
+        "series_key": series.short_key,
+        "series_description": series.series_description,
+        "study_instance_uid": series.study_uid,
+        "series_instance_uid": series.series_uid,
+        "frame_of_reference_uid": series.frame_of_reference_uid,
+        "part": series.part,
+        "split_reason": series.split_reason,
+        "modality": series.modality,
+        "sop_class_uid": series.sop_class_uid,
+        "transfer_syntaxes": sorted(stats.transfer_syntaxes),
+        "source_images": series.slice_count,
+        "output_slices": int(stack.shape[0]),
+        "shape": list(volume.array.shape),
+        "dtype": str(stack.dtype),
+        "sorted_by": "position along the slice normal (ImagePositionPatient · row×column cosine)",
+        "rescale_slopes": sorted({s.rescale_slope for s in slices}),
+        "rescale_intercepts": sorted({s.rescale_intercept for s in slices}),
+        "geometry": geometry,
+        "corrections": corrections,
+    }
+    return AssembledVolume(volume, provenance, warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and sorting
+# ---------------------------------------------------------------------------------------------
+
+def _check_assemblable(series: SeriesInfo, options: AssemblyOptions) -> None:
+    if not series.is_image:
+        raise InputError(f"{series.name} must hold images to be assembled, got a {series.modality or 'non-image'} "
+                         f"object without pixel data. Select an image series.")
+    if series.split_reason and options.on_inconsistent == "refuse":
+        raise InputError(f"{series.name} must be one consistent series, got part {series.part} of a split: "
+                         f"{series.split_reason}. Set on_inconsistent to 'split' to ingest the parts separately, "
+                         f"or fix the export.")
+    missing = [s for s in series.slices if s.position is None or s.orientation is None or s.pixel_spacing is None]
+    if missing:
+        raise InputError(f"{series.name} must give ImagePositionPatient, ImageOrientationPatient and PixelSpacing "
+                         f"for every image, got {len(missing)} of {series.slice_count} without them (e.g. "
+                         f"{missing[0].path.name}). Without them slice order and spacing are unknown; re-export "
+                         f"the series from the scanner or PACS.")
+    if any(min(s.pixel_spacing) <= 0 for s in series.slices):
+        raise InputError(f"{series.name} must have positive PixelSpacing, got {series.slices[0].pixel_spacing}. "
+                         f"Re-export the series.")
+    normal = slice_normal(series.orientation)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3) or \
+            abs(float(np.dot(series.orientation[:3], series.orientation[3:6]))) > 1e-3:
+        raise InputError(f"{series.name} must have perpendicular unit row and column cosines "
+                         f"(ImageOrientationPatient), got {series.orientation}. Re-export the series.")
+
+
+def _sorted_slices(series: SeriesInfo) -> list[SliceRef]:
+    normal = slice_normal(series.orientation)
+
+    def key(slice_ref: SliceRef):
+        along = float(np.dot(slice_ref.position, normal))
+        number = slice_ref.instance_number if slice_ref.instance_number is not None else 1 << 30
+        return (along, number, str(slice_ref.path), slice_ref.frame or 0)
+
+    return sorted(series.slices, key=key)
+
+
+def _drop_duplicates(stack: np.ndarray, slices: list[SliceRef], series: SeriesInfo, warnings: list[str],
+                     corrections: list[dict]) -> tuple[np.ndarray, list[SliceRef]]:
+    normal = slice_normal(series.orientation)
+    along = np.array([np.dot(s.position, normal) for s in slices])
+    keep = [0]
+    dropped = []
+    for index in range(1, len(slices)):
+        first = keep[-1]
+        if along[index] - along[first] >= DUPLICATE_POSITION_MM:
+            keep.append(index)
+            continue
+        if not np.array_equal(stack[index], stack[first]):
+            raise InputError(
+                f"{series.name} must have one image per slice position, got different images at "
+                f"{along[index]:.3f} mm along the normal ({slices[first].path.name} and {slices[index].path.name}) "
+                f"and no attribute (acquisition number, temporal position, image type) that separates them. Export "
+                f"the acquisitions as separate series.")
+        dropped.append(slices[index].path.name)
+    if not dropped:
+        return stack, slices
+    warnings.append(f"{series.name}: dropped {len(dropped)} duplicate image(s) with identical pixel data at the "
+                    f"same position ({', '.join(dropped[:5])}{', …' if len(dropped) > 5 else ''})")
+    corrections.append({"type": "duplicates_dropped", "count": len(dropped), "files": dropped})
+    return stack[keep], [slices[i] for i in keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: regular grid, tilt and uneven spacing
+# ---------------------------------------------------------------------------------------------
+
+def _regular_grid(stack: np.ndarray, slices: list[SliceRef], series: SeriesInfo, options: AssemblyOptions,
+                  warnings: list[str], corrections: list[dict]):
+    """Return (stack on a regular grid, LPS affine, geometry facts for provenance)."""
+    orientation = np.asarray(series.orientation, dtype=np.float64)
+    row, column = orientation[:3], orientation[3:6]
+    normal = slice_normal(orientation)
+    row_spacing, column_spacing = series.pixel_spacing  # between rows (j), between columns (i)
+    positions = np.array([s.position for s in slices], dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, 0] = row * column_spacing
+    affine[:3, 1] = column * row_spacing
+    affine[:3, 3] = positions[0]
+    n = len(slices)
+    if n == 1:
+        thickness = series.slice_spacing or series.slice_thickness or 1.0
+        affine[:3, 2] = normal * thickness
+        warnings.append(f"{series.name} has a single slice; its k spacing ({thickness:g} mm) comes from "
+                        f"SpacingBetweenSlices/SliceThickness")
+        return stack, affine, {"tilt_deg": 0.0, "slice_spacing_mm": float(thickness), "regular": True}
+
+    offsets = positions - positions[0]
+    step = offsets[-1] / (n - 1)
+    tilt = tilt_angle_deg(orientation, offsets[-1])
+    direction = offsets[-1] / np.linalg.norm(offsets[-1])
+    off_line = offsets - np.outer(offsets @ direction, direction)
+    wander_mm = float(np.abs(off_line).max())
+    tolerance = lambda spacing: max(options.spacing_tolerance * spacing, options.spacing_tolerance_mm)  # noqa: E731
+    geometry = {"tilt_deg": round(tilt, 4), "off_line_mm": round(wander_mm, 4)}
+
+    if tilt <= options.tilt_tolerance_deg and wander_mm <= tolerance(np.linalg.norm(step)):
+        along = offsets @ direction
+        stack, spacing, regular = _even_along(stack, along, series, options, warnings, corrections, tolerance)
+        affine[:3, 2] = step if regular else direction * spacing
+        geometry.update(slice_spacing_mm=float(np.linalg.norm(affine[:3, 2])), regular=regular,
+                        max_position_residual_mm=_residual(along))
+        return stack, affine, geometry
+
+    reason = (f"gantry tilt {tilt:.2f}°" if tilt > options.tilt_tolerance_deg
+              else f"slice positions {wander_mm:.3f} mm off a straight line")
+    if options.tilt == "refuse":
+        raise InputError(f"{series.name} must have slices stacked along their normal, got {reason} (measured from "
+                         f"ImagePositionPatient and ImageOrientationPatient). Set tilt to 'correct' to resample it "
+                         f"onto an orthogonal grid, or reconstruct the series without tilt.")
+    shift_i = offsets @ row / column_spacing     # in-plane offset of each slice, in columns
+    shift_j = offsets @ column / row_spacing     # ... in rows
+    stack, start_i, start_j, fill = _shift_in_plane(stack, shift_i, shift_j)
+    affine[:3, 3] = positions[0] + start_i * column_spacing * row + start_j * row_spacing * column
+    corrections.append({"type": "gantry_tilt" if tilt > options.tilt_tolerance_deg else "in_plane_shift",
+                        "angle_deg": round(tilt, 4), "max_shift_rows": round(float(np.abs(shift_j).max()), 3),
+                        "max_shift_columns": round(float(np.abs(shift_i).max()), 3),
+                        "rows_added": int(stack.shape[1] - series.rows),
+                        "columns_added": int(stack.shape[2] - series.columns),
+                        "fill_hu": fill, "interpolation": "linear within each slice"})
+    warnings.append(f"{series.name}: corrected {reason} by shifting each slice within its plane onto an "
+                    f"orthogonal grid ({stack.shape[2]}x{stack.shape[1]} pixels)")
+    along = offsets @ normal
+    stack, spacing, regular = _even_along(stack, along, series, options, warnings, corrections, tolerance)
+    affine[:3, 2] = normal * spacing
+    geometry.update(slice_spacing_mm=float(spacing), regular=regular, max_position_residual_mm=_residual(along))
+    return stack, affine, geometry
+
+
+def _residual(along: np.ndarray) -> float:
+    regular = np.linspace(along[0], along[-1], len(along))
+    return round(float(np.abs(along - regular).max()), 5)
+
+
+def _even_along(stack: np.ndarray, along: np.ndarray, series: SeriesInfo, options: AssemblyOptions,
+                warnings: list[str], corrections: list[dict], tolerance):
+    """Make slices equidistant along the stacking axis; return (stack, spacing, was it regular)."""
+    n = len(along)
+    spacing = (along[-1] - along[0]) / (n - 1)
+    if float(np.abs(along - np.linspace(along[0], along[-1], n)).max()) <= tolerance(spacing):
+        return stack, float(spacing), True
+    gaps = np.diff(along)
+    nominal = float(np.median(gaps))
+    largest = float(gaps.max())
+    where = int(np.argmax(gaps))
+    if largest > options.max_gap_slices * nominal + tolerance(nominal) or \
+            (options.max_gap_mm > 0 and largest > options.max_gap_mm + tolerance(nominal)):
+        raise InputError(
+            f"{series.name} must have evenly spaced slices or gaps of at most {options.max_gap_slices:g} slice "
+            f"spacings ({options.max_gap_mm:g} mm), got a {largest:.2f} mm gap between slices {where} and "
+            f"{where + 1} where slices are {nominal:.2f} mm apart. Slices are missing: re-export the complete "
+            f"series, or raise max_gap_slices/max_gap_mm to interpolate across the gap.")
+    count = int(round((along[-1] - along[0]) / nominal)) + 1
+    targets = np.linspace(along[0], along[-1], count)
+    stack = _interpolate_slices(stack, along, targets)
+    new_spacing = float((along[-1] - along[0]) / (count - 1))
+    corrections.append({"type": "uneven_spacing_resampled", "source_slices": n, "output_slices": count,
+                        "median_spacing_mm": round(nominal, 5), "largest_gap_mm": round(largest, 5),
+                        "output_spacing_mm": round(new_spacing, 6), "interpolation": "linear along k"})
+    warnings.append(f"{series.name}: uneven slice spacing (largest gap {largest:.2f} mm, median {nominal:.2f} mm) "
+                    f"resampled linearly to {count} slices {new_spacing:.3f} mm apart")
+    return stack, new_spacing, False
+
+
+def _interpolate_slices(stack: np.ndarray, along: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    result = np.empty((len(targets),) + stack.shape[1:], dtype=stack.dtype)
+    upper = np.clip(np.searchsorted(along, targets, side="right"), 1, len(along) - 1)
+    for index, (target, high) in enumerate(zip(targets, upper)):
+        low = high - 1
+        weight = (target - along[low]) / (along[high] - along[low])
+        if weight <= 1e-6:
+            result[index] = stack[low]
+        elif weight >= 1 - 1e-6:
+            result[index] = stack[high]
+        else:
+            blended = stack[low].astype(np.float32) * np.float32(1 - weight) + \
+                stack[high].astype(np.float32) * np.float32(weight)
+            result[index] = np.rint(blended) if np.issubdtype(stack.dtype, np.integer) else blended
+    return result
+
+
+def _shift_in_plane(stack: np.ndarray, shift_i: np.ndarray, shift_j: np.ndarray):
+    """Shift slice k by (shift_i[k], shift_j[k]) pixels onto one grid covering every slice.
+
+    Returns (new stack, first column index, first row index, fill value) where the first indices
+    are in slice 0's pixel coordinates.
+    """
+    n, rows, columns = stack.shape
+    start_j, rows_out = _extent(shift_j, rows)
+    start_i, columns_out = _extent(shift_i, columns)
+    fill = stack.min().item()
+    result = np.full((n, rows_out, columns_out), fill, dtype=stack.dtype)
+    integer = np.issubdtype(stack.dtype, np.integer)
+    for k in range(n):
+        plane = _shift_axis(stack[k], shift_j[k] - start_j, rows_out, axis=0, fill=fill)
+        plane = _shift_axis(plane, shift_i[k] - start_i, columns_out, axis=1, fill=fill)
+        result[k] = np.rint(plane) if integer and plane.dtype != stack.dtype else plane
+    return result, start_i, start_j, fill
+
+
+def _extent(shifts: np.ndarray, size: int) -> tuple[int, int]:
+    low = math.floor(float(shifts.min()) + SUBPIXEL)
+    high = math.ceil(float(shifts.max()) - SUBPIXEL)
+    low, high = min(low, 0), max(high, 0)
+    return low, size + high - low
+
+
+def _shift_axis(plane: np.ndarray, shift: float, size_out: int, axis: int, fill) -> np.ndarray:
+    """Output index t takes input coordinate t − shift along ``axis`` (linear; outside → fill)."""
+    size_in = plane.shape[axis]
+    if abs(shift - round(shift)) < SUBPIXEL:  # whole-pixel shift: copy, no interpolation
+        offset = int(round(shift))
+        out_shape = list(plane.shape)
+        out_shape[axis] = size_out
+        result = np.full(out_shape, fill, dtype=plane.dtype)
+        source = slice(max(0, -offset), min(size_in, size_out - offset))
+        target = slice(source.start + offset, source.stop + offset)
+        if source.stop > source.start:
+            index_in = [slice(None)] * 2
+            index_out = [slice(None)] * 2
+            index_in[axis], index_out[axis] = source, target
+            result[tuple(index_out)] = plane[tuple(index_in)]
+        return result
+    coordinate = np.arange(size_out) - shift
+    # an acquired pixel covers ±half a pixel: the edge rows extend that far, beyond lies the fill
+    valid = (coordinate >= -0.5) & (coordinate <= size_in - 0.5)
+    low = np.clip(np.floor(coordinate[valid]).astype(np.int64), 0, size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    weight = np.clip(coordinate[valid] - low, 0.0, 1.0).astype(np.float32)
+    shape = [1, 1]
+    shape[axis] = len(weight)
+    weight = weight.reshape(shape)
+    out_shape = list(plane.shape)
+    out_shape[axis] = size_out
+    result = np.full(out_shape, fill, dtype=np.float32)
+    values = np.take(plane, low, axis=axis).astype(np.float32) * (1 - weight) + \
+        np.take(plane, high, axis=axis).astype(np.float32) * weight
+    index = [slice(None)] * 2
+    index[axis] = np.flatnonzero(valid)
+    result[tuple(index)] = values
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Interoperability
+# ---------------------------------------------------------------------------------------------
+
+def to_dcm2niix_convention(volume: Volume) -> Volume:
+    """Reorder our volume as dcm2niix writes it: rows reversed (see module docstring)."""
+    rows = volume.array.shape[1]
+    flip = np.eye(4)
+    flip[1, 1] = -1.0
+    flip[1, 3] = rows - 1
+    return Volume(volume.array[:, ::-1, :], volume.affine @ flip)

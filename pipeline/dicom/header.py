@@ -1,0 +1,577 @@
+"""One DICOM file's header: the attributes that scan, selection and assembly need, read without pixels.
+
+:func:`read_header` parses a file with ``stop_before_pixels`` and a fixed tag list, then checks the
+pixel data element itself (its length for native encodings, its fragment items for encapsulated
+ones) so that a truncated file is rejected here, before any decoding. Single-frame files give one
+:class:`SliceRef`; Enhanced and Legacy Converted Enhanced CT give one per frame, with position,
+orientation, spacing and rescale taken from the per-frame (or shared) functional groups.
+Files that cannot be used raise :class:`SkipFile` with a one-line reason.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE)
+SECONDARY_CAPTURE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1",
+                                 "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3",
+                                 "1.2.840.10008.5.1.4.1.1.7.4")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# common image storage classes: an object of these without pixel data is an incomplete file
+IMAGE_SOP_CLASSES = CT_SOP_CLASSES + SECONDARY_CAPTURE_SOP_CLASSES + tuple(
+    "1.2.840.10008.5.1.4.1.1." + suffix for suffix in (
+        "1", "1.1", "1.1.1", "1.2", "1.2.1", "1.3", "4", "4.1", "4.4", "6.1", "12.1", "12.2", "20", "128", "130",
+        "481.1", "481.2"))
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+# Everything scan/select/assemble read. Sequences are read whole (their items are parsed lazily).
+HEADER_TAGS = [Tag(keyword) for keyword in (
+    "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "Modality", "Manufacturer",
+    "SeriesDescription", "ConvolutionKernel", "SliceThickness", "SpacingBetweenSlices", "GantryDetectorTilt",
+    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "AcquisitionNumber",
+    "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID",
+    "TemporalPositionIdentifier", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows",
+    "Columns", "PixelSpacing", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleIntercept", "RescaleSlope",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "ReferencedSeriesSequence",
+    "ReferencedFrameOfReferenceSequence", "StructureSetROISequence", "DirectoryRecordSequence")]
+
+
+class SkipFile(Exception):
+    """A file that scan lists as skipped; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    """How one file stores its pixels (shared by all frames of the file)."""
+
+    transfer_syntax: str
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int  # 0 unsigned, 1 two's complement
+    samples_per_pixel: int
+    photometric: str
+    frames: int
+    padding_value: Optional[int]        # PixelPaddingValue, in stored (raw) units
+    padding_range_limit: Optional[int]  # PixelPaddingRangeLimit, in stored units
+    pixel_offset: Optional[int]         # file offset of native little-endian pixel bytes, else None
+
+    @property
+    def is_native_little_endian(self) -> bool:
+        return self.pixel_offset is not None
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One 2D image: a single-frame file, or one frame of a multi-frame file."""
+
+    path: Path
+    frame: Optional[int]  # 0-based frame index in a multi-frame file, None for single-frame files
+    position: Optional[tuple[float, float, float]]  # ImagePositionPatient (LPS mm)
+    orientation: Optional[tuple[float, ...]]        # ImageOrientationPatient: row cosine, column cosine
+    pixel_spacing: Optional[tuple[float, float]]    # PixelSpacing: (between rows, between columns) mm
+    rescale_slope: float
+    rescale_intercept: float
+    instance_number: Optional[int]
+    sop_instance_uid: str
+    pixel: PixelFormat
+    # attributes that tell two images at the same position apart (acquisition, temporal position, ...)
+    discriminators: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class FileHeader:
+    """The attributes of one readable DICOM file."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    modality: str
+    image_type: tuple[str, ...]
+    series_description: str
+    series_number: Optional[int]
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    patient_id: str = field(repr=False)
+    convolution_kernel: str
+    slice_thickness: Optional[float]
+    spacing_between_slices: Optional[float]
+    manufacturer: str
+    transfer_syntax: str
+    slices: list[SliceRef] = field(default_factory=list)
+    referenced_series_uids: tuple[str, ...] = ()
+    referenced_sop_uids: tuple[str, ...] = ()
+    referenced_frame_of_reference_uids: tuple[str, ...] = ()
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.slices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def read_header(path: Path) -> FileHeader:
+    """Read ``path``'s header; raise :class:`SkipFile` with the reason when it cannot be used."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise SkipFile(f"unreadable ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise SkipFile("empty file (0 bytes)")
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise SkipFile(f"unreadable ({exc.strerror or exc})") from exc
+    try:
+        with handle:
+            dataset = _read_dataset(handle)
+            _skip_directory(dataset)
+            _check_complete(dataset, handle.tell(), size)
+            pixel_location = _pixel_data_location(handle, size, dataset)
+    except SkipFile:
+        raise
+    except Exception as exc:  # pydicom raises many types for damaged headers
+        raise SkipFile(f"truncated or corrupt DICOM header ({type(exc).__name__}: {_short(exc)})") from exc
+    return _file_header(path, dataset, _media_class(dataset), pixel_location)
+
+
+def _media_class(dataset) -> str:
+    meta = getattr(dataset, "file_meta", None)
+    return str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
+
+
+def _skip_directory(dataset) -> None:
+    if _media_class(dataset) == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in dataset:
+        raise SkipFile("DICOMDIR media storage directory (an index of the export, not an image)")
+
+
+def _read_dataset(handle) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except InvalidDicomError:
+        pass
+    # No 'DICM' preamble: accept old ACR-NEMA-style files only when they start like a DICOM data set
+    handle.seek(0)
+    start = handle.read(4)
+    if len(start) < 4 or start[:2] not in (b"\x08\x00", b"\x02\x00"):
+        raise SkipFile("not a DICOM file (no DICM preamble and no DICOM data set at the start)")
+    handle.seek(0)
+    dataset = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=True)
+    if "SOPClassUID" not in dataset and "Modality" not in dataset:
+        raise SkipFile("not a DICOM file (no SOP class or modality in the data set)")
+    return dataset
+
+
+def _check_complete(dataset, position: int, size: int) -> None:
+    """pydicom skips unrequested elements by seeking, silently past the end of a cut file."""
+    if position > size:
+        raise SkipFile("truncated: the file ends inside its header")
+    for element in dataset.elements():
+        if isinstance(element, RawDataElement) and element.value is not None \
+                and element.length != 0xFFFFFFFF and len(element.value) < element.length:
+            raise SkipFile("truncated: the file ends inside its header")
+    if "SOPClassUID" not in dataset and "Modality" not in dataset:
+        raise SkipFile("truncated or corrupt DICOM header (no SOP class or modality in the data set)")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text[:120]
+
+
+def _pixel_data_location(handle, size: int, dataset) -> Optional[tuple[int, Optional[int]]]:
+    """(value offset, length or None when undefined) of the pixel data element, None when absent.
+
+    ``stop_before_pixels`` leaves the file positioned at the start of the pixel data element.
+    """
+    syntax = _transfer_syntax(dataset)
+    if syntax not in NATIVE_LITTLE_ENDIAN and syntax != ExplicitVRBigEndian and not _is_encapsulated(syntax):
+        return None  # deflated data sets: the file position is not a dataset position
+    start = handle.tell()
+    head = handle.read(12)
+    if len(head) < 8:
+        return None
+    little = syntax != ExplicitVRBigEndian
+    group, element = struct.unpack("<HH" if little else ">HH", head[:4])
+    if (group << 16 | element) not in PIXEL_DATA_TAGS:
+        return None
+    if syntax == ImplicitVRLittleEndian:
+        (length,) = struct.unpack("<I", head[4:8])
+        offset = start + 8
+    else:
+        if len(head) < 12:
+            raise SkipFile("truncated: the file ends inside the pixel data element header")
+        (length,) = struct.unpack("<I" if little else ">I", head[8:12])
+        offset = start + 12
+    if length == 0xFFFFFFFF:
+        _check_fragments(handle, offset, size)
+        return offset, None
+    if offset + length > size:
+        raise SkipFile(f"truncated: pixel data needs {length} bytes but the file ends after {size - offset}")
+    return offset, length
+
+
+def _is_encapsulated(syntax: str) -> bool:
+    try:
+        return bool(pydicom.uid.UID(syntax).is_encapsulated)
+    except Exception:
+        return False
+
+
+def _check_fragments(handle, offset: int, size: int) -> None:
+    """Walk the encapsulated pixel data items; a missing sequence delimiter means the file was cut."""
+    position = offset
+    while True:
+        if position + 8 > size:
+            raise SkipFile("truncated: the file ends inside the compressed pixel data")
+        handle.seek(position)
+        tag_group, tag_element, length = struct.unpack("<HHI", handle.read(8))
+        tag = tag_group << 16 | tag_element
+        if tag == _SEQUENCE_DELIMITER:
+            return
+        if tag != _ITEM:
+            raise SkipFile(f"corrupt compressed pixel data (unexpected tag {tag:08X} at byte {position})")
+        position += 8 + length
+
+
+def _transfer_syntax(dataset) -> str:
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    if syntax:
+        return syntax
+    return ImplicitVRLittleEndian if dataset.is_implicit_VR else ExplicitVRLittleEndian
+
+
+def _file_header(path: Path, dataset, media_class: str, pixel_location) -> FileHeader:
+    syntax = _transfer_syntax(dataset)
+    header = FileHeader(
+        path=path,
+        sop_class_uid=_text(dataset, "SOPClassUID") or media_class,
+        sop_instance_uid=_text(dataset, "SOPInstanceUID"),
+        modality=_text(dataset, "Modality").upper(),
+        image_type=_strings(_value(dataset, "ImageType")),
+        series_description=_recode_utf8(_text(dataset, "SeriesDescription"), dataset),
+        series_number=_int(_value(dataset, "SeriesNumber")),
+        study_uid=_text(dataset, "StudyInstanceUID"),
+        series_uid=_text(dataset, "SeriesInstanceUID"),
+        frame_of_reference_uid=_text(dataset, "FrameOfReferenceUID"),
+        patient_id=_recode_utf8(_text(dataset, "PatientID"), dataset),
+        convolution_kernel="\\".join(_strings(_value(dataset, "ConvolutionKernel"))),
+        slice_thickness=_float(_value(dataset, "SliceThickness")),
+        spacing_between_slices=_float(_value(dataset, "SpacingBetweenSlices")),
+        manufacturer=_text(dataset, "Manufacturer"),
+        transfer_syntax=syntax,
+    )
+    _add_references(header, dataset)
+    if header.slice_thickness is None:  # Enhanced CT keeps it in the functional groups
+        shared = _first_item(_value(dataset, "SharedFunctionalGroupsSequence"))
+        measures = _first_item(_value(shared, "PixelMeasuresSequence")) if shared is not None else None
+        header.slice_thickness = _float(_value(measures, "SliceThickness")) if measures is not None else None
+    has_pixels = pixel_location is not None or ("Rows" in dataset and _is_deflated(syntax))
+    if not has_pixels and header.sop_class_uid in IMAGE_SOP_CLASSES:
+        raise SkipFile("image object without pixel data (truncated or incomplete file)")
+    if "Rows" in dataset and "Columns" in dataset:
+        if not has_pixels:
+            raise SkipFile("image header without pixel data")
+        pixel = _pixel_format(dataset, syntax, pixel_location)
+        header.slices = _slices(path, dataset, header, pixel)
+    return header
+
+
+def _is_deflated(syntax: str) -> bool:
+    return syntax == "1.2.840.10008.1.2.1.99"
+
+
+def _pixel_format(dataset, syntax: str, pixel_location) -> PixelFormat:
+    rows, columns = _int(_value(dataset, "Rows")) or 0, _int(_value(dataset, "Columns")) or 0
+    bits_allocated = _int(_value(dataset, "BitsAllocated")) or 16
+    frames = max(1, _int(_value(dataset, "NumberOfFrames")) or 1)
+    samples = _int(_value(dataset, "SamplesPerPixel")) or 1
+    if rows <= 0 or columns <= 0:
+        raise SkipFile(f"image size must be positive, got Rows={rows} Columns={columns}")
+    offset = None
+    if pixel_location is not None and syntax in NATIVE_LITTLE_ENDIAN:
+        offset, length = pixel_location
+        expected = rows * columns * frames * samples * bits_allocated // 8
+        if bits_allocated == 1:
+            expected = math.ceil(rows * columns * frames * samples / 8)
+        if length is not None and length < expected:
+            raise SkipFile(f"truncated or inconsistent: pixel data holds {length} bytes, Rows×Columns×frames "
+                           f"needs {expected}")
+    return PixelFormat(
+        transfer_syntax=syntax, rows=rows, columns=columns, bits_allocated=bits_allocated,
+        bits_stored=_int(_value(dataset, "BitsStored")) or bits_allocated,
+        pixel_representation=_int(_value(dataset, "PixelRepresentation")) or 0,
+        samples_per_pixel=samples, photometric=_text(dataset, "PhotometricInterpretation") or "MONOCHROME2",
+        frames=frames, padding_value=_int(_value(dataset, "PixelPaddingValue")),
+        padding_range_limit=_int(_value(dataset, "PixelPaddingRangeLimit")), pixel_offset=offset)
+
+
+def _slices(path: Path, dataset, header: FileHeader, pixel: PixelFormat) -> list[SliceRef]:
+    shared = _first_item(_value(dataset, "SharedFunctionalGroupsSequence"))
+    per_frame = _value(dataset, "PerFrameFunctionalGroupsSequence")
+    common = dict(rescale_slope=_float(_value(dataset, "RescaleSlope")),
+                  rescale_intercept=_float(_value(dataset, "RescaleIntercept")),
+                  position=_floats(_value(dataset, "ImagePositionPatient"), 3),
+                  orientation=_floats(_value(dataset, "ImageOrientationPatient"), 6),
+                  pixel_spacing=_floats(_value(dataset, "PixelSpacing"), 2),
+                  instance_number=_int(_value(dataset, "InstanceNumber")))
+    base_discriminators = _discriminators(dataset, header)
+    if pixel.frames == 1 and per_frame is None and shared is None:
+        return [_slice_ref(path, None, header, pixel, common, base_discriminators)]
+    slices = []
+    for frame in range(pixel.frames):
+        groups = _frame_groups(per_frame, frame, shared)
+        values = dict(common)
+        values["position"] = _group_value(groups, "PlanePositionSequence", "ImagePositionPatient", 3) \
+            or common["position"]
+        values["orientation"] = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient", 6) \
+            or common["orientation"]
+        values["pixel_spacing"] = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing", 2) \
+            or common["pixel_spacing"]
+        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope", 1)
+        intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept", 1)
+        values["rescale_slope"] = slope[0] if slope else common["rescale_slope"]
+        values["rescale_intercept"] = intercept[0] if intercept else common["rescale_intercept"]
+        content = _group_item(groups, "FrameContentSequence")
+        values["instance_number"] = _int(_value(content, "InStackPositionNumber")) if content is not None else None
+        if values["instance_number"] is None:
+            values["instance_number"] = frame + 1
+        slices.append(_slice_ref(path, frame, header, pixel, values,
+                                 base_discriminators + _frame_discriminators(groups)))
+    return slices
+
+
+def _slice_ref(path, frame, header, pixel, values, discriminators) -> SliceRef:
+    slope = values["rescale_slope"]
+    return SliceRef(
+        path=path, frame=frame, position=values["position"], orientation=values["orientation"],
+        pixel_spacing=values["pixel_spacing"],
+        rescale_slope=1.0 if slope in (None, 0.0) else float(slope),
+        rescale_intercept=float(values["rescale_intercept"] or 0.0),
+        instance_number=values["instance_number"], sop_instance_uid=header.sop_instance_uid, pixel=pixel,
+        discriminators=discriminators)
+
+
+def _discriminators(dataset, header: FileHeader) -> tuple[tuple[str, str], ...]:
+    found = []
+    for keyword in ("AcquisitionNumber", "TemporalPositionIdentifier"):
+        value = _text(dataset, keyword)
+        if value:
+            found.append((keyword, str(value)))
+    if header.image_type:
+        found.append(("ImageType", "\\".join(header.image_type)))
+    return tuple(found)
+
+
+def _frame_discriminators(groups) -> tuple[tuple[str, str], ...]:
+    found = []
+    content = _group_item(groups, "FrameContentSequence")
+    if content is not None:
+        for keyword in ("StackID", "TemporalPositionIndex"):
+            value = _text(content, keyword)
+            if value:
+                found.append((keyword, str(value)))
+    frame_type = _group_item(groups, "CTImageFrameTypeSequence")
+    if frame_type is not None and _value(frame_type, "FrameType"):
+        found.append(("FrameType", "\\".join(_strings(_value(frame_type, "FrameType")))))
+    return tuple(found)
+
+
+def _first_item(sequence):
+    try:
+        return sequence[0] if sequence else None
+    except Exception:
+        return None
+
+
+def _frame_groups(per_frame, frame: int, shared) -> list:
+    groups = []
+    if per_frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    if shared is not None:
+        groups.append(shared)
+    return groups
+
+
+def _group_item(groups, sequence_keyword: str):
+    for group in groups:
+        item = _first_item(_value(group, sequence_keyword))
+        if item is not None:
+            return item
+    return None
+
+
+def _group_value(groups, sequence_keyword: str, keyword: str, count: int):
+    for group in groups:
+        item = _first_item(_value(group, sequence_keyword))
+        if item is not None and keyword in item:
+            return _floats(_value(item, keyword), count)
+    return None
+
+
+def _add_references(header: FileHeader, dataset) -> None:
+    """Series/instance/frame-of-reference UIDs an RTSTRUCT or SEG says it was drawn on."""
+    series, instances, frames = [], [], []
+    for frame_ref in _value(dataset, "ReferencedFrameOfReferenceSequence") or []:  # RTSTRUCT
+        frames.append(_text(frame_ref, "FrameOfReferenceUID"))
+        for study in _value(frame_ref, "RTReferencedStudySequence") or []:
+            for series_ref in _value(study, "RTReferencedSeriesSequence") or []:
+                series.append(_text(series_ref, "SeriesInstanceUID"))
+                for image in _value(series_ref, "ContourImageSequence") or []:
+                    instances.append(_text(image, "ReferencedSOPInstanceUID"))
+    for roi in _value(dataset, "StructureSetROISequence") or []:
+        frames.append(_text(roi, "ReferencedFrameOfReferenceUID"))
+    for series_ref in _value(dataset, "ReferencedSeriesSequence") or []:  # SEG (and others)
+        series.append(_text(series_ref, "SeriesInstanceUID"))
+        for instance in _value(series_ref, "ReferencedInstanceSequence") or []:
+            instances.append(_text(instance, "ReferencedSOPInstanceUID"))
+    if header.modality == "SEG" and header.frame_of_reference_uid:
+        frames.append(header.frame_of_reference_uid)
+    header.referenced_series_uids = _unique(series)
+    header.referenced_sop_uids = _unique(instances)
+    header.referenced_frame_of_reference_uids = _unique(frames)
+
+
+def _unique(values) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v for v in values if v))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value access. pydicom's value conversion (validation, charset handling, typed values) costs
+# several milliseconds per file, more than parsing; the few attributes read here are decoded
+# straight from the raw element bytes instead. Sequences go through pydicom.
+# ---------------------------------------------------------------------------------------------
+
+_BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+_TAGS: dict[str, int] = {}
+
+
+def _tag(keyword: str) -> int:
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        tag = _TAGS[keyword] = int(Tag(keyword))
+    return tag
+
+
+def _value(dataset, keyword: str) -> Any:
+    """The value of ``keyword`` as text ('a\\b' for several values), numbers, a sequence, or None."""
+    try:
+        element = dataset.get_item(_tag(keyword))
+    except Exception:
+        return None
+    if element is None:
+        return None
+    if not isinstance(element, RawDataElement):
+        return element.value
+    raw = element.value
+    if raw is None:
+        return None
+    vr = element.VR or _dictionary_vr(element.tag)
+    if vr == "SQ":
+        return dataset.get(keyword)
+    if " or " in vr:  # e.g. PixelPaddingValue 'US or SS': signed when the pixels are
+        vr = "SS" if _pixel_representation(dataset) == 1 else "US"
+    code = _BINARY_FORMATS.get(vr)
+    if code is not None:
+        count = len(raw) // struct.calcsize(code)
+        values = struct.unpack(("<" if element.is_little_endian else ">") + code * count,
+                               raw[:count * struct.calcsize(code)])
+        return values[0] if count == 1 else values
+    # latin-1 maps every byte to one character, so UTF-8 text (ISO_IR 192) can be recovered exactly
+    # by _recode_utf8 where it matters (descriptions); every other value here is ASCII
+    return raw.decode("latin-1").strip(" \x00")
+
+
+def _dictionary_vr(tag) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def _pixel_representation(dataset) -> int:
+    value = _value(dataset, "PixelRepresentation")
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+def _recode_utf8(text: str, dataset) -> str:
+    charset = _text(dataset, "SpecificCharacterSet")
+    if "ISO_IR 192" not in charset:
+        return text
+    try:
+        return text.encode("latin-1").decode("utf-8", errors="replace")
+    except UnicodeEncodeError:  # already decoded by pydicom
+        return text
+
+
+def _text(dataset, keyword: str) -> str:
+    value = _value(dataset, keyword)
+    if value is None:
+        return ""
+    return str(value).strip().strip("\x00").strip()
+
+
+def _split(value: Any) -> list:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return list(value)
+    if isinstance(value, str):
+        return value.split("\\")
+    return [value]
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(str(v).strip().upper() for v in _split(value))
+
+
+def _float(value: Any) -> Optional[float]:
+    items = _split(value)
+    if not items:
+        return None
+    try:
+        result = float(items[0])
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def _int(value: Any) -> Optional[int]:
+    number = _float(value)
+    return None if number is None else int(round(number))
+
+
+def _floats(value: Any, count: int) -> Optional[tuple[float, ...]]:
+    items = _split(value)
+    if len(items) != count:
+        return None
+    try:
+        numbers = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
+    return numbers if all(math.isfinite(v) for v in numbers) else None

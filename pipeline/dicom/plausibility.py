@@ -1,0 +1,95 @@
+"""Plausibility checks for a CT volume (from DICOM or NIfTI): does it look like CT in HU on a sane grid?
+
+:func:`check_plausibility` returns one warning per problem, and raises :class:`InputError` instead
+when :attr:`PlausibilityOptions.refuse` is set. It flags intensities that are not HU (display
+values such as uint8 0–255, or no air anywhere), NaN or infinite voxels, direction cosines that are
+not orthonormal, too few slices and a tiny field of view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.geometry import Volume
+
+AIR_HU = -1000.0
+
+
+@dataclass
+class PlausibilityOptions:
+    """Which volumes are flagged as implausible CT, and whether that refuses them."""
+
+    refuse: bool = field(default=False, metadata={
+        "help": "Raise an error instead of warning when a check fails."})
+    min_slices: int = field(default=3, metadata={"help": "Volumes with fewer slices are flagged."})
+    min_field_of_view_mm: float = field(default=30.0, metadata={
+        "help": "Volumes whose in-plane extent (either axis) is smaller than this are flagged."})
+    orthonormal_tolerance: float = field(default=1e-3, metadata={
+        "help": "Largest allowed deviation of the direction cosines' dot products from the identity."})
+    air_threshold_hu: float = field(default=-500.0, metadata={
+        "help": "A CT in HU holds air below this value somewhere; a volume whose minimum is higher is flagged."})
+    max_display_value: float = field(default=255.0, metadata={
+        "help": "Volumes with no air and a maximum at or below this look like 8-bit display values."})
+
+
+def check_plausibility(volume: Volume, source: str, options: PlausibilityOptions | None = None) -> list[str]:
+    """Warnings for ``volume`` (named ``source`` in messages); raises instead when ``options.refuse``."""
+    options = options or PlausibilityOptions()
+    problems = _intensity_problems(volume.array, options) + _grid_problems(volume, options)
+    if problems and options.refuse:
+        raise InputError(f"{source} must look like a CT volume in HU on a valid grid, got: {'; '.join(problems)}. "
+                         f"Check that the file is the original CT (not a screenshot or display export), or "
+                         f"set plausibility refuse to false to accept it with warnings.")
+    return [f"{source}: {problem}" for problem in problems]
+
+
+def _intensity_problems(array: np.ndarray, options: PlausibilityOptions) -> list[str]:
+    problems = []
+    if array.size == 0:
+        return ["the volume is empty"]
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        bad = int(array.size - np.count_nonzero(finite))
+        if bad:
+            nans = int(np.isnan(array).sum())
+            problems.append(f"{bad} voxels are not finite ({nans} NaN, {bad - nans} infinite)")
+            if bad == array.size:
+                return problems
+            low, high = float(array[finite].min()), float(array[finite].max())
+        else:
+            low, high = float(array.min()), float(array.max())
+    else:
+        low, high = float(array.min()), float(array.max())
+    if array.dtype in (np.uint8, np.int8, np.bool_):
+        problems.append(f"intensities are {array.dtype} ({low:g} to {high:g}), display values rather than HU")
+    elif low >= 0 and high <= options.max_display_value:
+        problems.append(f"intensities lie in {low:g} to {high:g} with no air: display values rather than HU")
+    elif low > options.air_threshold_hu:
+        problems.append(f"the lowest intensity is {low:g}, but CT in HU has air near {AIR_HU:g}: "
+                        f"intensities may not be HU (missing rescale?)")
+    return problems
+
+
+def _grid_problems(volume: Volume, options: PlausibilityOptions) -> list[str]:
+    problems = []
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        return ["the affine holds NaN or infinite values"]
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        return [f"voxel spacing must be positive, got {np.round(spacing, 4).tolist()} mm"]
+    direction = affine[:3, :3] / spacing[None, :]
+    deviation = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if deviation > options.orthonormal_tolerance:
+        problems.append(f"direction cosines are not orthonormal (largest dot-product deviation {deviation:.4g}): "
+                        f"the grid is sheared")
+    shape = volume.array.shape
+    if len(shape) < 3 or shape[2] < options.min_slices:
+        problems.append(f"{shape[2] if len(shape) >= 3 else 1} slice(s) < min_slices {options.min_slices}")
+    extent = np.asarray(shape[:2]) * spacing[:2]
+    if float(extent.min()) < options.min_field_of_view_mm:
+        problems.append(f"tiny field of view: {extent[0]:.1f} x {extent[1]:.1f} mm in-plane "
+                        f"(< {options.min_field_of_view_mm:g} mm)")
+    return problems

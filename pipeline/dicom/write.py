@@ -1,0 +1,661 @@
+"""Writing real DICOM: a CT Image Storage series per volume and an RTSTRUCT per label map.
+
+Used to build test fixtures and the demo export (synthetic phantoms written the way scanners and
+treatment-planning systems write them), including the awkward cases readers must survive: feet-first
+and oblique geometry, gantry tilt, compressed transfer syntaxes, missing or duplicated slices,
+shuffled instance numbers and padding outside the reconstruction circle.
+
+Geometry (see :mod:`pipeline.geometry`): the volume's array is ``[i, j, k]`` with an index→RAS affine.
+In DICOM (LPS) the row cosine is affine column i, the column cosine affine column j, the position of
+slice k is the world point of voxel ``(0, 0, k)`` and the pixel data of slice k is ``array[:, :, k].T``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGLosslessSV1, JPEGLSLossless, PYDICOM_IMPLEMENTATION_UID, RLELossless,
+                         RTStructureSetStorage, generate_uid)
+
+from pipeline import atomic
+from pipeline.errors import ConfigError, InputError
+from pipeline.geometry import Grid, Volume, lps_to_ras
+
+TRANSFER_SYNTAXES = {
+    "explicit_little": ExplicitVRLittleEndian,
+    "implicit_little": ImplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg2000_lossless": JPEG2000Lossless,
+    "jpegls_lossless": JPEGLSLossless,
+    "jpeg_lossless": JPEGLosslessSV1,
+}
+
+TransferSyntaxName = Literal["explicit_little", "implicit_little", "rle", "jpeg2000_lossless", "jpegls_lossless",
+                             "jpeg_lossless"]
+
+
+@dataclass
+class SeriesWriteOptions:
+    """How a volume is written as a DICOM CT series (identity, encoding and deliberate export defects)."""
+
+    patient_name: str = field(default="PHANTOM^000", metadata={"help": "PatientName (0010,0010)."})
+    patient_id: str = field(default="PHANTOM000", metadata={"help": "PatientID (0010,0020)."})
+    study_uid: Optional[str] = field(default=None, metadata={"help": "StudyInstanceUID; generated when empty."})
+    series_uid: Optional[str] = field(default=None, metadata={"help": "SeriesInstanceUID; generated when empty."})
+    frame_of_reference_uid: Optional[str] = field(
+        default=None, metadata={"help": "FrameOfReferenceUID; generated when empty."})
+    series_description: str = field(default="PHANTOM CT", metadata={"help": "SeriesDescription (0008,103E)."})
+    series_number: int = field(default=1, metadata={"help": "SeriesNumber (0020,0011)."})
+    study_description: str = field(default="PHANTOM STUDY", metadata={"help": "StudyDescription (0008,1030)."})
+    study_date: str = field(default="20240101", metadata={"help": "StudyDate/SeriesDate, YYYYMMDD."})
+    patient_position: str = field(default="HFS", metadata={"help": "PatientPosition, e.g. HFS or FFS."})
+    rescale_slope: float = field(default=1.0, metadata={"help": "RescaleSlope: HU = stored * slope + intercept."})
+    rescale_intercept: float = field(default=-1024.0, metadata={"help": "RescaleIntercept (HU)."})
+    unsigned: bool = field(default=False, metadata={"help": "Store unsigned pixels (PixelRepresentation 0)."})
+    bits_stored: int = field(default=16, metadata={"help": "BitsStored: 16 or 12 (BitsAllocated is always 16)."})
+    transfer_syntax: TransferSyntaxName = field(
+        default="explicit_little", metadata={"help": "Encoding of the files, including lossless compression."})
+    gantry_tilt_deg: float = field(
+        default=0.0, metadata={"help": "Write a gantry-tilted acquisition: slice positions step along the "
+                                       "volume's k axis while the image columns tilt by this angle "
+                                       "(GantryDetectorTilt in the Philips sign convention)."})
+    image_type: str = field(default="ORIGINAL\\PRIMARY\\AXIAL", metadata={"help": "ImageType, backslash-separated."})
+    modality: str = field(default="CT", metadata={"help": "Modality (0008,0060)."})
+    sop_class_uid: str = field(default=CTImageStorage, metadata={"help": "SOPClassUID; CT Image Storage."})
+    convolution_kernel: str = field(default="STANDARD", metadata={"help": "ConvolutionKernel (0018,1210)."})
+    manufacturer: str = field(default="ctseg phantom", metadata={"help": "Manufacturer (0008,0070)."})
+    pixel_padding_value: Optional[int] = field(
+        default=None, metadata={"help": "Stored value written outside the circular reconstruction field of view "
+                                        "(and as PixelPaddingValue), as scanners do; None writes every voxel."})
+    drop_slices: list[int] = field(default_factory=list, metadata={"help": "Slice indices k not written."})
+    duplicate_slices: list[int] = field(
+        default_factory=list, metadata={"help": "Slice indices k written twice (second copy with a new SOP UID)."})
+    shuffle_instance_numbers: bool = field(
+        default=False, metadata={"help": "Give InstanceNumbers in random order, so sorting by them is wrong."})
+    file_naming: Literal["sequential", "no_suffix", "sop_uid", "shuffled"] = field(
+        default="sequential", metadata={"help": "IM0001.dcm…, IM0001… without suffix, <SOPInstanceUID>.dcm, or "
+                                                "sequential names in random slice order."})
+    seed: int = field(default=0, metadata={"help": "Seed for shuffled instance numbers and file names."})
+
+
+# ---------------------------------------------------------------------------------------------
+# CT series
+# ---------------------------------------------------------------------------------------------
+
+def tilted_affine(affine_ras: np.ndarray, gantry_tilt_deg: float) -> np.ndarray:
+    """The index→RAS affine of a gantry-tilted acquisition written from a volume with ``affine_ras``.
+
+    Slices keep their positions along the k axis; the j (column) axis turns by the tilt towards the
+    k axis, so the grid is sheared. Sample an object on this affine to simulate a real tilted scan.
+    """
+    affine = np.asarray(affine_ras, dtype=np.float64).copy()
+    if gantry_tilt_deg == 0:
+        return affine
+    spacing_j = np.linalg.norm(affine[:3, 1])
+    column = affine[:3, 1] / spacing_j
+    normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    angle = math.radians(gantry_tilt_deg)
+    affine[:3, 1] = (math.cos(angle) * column + math.sin(angle) * normal) * spacing_j
+    return affine
+
+
+def write_ct_series(volume: Volume, folder: Path, options: SeriesWriteOptions | None = None) -> list[Path]:
+    """Write ``volume`` (HU, array [i, j, k]) as one CT Image Storage file per slice in ``folder``.
+
+    Returns the written paths in slice order (a duplicated slice appears twice, a dropped one not at all).
+    """
+    options = options or SeriesWriteOptions()
+    folder = Path(folder)
+    if options.transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ConfigError(f"transfer_syntax must be one of {sorted(TRANSFER_SYNTAXES)}, got "
+                          f"'{options.transfer_syntax}'.")
+    if options.file_naming not in ("sequential", "no_suffix", "sop_uid", "shuffled"):
+        raise ConfigError(f"file_naming must be sequential, no_suffix, sop_uid or shuffled, got "
+                          f"'{options.file_naming}'.")
+    array = np.asarray(volume.array)
+    if array.ndim != 3:
+        raise InputError(f"volume for {folder} must be 3D, got shape {array.shape}. Pass one 3D volume per series.")
+    geometry = _slice_geometry(volume.affine, options.gantry_tilt_deg, array.shape[2], folder)
+    stored = _hu_to_stored(array, options, folder)
+    if options.pixel_padding_value is not None:
+        stored = _pad_outside_fov(stored, options)
+    uids = _SeriesUids(options.study_uid or generate_uid(), options.series_uid or generate_uid(),
+                       options.frame_of_reference_uid or generate_uid())
+    rng = np.random.default_rng(options.seed)
+    plan = _slice_plan(array.shape[2], options)
+    instance_numbers = np.arange(1, len(plan) + 1)
+    if options.shuffle_instance_numbers:
+        instance_numbers = rng.permutation(instance_numbers)
+    file_order = rng.permutation(len(plan)) if options.file_naming == "shuffled" else np.arange(len(plan))
+    paths = []
+    for position, k in enumerate(plan):
+        dataset = _ct_slice_dataset(stored[:, :, k].T, k, geometry, uids, int(instance_numbers[position]), options)
+        path = folder / _file_name(options.file_naming, int(file_order[position]) + 1, dataset.SOPInstanceUID)
+        _save(dataset, path)
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class _SeriesUids:
+    study: str
+    series: str
+    frame_of_reference: str
+
+
+@dataclass
+class _SliceGeometry:
+    row_cosine: np.ndarray      # LPS unit vector along i
+    column_cosine: np.ndarray   # LPS unit vector along j
+    positions: np.ndarray       # LPS position of voxel (0, 0, k), shape (n, 3)
+    pixel_spacing: tuple[float, float]  # (between rows = j, between columns = i)
+    slice_spacing: float
+    tilt_deg: float
+
+
+def _slice_geometry(affine_ras: np.ndarray, tilt_deg: float, n_slices: int, folder: Path) -> _SliceGeometry:
+    affine_lps = lps_to_ras(tilted_affine(affine_ras, tilt_deg))
+    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(affine_lps)):
+        raise InputError(f"volume for {folder} must have a finite affine with non-zero spacing, got spacing "
+                         f"{spacing.tolist()}. Fix the volume's affine.")
+    row, column = affine_lps[:3, 0] / spacing[0], affine_lps[:3, 1] / spacing[1]
+    if abs(float(row @ column)) > 1e-4:
+        raise InputError(f"volume for {folder} must have perpendicular i and j axes to be written as DICOM, got "
+                         f"cos(angle) {row @ column:.4g}. Resample the volume onto an orthogonal grid first.")
+    positions = affine_lps[:3, 3][None, :] + np.arange(n_slices)[:, None] * affine_lps[:3, 2][None, :]
+    return _SliceGeometry(row, column, positions, (float(spacing[1]), float(spacing[0])), float(spacing[2]),
+                          tilt_deg)
+
+
+def _stored_range(options: SeriesWriteOptions) -> tuple[int, int]:
+    if options.bits_stored not in (12, 16):
+        raise ConfigError(f"bits_stored must be 12 or 16, got {options.bits_stored}. Use 16 unless testing 12-bit.")
+    if options.unsigned:
+        return 0, 2 ** options.bits_stored - 1
+    return -(2 ** (options.bits_stored - 1)), 2 ** (options.bits_stored - 1) - 1
+
+
+def _hu_to_stored(array: np.ndarray, options: SeriesWriteOptions, folder: Path) -> np.ndarray:
+    if options.rescale_slope == 0:
+        raise ConfigError("rescale_slope must be non-zero, got 0. Use 1.0 for integer HU volumes.")
+    low, high = _stored_range(options)
+    stored = np.rint((array.astype(np.float64) - options.rescale_intercept) / options.rescale_slope)
+    if stored.size and (stored.min() < low or stored.max() > high):
+        hu_low = low * options.rescale_slope + options.rescale_intercept
+        hu_high = high * options.rescale_slope + options.rescale_intercept
+        raise InputError(f"volume for {folder} must lie within HU [{hu_low:g}, {hu_high:g}] for "
+                         f"{'unsigned' if options.unsigned else 'signed'} {options.bits_stored}-bit storage with "
+                         f"intercept {options.rescale_intercept:g}, got [{array.min():g}, {array.max():g}]. Clip "
+                         f"the volume or change rescale_intercept/unsigned/bits_stored.")
+    return stored.astype(np.uint16 if options.unsigned else np.int16)
+
+
+def _pad_outside_fov(stored: np.ndarray, options: SeriesWriteOptions) -> np.ndarray:
+    low, high = _stored_range(options)
+    if not low <= options.pixel_padding_value <= high:
+        raise ConfigError(f"pixel_padding_value must fit the stored range [{low}, {high}], got "
+                          f"{options.pixel_padding_value}. Use e.g. -2000 for signed or 0 for unsigned storage.")
+    ni, nj = stored.shape[:2]
+    i, j = np.meshgrid(np.arange(ni) - (ni - 1) / 2, np.arange(nj) - (nj - 1) / 2, indexing="ij")
+    outside = (i / (ni / 2)) ** 2 + (j / (nj / 2)) ** 2 > 1.0
+    padded = stored.copy()
+    padded[outside] = options.pixel_padding_value
+    return padded
+
+
+def _slice_plan(n_slices: int, options: SeriesWriteOptions) -> list[int]:
+    for name, indices in (("drop_slices", options.drop_slices), ("duplicate_slices", options.duplicate_slices)):
+        bad = [k for k in indices if not 0 <= k < n_slices]
+        if bad:
+            raise ConfigError(f"{name} must hold slice indices in [0, {n_slices - 1}], got {bad}.")
+    dropped = set(options.drop_slices)
+    plan = []
+    for k in range(n_slices):
+        if k in dropped:
+            continue
+        plan.append(k)
+        if k in options.duplicate_slices:
+            plan.append(k)
+    return plan
+
+
+def _file_name(naming: str, number: int, sop_uid: str) -> str:
+    if naming == "no_suffix":
+        return f"IM{number:04d}"
+    if naming == "sop_uid":
+        return f"{sop_uid}.dcm"
+    return f"IM{number:04d}.dcm"
+
+
+def _base_dataset(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "CTSEG_PHANTOM"
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.preamble = b"\x00" * 128
+    dataset.SpecificCharacterSet = "ISO_IR 100"
+    dataset.SOPClassUID = sop_class_uid
+    dataset.SOPInstanceUID = sop_instance_uid
+    return dataset
+
+
+def _ds(value: float) -> str:
+    """Format a number for a DS element: as precise as fits in 16 characters."""
+    value = float(value) + 0.0  # turns -0.0 into 0.0
+    for digits in range(12, 3, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    raise ValueError(f"{value} cannot be written as a DICOM decimal string")
+
+
+def _ct_slice_dataset(pixels: np.ndarray, k: int, geometry: _SliceGeometry, uids: _SeriesUids,
+                      instance_number: int, options: SeriesWriteOptions) -> Dataset:
+    syntax = TRANSFER_SYNTAXES[options.transfer_syntax]
+    dataset = _base_dataset(options.sop_class_uid, generate_uid(), syntax)
+    now = _dt.datetime.now()
+    dataset.ImageType = options.image_type.split("\\")
+    dataset.InstanceCreationDate = now.strftime("%Y%m%d")
+    dataset.InstanceCreationTime = now.strftime("%H%M%S")
+    dataset.StudyDate = dataset.SeriesDate = dataset.ContentDate = options.study_date
+    dataset.StudyTime = dataset.SeriesTime = dataset.ContentTime = "120000"
+    dataset.AccessionNumber = ""
+    dataset.Modality = options.modality
+    dataset.Manufacturer = options.manufacturer
+    dataset.ReferringPhysicianName = ""
+    dataset.StudyDescription = options.study_description
+    dataset.SeriesDescription = options.series_description
+    dataset.PatientName = options.patient_name
+    dataset.PatientID = options.patient_id
+    dataset.PatientBirthDate = ""
+    dataset.PatientSex = "O"
+    dataset.SliceThickness = _ds(geometry.slice_spacing)
+    dataset.SpacingBetweenSlices = _ds(geometry.slice_spacing)
+    dataset.KVP = "120"
+    dataset.ConvolutionKernel = options.convolution_kernel
+    dataset.GantryDetectorTilt = _ds(geometry.tilt_deg)
+    dataset.PatientPosition = options.patient_position
+    dataset.StudyInstanceUID = uids.study
+    dataset.SeriesInstanceUID = uids.series
+    dataset.StudyID = "1"
+    dataset.SeriesNumber = options.series_number
+    dataset.AcquisitionNumber = 1
+    dataset.InstanceNumber = instance_number
+    position = geometry.positions[k]
+    dataset.ImagePositionPatient = [_ds(v) for v in position]
+    dataset.ImageOrientationPatient = [_ds(v) for v in np.r_[geometry.row_cosine, geometry.column_cosine]]
+    dataset.FrameOfReferenceUID = uids.frame_of_reference
+    dataset.PositionReferenceIndicator = ""
+    normal = np.cross(geometry.row_cosine, geometry.column_cosine)
+    dataset.SliceLocation = _ds(float(position @ normal))
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.Rows, dataset.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    dataset.PixelSpacing = [_ds(v) for v in geometry.pixel_spacing]
+    dataset.BitsAllocated = 16
+    dataset.BitsStored = options.bits_stored
+    dataset.HighBit = options.bits_stored - 1
+    dataset.PixelRepresentation = 0 if options.unsigned else 1
+    if options.pixel_padding_value is not None:
+        dataset.add_new(0x00280120, "US" if options.unsigned else "SS", int(options.pixel_padding_value))
+    dataset.WindowCenter = "40"
+    dataset.WindowWidth = "400"
+    dataset.RescaleIntercept = _ds(options.rescale_intercept)
+    dataset.RescaleSlope = _ds(options.rescale_slope)
+    dataset.RescaleType = "HU"
+    _set_pixel_data(dataset, np.ascontiguousarray(pixels), options)
+    return dataset
+
+
+def _set_pixel_data(dataset: Dataset, pixels: np.ndarray, options: SeriesWriteOptions) -> None:
+    syntax = TRANSFER_SYNTAXES[options.transfer_syntax]
+    if not syntax.is_compressed:
+        dataset.PixelData = pixels.astype("<u2" if options.unsigned else "<i2").tobytes()
+        dataset["PixelData"].VR = "OW"
+        return
+    if syntax == JPEGLosslessSV1:  # pydicom has no encoder for this one, so ours writes the codestream
+        from pydicom.encaps import encapsulate
+
+        dataset.PixelData = encapsulate([encode_jpeg_lossless_sv1(pixels, options.bits_stored)])
+        dataset["PixelData"].VR = "OB"
+        dataset["PixelData"].is_undefined_length = True
+    else:
+        if syntax == JPEG2000Lossless and min(pixels.shape) < 32:  # OpenJPEG's 6 resolution levels need 32 px
+            raise ConfigError(f"transfer_syntax 'jpeg2000_lossless' needs slices of at least 32×32 pixels, got "
+                              f"{pixels.shape[1]}×{pixels.shape[0]}. Use a larger volume or another syntax.")
+        try:
+            dataset.compress(syntax, pixels, generate_instance_uid=False)
+        except RuntimeError as exc:
+            raise ConfigError(f"transfer_syntax '{options.transfer_syntax}' needs an encoder plugin that could not "
+                              f"run ({exc}). Install pylibjpeg-openjpeg / pyjpegls, or choose explicit_little.") \
+                from exc
+    dataset.LossyImageCompression = "00"
+
+
+def _save(dataset: Dataset, path: Path) -> None:
+    with atomic.atomic_path(path) as tmp:
+        dataset.save_as(tmp, enforce_file_format=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# JPEG Lossless, Non-Hierarchical, First-Order Prediction (process 14, selection value 1)
+# ---------------------------------------------------------------------------------------------
+
+def encode_jpeg_lossless_sv1(pixels: np.ndarray, precision: int) -> bytes:
+    """Encode a 2D greyscale frame as a JPEG Lossless SV1 codestream (ITU T.81 Annex H, predictor 1).
+
+    Signed pixels are coded as their ``precision``-bit two's-complement pattern, as DICOM requires.
+    The Huffman table is optimised for the frame (Annex K.2).
+    """
+    rows, cols = pixels.shape
+    mask = (1 << precision) - 1
+    samples = (pixels.astype(np.int64) & mask)
+    prediction = np.empty_like(samples)
+    prediction[:, 1:] = samples[:, :-1]          # predictor 1: the sample to the left
+    prediction[1:, 0] = samples[:-1, 0]          # first column: the sample above
+    prediction[0, 0] = 1 << (precision - 1)      # first sample: half range
+    difference = (samples - prediction) & 0xFFFF
+    difference = np.where(difference >= 0x8000, difference - 0x10000, difference).ravel()
+    magnitude = np.abs(difference)
+    category = np.zeros(magnitude.shape, dtype=np.int64)
+    nonzero = magnitude > 0
+    category[nonzero] = np.floor(np.log2(magnitude[nonzero])).astype(np.int64) + 1
+    category[difference == -0x8000] = 16  # ±32768 both code as category 16 without extra bits
+    extra = np.where(difference < 0, difference - 1, difference) & ((1 << category) - 1)
+    extra[category == 16] = 0
+    extra_bits = np.where(category == 16, 0, category)
+
+    lengths = _huffman_code_lengths(np.bincount(category, minlength=17))
+    codes = _canonical_codes(lengths)
+    value = (codes[category] << extra_bits) | extra
+    nbits = lengths[category] + extra_bits
+    entropy = _stuff_bytes(_pack_bits(value, nbits))
+
+    symbols = [s for length in range(1, 17) for s in range(17) if lengths[s] == length]
+    counts = [int((lengths == length).sum()) for length in range(1, 17)]
+    header = bytearray(b"\xFF\xD8")
+    header += b"\xFF\xC3" + _u16(11) + bytes([precision]) + _u16(rows) + _u16(cols) + bytes([1, 1, 0x11, 0])
+    header += b"\xFF\xC4" + _u16(2 + 1 + 16 + len(symbols)) + bytes([0x00]) + bytes(counts) + bytes(symbols)
+    header += b"\xFF\xDA" + _u16(8) + bytes([1, 1, 0x00, 1, 0, 0])
+    return bytes(header) + entropy + b"\xFF\xD9"
+
+
+def _u16(value: int) -> bytes:
+    return int(value).to_bytes(2, "big")
+
+
+def _huffman_code_lengths(frequencies: np.ndarray) -> np.ndarray:
+    """Code length per symbol (0 = unused), limited to 16 bits, per ITU T.81 Annex K.2."""
+    freq = [int(f) for f in frequencies] + [1]  # a reserved symbol keeps any code from being all ones
+    n = len(freq)
+    codesize = [0] * n
+    others = [-1] * n
+    while True:
+        live = [s for s in range(n) if freq[s] > 0]
+        if len(live) < 2:
+            break
+        v1 = min(live, key=lambda s: (freq[s], -s))
+        v2 = min((s for s in live if s != v1), key=lambda s: (freq[s], -s))
+        freq[v1] += freq[v2]
+        freq[v2] = 0
+        for chain_start in (v1, v2):
+            node = chain_start
+            codesize[node] += 1
+            while others[node] >= 0:
+                node = others[node]
+                codesize[node] += 1
+            if chain_start == v1:
+                others[node] = v2
+    bits = [0] * 40
+    for size in codesize:
+        if size:
+            bits[size] += 1
+    for i in range(len(bits) - 1, 16, -1):  # K.2 "adjust bits": move codes longer than 16 bits up
+        while bits[i] > 0:
+            j = i - 2
+            while bits[j] == 0:
+                j -= 1
+            bits[i] -= 2
+            bits[i - 1] += 1
+            bits[j + 1] += 2
+            bits[j] -= 1
+    i = 16
+    while bits[i] == 0:
+        i -= 1
+    bits[i] -= 1  # drop the reserved symbol
+    # assign the adjusted lengths to real symbols, most frequent first
+    order = sorted(range(17), key=lambda s: (-int(frequencies[s]), s))
+    lengths = np.zeros(17, dtype=np.int64)
+    used = [s for s in order if frequencies[s] > 0]
+    if len(used) == 1:
+        lengths[used[0]] = 1
+        return lengths
+    position = 0
+    for size in range(1, 17):
+        for _ in range(bits[size]):
+            lengths[used[position]] = size
+            position += 1
+    return lengths
+
+
+def _canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    codes = np.zeros(17, dtype=np.int64)
+    code = 0
+    for size in range(1, 17):
+        for symbol in (s for s in range(17) if lengths[s] == size):  # symbols listed in DHT order
+            codes[symbol] = code
+            code += 1
+        code <<= 1
+    return codes
+
+
+def _pack_bits(value: np.ndarray, nbits: np.ndarray) -> bytes:
+    shifts = np.arange(31, -1, -1, dtype=np.int64)
+    bits = ((value[:, None] >> shifts[None, :]) & 1).astype(np.uint8)
+    keep = shifts[None, :] < nbits[:, None]
+    stream = bits[keep]
+    pad = (-len(stream)) % 8
+    stream = np.concatenate([stream, np.ones(pad, dtype=np.uint8)])  # pad with 1-bits (T.81 F.1.2.3)
+    return np.packbits(stream).tobytes()
+
+
+def _stuff_bytes(data: bytes) -> bytes:
+    return data.replace(b"\xFF", b"\xFF\x00")
+
+
+# ---------------------------------------------------------------------------------------------
+# RTSTRUCT
+# ---------------------------------------------------------------------------------------------
+
+ROI_COLOURS = [[220, 60, 60], [60, 160, 220], [240, 200, 40], [90, 200, 90], [200, 90, 200], [250, 140, 40]]
+
+
+@dataclass
+class _SeriesSlice:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    position: np.ndarray
+
+
+def write_rtstruct(label: Volume, series_files: list[Path], path: Path, roi_names: dict[int, str]) -> Path:
+    """Write an RTSTRUCT with one ROI per label value, contouring ``label`` (on the series' grid) slice by slice.
+
+    Each connected region and each hole becomes one CLOSED_PLANAR contour whose points lie on the
+    boundary half-way between inside and outside pixel centres, so even-odd filling at pixel
+    centres gives the label map back exactly. Contours reference the CT slice they lie on.
+    """
+    path = Path(path)
+    slices, reference = _read_series_headers(series_files)
+    labels = np.asarray(label.array)
+    affine_lps = lps_to_ras(label.affine)
+    _check_label_matches_series(label, reference, path)
+    slice_for_k = _match_slices(label.grid, slices, path)
+
+    dataset = _base_dataset(RTStructureSetStorage, generate_uid(), ExplicitVRLittleEndian)
+    now = _dt.datetime.now()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription"):
+        setattr(dataset, keyword, reference.get(keyword, ""))
+    dataset.Modality = "RTSTRUCT"
+    dataset.Manufacturer = "ctseg"
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.SeriesNumber = int(reference.get("SeriesNumber", 0) or 0) + 100
+    dataset.SeriesDescription = "ctseg RTSTRUCT"
+    dataset.InstanceNumber = 1
+    dataset.FrameOfReferenceUID = reference.FrameOfReferenceUID
+    dataset.PositionReferenceIndicator = ""
+    dataset.StructureSetLabel = "CTSEG"
+    dataset.StructureSetDate = now.strftime("%Y%m%d")
+    dataset.StructureSetTime = now.strftime("%H%M%S")
+
+    contour_images = []
+    for item in {s.sop_instance_uid: s for s in slices}.values():
+        contour_images.append(_referenced_image(item))
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = reference.SeriesInstanceUID
+    series_item.ContourImageSequence = Sequence(contour_images)
+    study_item = Dataset()
+    study_item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as TPSs write
+    study_item.ReferencedSOPInstanceUID = reference.StudyInstanceUID
+    study_item.RTReferencedSeriesSequence = Sequence([series_item])
+    frame_item = Dataset()
+    frame_item.FrameOfReferenceUID = reference.FrameOfReferenceUID
+    frame_item.RTReferencedStudySequence = Sequence([study_item])
+    dataset.ReferencedFrameOfReferenceSequence = Sequence([frame_item])
+
+    roi_items, contour_items, observation_items = [], [], []
+    for number, (value, name) in enumerate(sorted(roi_names.items()), start=1):
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = reference.FrameOfReferenceUID
+        roi.ROIName = name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi_items.append(roi)
+        roi_contour = Dataset()
+        roi_contour.ROIDisplayColor = ROI_COLOURS[(number - 1) % len(ROI_COLOURS)]
+        roi_contour.ReferencedROINumber = number
+        contours = []
+        for k in range(labels.shape[2]):
+            plane = labels[:, :, k] == value
+            if not plane.any():
+                continue
+            for points_ij in label_contours(plane):
+                index = np.c_[points_ij, np.full(len(points_ij), k), np.ones(len(points_ij))]
+                points_lps = (affine_lps @ index.T).T[:, :3]
+                contour = Dataset()
+                if k in slice_for_k:
+                    contour.ContourImageSequence = Sequence([_referenced_image(slice_for_k[k])])
+                contour.ContourGeometricType = "CLOSED_PLANAR"
+                contour.NumberOfContourPoints = len(points_lps)
+                contour.ContourData = [_ds(round(float(v), 4)) for v in points_lps.ravel()]
+                contours.append(contour)
+        roi_contour.ContourSequence = Sequence(contours)
+        contour_items.append(roi_contour)
+        observation = Dataset()
+        observation.ObservationNumber = number
+        observation.ReferencedROINumber = number
+        observation.RTROIInterpretedType = "ORGAN"
+        observation.ROIInterpreter = ""
+        observation_items.append(observation)
+    dataset.StructureSetROISequence = Sequence(roi_items)
+    dataset.ROIContourSequence = Sequence(contour_items)
+    dataset.RTROIObservationsSequence = Sequence(observation_items)
+    _save(dataset, path)
+    return path
+
+
+def label_contours(plane: np.ndarray) -> list[np.ndarray]:
+    """Closed boundary polygons of a 2D boolean mask indexed [i, j], as (n, 2) arrays of (i, j) indices.
+
+    The polygons are marching-squares iso-lines at 0.5, so they pass half-way between pixel centres;
+    outer boundaries and holes are separate polygons (fill them with the even-odd rule).
+    """
+    import contourpy
+
+    padded = np.pad(plane.astype(np.float64), 1).T  # contourpy wants z[y, x]: x = i, y = j
+    generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
+    polygons = []
+    for line in generator.lines(0.5):
+        points = np.asarray(line)[:-1] - 1.0  # drop the repeated closing point, undo the padding
+        polygons.append(_drop_collinear(points))
+    return polygons
+
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    before = np.roll(points, 1, axis=0)
+    after = np.roll(points, -1, axis=0)
+    cross = (points[:, 0] - before[:, 0]) * (after[:, 1] - points[:, 1]) - \
+            (points[:, 1] - before[:, 1]) * (after[:, 0] - points[:, 0])
+    keep = np.abs(cross) > 1e-9
+    return points[keep] if keep.sum() >= 3 else points
+
+
+def _referenced_image(item: _SeriesSlice) -> Dataset:
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = item.sop_class_uid
+    reference.ReferencedSOPInstanceUID = item.sop_instance_uid
+    return reference
+
+
+def _read_series_headers(series_files: list[Path]) -> tuple[list[_SeriesSlice], Dataset]:
+    if not series_files:
+        raise InputError("series_files must list the CT files the RTSTRUCT refers to, got none. Pass the paths "
+                         "that write_ct_series returned.")
+    slices, first = [], None
+    for file in series_files:
+        header = pydicom.dcmread(file, stop_before_pixels=True)
+        for keyword in ("SOPInstanceUID", "ImagePositionPatient", "FrameOfReferenceUID", "SeriesInstanceUID"):
+            if keyword not in header:
+                raise InputError(f"{file} must have {keyword} to be referenced by an RTSTRUCT, got none. "
+                                 f"Pass the CT image files of one series.")
+        first = first or header
+        slices.append(_SeriesSlice(Path(file), str(header.SOPClassUID), str(header.SOPInstanceUID),
+                                   np.array([float(v) for v in header.ImagePositionPatient])))
+    return slices, first
+
+
+def _check_label_matches_series(label: Volume, reference: Dataset, path: Path) -> None:
+    affine_lps = lps_to_ras(label.affine)
+    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    orientation = np.r_[affine_lps[:3, 0] / spacing[0], affine_lps[:3, 1] / spacing[1]]
+    series_orientation = np.array([float(v) for v in reference.ImageOrientationPatient])
+    series_shape = (int(reference.Columns), int(reference.Rows))
+    series_spacing = np.array([float(v) for v in reference.PixelSpacing])[::-1]
+    if (not np.allclose(orientation, series_orientation, atol=1e-4) or label.array.shape[:2] != series_shape
+            or not np.allclose(spacing[:2], series_spacing, atol=1e-3)):
+        raise InputError(f"label for {path} must lie on the series' grid (orientation {series_orientation.tolist()}, "
+                         f"{series_shape[0]}×{series_shape[1]} pixels of {series_spacing.tolist()} mm), got "
+                         f"orientation {np.round(orientation, 5).tolist()}, {label.array.shape[:2]} pixels of "
+                         f"{np.round(spacing[:2], 5).tolist()} mm. Resample the label onto the CT grid first.")
+
+
+def _match_slices(grid: Grid, slices: list[_SeriesSlice], path: Path) -> dict[int, _SeriesSlice]:
+    """CT slice at each label slice k's position (ContourImageSequence is optional where none is)."""
+    positions = np.array([s.position for s in slices])
+    affine_lps = lps_to_ras(grid.affine)
+    tolerance = 0.01 * max(float(np.linalg.norm(affine_lps[:3, 2])), 1.0)
+    matched: dict[int, _SeriesSlice] = {}
+    for k in range(grid.shape[2]):
+        world = affine_lps[:3, 3] + k * affine_lps[:3, 2]
+        distance = np.linalg.norm(positions - world[None, :], axis=1)
+        best = int(np.argmin(distance))
+        if distance[best] <= tolerance:
+            matched[k] = slices[best]
+    if not matched:
+        raise InputError(f"label for {path} must share slice positions with the series, got no slice within "
+                         f"{tolerance:.3g} mm. Pass the label map on the CT grid and that CT's files.")
+    return matched  # slices the series lacks (dropped on export) get contours without an image reference
