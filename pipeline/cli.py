@@ -7,7 +7,6 @@ Torch and MONAI are imported only inside the verbs, so ``ctseg --help`` answers 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -147,6 +146,7 @@ def dispatch(args) -> int:
             report = api.compare(cfg, args.compare[0], args.compare[1], output=args.output)
         else:
             report = api.evaluate(cfg, pred_dir=args.pred, ref_dir=args.ref, output=args.output)
+            print(report.get("table", ""))
     elif verb == "run":
         reports = api.run(cfg, force=args.force)
         return EXIT_PARTIAL if reports["predict"].get("status") == "failed" else EXIT_OK

@@ -6,6 +6,7 @@ names in ``datasets/phantom/dataset.yaml``. Held-out phantoms are predicted and 
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,12 +46,13 @@ def write_demo_export(cfg, root: Path) -> Path:
     from pipeline.volume_io import save_nifti
 
     dataset_path = root / "dataset.yaml"
+    marker = root / "export" / "phantoms.json"
     demo = cfg.demo
     count = demo.train_cases + demo.test_cases
-    if dataset_path.is_file():
-        existing = yaml.safe_load(dataset_path.read_text())
-        if len(existing.get("cases", [])) == count and existing.get("phantom_size") == [demo.in_plane_size, demo.slices]:
-            return dataset_path
+    wanted = {"cases": count, "train_cases": demo.train_cases, "size": [demo.in_plane_size, demo.slices],
+              "seed": cfg.seed}
+    if dataset_path.is_file() and marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return dataset_path
     template = yaml.safe_load(LABEL_TEMPLATE.read_text())
     options = PhantomOptions(shape=demo.in_plane_size, slices=demo.slices)
     cases = []
@@ -74,9 +76,9 @@ def write_demo_export(cfg, root: Path) -> Path:
         cases.append({"id": case_id, "image": str(series_dir.relative_to(root)),
                       "label": str(label_path.relative_to(root)), "role": role})
     dataset = {"name": "phantom-demo", "description": "Synthetic abdominal CT phantoms written by ctseg demo.",
-               "labels": template["labels"], "cases": cases,
-               "phantom_size": [demo.in_plane_size, demo.slices]}
+               "labels": template["labels"], "cases": cases}
     atomic.write_text(dataset_path, yaml.safe_dump(dataset, sort_keys=False))
+    atomic.write_json(marker, wanted)
     return dataset_path
 
 

@@ -140,9 +140,7 @@ def run_evaluate(cfg: Config, pred_dir: Path, ref_dir: Path, output: Path) -> di
                       "table": table, "outputs": {"metrics": str(output / "metrics.csv"),
                                                   "summary": str(output / "summary.json"),
                                                   "html": str(output / "evaluation.html")}})
-    report = run.finish()
-    print(table)
-    return report
+    return run.finish()
 
 
 def _reference_on_grid(cfg: Config, pred, ref, pred_path: Path, ref_path: Path, record) -> np.ndarray:
