@@ -83,6 +83,8 @@ class SeriesWriteOptions:
     file_naming: Literal["sequential", "no_suffix", "sop_uid", "shuffled"] = field(
         default="sequential", metadata={"help": "IM0001.dcm…, IM0001… without suffix, <SOPInstanceUID>.dcm, or "
                                                 "sequential names in random slice order."})
+    file_prefix: str = field(default="IM", metadata={"help": "Start of sequential file names (IM0001.dcm); use "
+                                                            "different prefixes to put several series in one folder."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffled instance numbers and file names."})
 
 
@@ -120,6 +122,8 @@ def write_ct_series(volume: Volume, folder: Path, options: SeriesWriteOptions | 
     if options.file_naming not in ("sequential", "no_suffix", "sop_uid", "shuffled"):
         raise ConfigError(f"file_naming must be sequential, no_suffix, sop_uid or shuffled, got "
                           f"'{options.file_naming}'.")
+    if not options.file_prefix.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"file_prefix must be letters, digits, '-' or '_', got '{options.file_prefix}'.")
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise InputError(f"volume for {folder} must be 3D, got shape {array.shape}. Pass one 3D volume per series.")
@@ -138,7 +142,7 @@ def write_ct_series(volume: Volume, folder: Path, options: SeriesWriteOptions | 
     paths = []
     for position, k in enumerate(plan):
         dataset = _ct_slice_dataset(stored[:, :, k].T, k, geometry, uids, int(instance_numbers[position]), options)
-        path = folder / _file_name(options.file_naming, int(file_order[position]) + 1, dataset.SOPInstanceUID)
+        path = folder / _file_name(options, int(file_order[position]) + 1, dataset.SOPInstanceUID)
         _save(dataset, path)
         paths.append(path)
     return paths
@@ -228,12 +232,11 @@ def _slice_plan(n_slices: int, options: SeriesWriteOptions) -> list[int]:
     return plan
 
 
-def _file_name(naming: str, number: int, sop_uid: str) -> str:
-    if naming == "no_suffix":
-        return f"IM{number:04d}"
-    if naming == "sop_uid":
+def _file_name(options: SeriesWriteOptions, number: int, sop_uid: str) -> str:
+    if options.file_naming == "sop_uid":
         return f"{sop_uid}.dcm"
-    return f"IM{number:04d}.dcm"
+    name = f"{options.file_prefix}{number:04d}"
+    return name if options.file_naming == "no_suffix" else f"{name}.dcm"
 
 
 def _base_dataset(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> Dataset:

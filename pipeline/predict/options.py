@@ -2,7 +2,71 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
+
+
+@dataclass
+class MemoryOptions:
+    """Where the sliding-window outputs are stitched and in what precision (decided before a case starts)."""
+
+    stitch: Literal["auto", "full", "streaming"] = field(default="auto", metadata={
+        "help": "full: keep every class's summed probabilities for the whole volume (needed for probability "
+                "maps); streaming: finish slabs along the slice axis as soon as no later window touches them "
+                "and argmax them at once (same result, a fraction of the memory); auto: full when it fits the "
+                "budget, else streaming."})
+    accumulate: Literal["auto", "fp32", "fp16", "bf16"] = field(default="auto", metadata={
+        "help": "Precision of the stitching buffer. auto: fp32 when it fits the budget, else fp16."})
+    budget_gb: Optional[float] = field(default=None, metadata={
+        "help": "Memory the stitching may use (GB). null = 50% of available RAM on the CPU, or "
+                "gpu_fraction of free GPU memory."})
+    gpu_fraction: float = field(default=0.8, metadata={
+        "help": "Share of the free GPU memory (torch.cuda.mem_get_info) a case may plan to use; when the "
+                "volume's outputs do not fit, windows run on the GPU and are stitched on the CPU."})
+
+
+@dataclass
+class PostprocessOptions:
+    """Per-class clean-up of the label map on the source grid, by label name ('*' = every label)."""
+
+    keep_largest_component: list[str] = field(default_factory=list, metadata={
+        "help": "Labels of which only the largest connected component (26-connectivity) is kept, e.g. [liver]."})
+    min_component_ml: list[str] = field(default_factory=list, metadata={
+        "help": "'name=mL' entries: connected components smaller than mL are removed, e.g. ['*=0.5', 'spleen=5']."})
+    fill_holes: list[str] = field(default_factory=list, metadata={
+        "help": "Labels whose enclosed holes (background fully surrounded in 3D) are filled, e.g. [kidneys]."})
+
+
+@dataclass
+class OutputOptions:
+    """Which files each case gets besides the label NIfTI."""
+
+    seg_nrrd: bool = field(default=True, metadata={
+        "help": "Write <case>.seg.nrrd, a 3D Slicer segmentation with segment names and colours."})
+    dicom_seg: bool = field(default=False, metadata={
+        "help": "Write <case>.seg.dcm (DICOM SEG, highdicom) referencing the source images; DICOM inputs "
+                "whose volume maps one-to-one onto the source images only."})
+    probabilities: Literal["none", "nifti", "npz"] = field(default="none", metadata={
+        "help": "Also write the class probabilities: a 4D NIfTI (x, y, z, class; uint8 scaled by 1/255, as NIfTI "
+                "has no float16) or a compressed .npz (float16, with the affine and class names)."})
+    probabilities_grid: Literal["model", "source"] = field(default="model", metadata={
+        "help": "Grid of the probability maps: model (as computed, its own affine; cheap) or source "
+                "(linearly resampled onto the image grid; costs time and memory)."})
+    thumbnails: bool = field(default=True, metadata={
+        "help": "Write <case>.thumb.png (axial, coronal, sagittal overlays) for the morning report."})
+    compresslevel: int = field(default=1, metadata={"help": "gzip level of .nii.gz and .seg.nrrd (1 fast, 9 small)."})
+
+
+@dataclass
+class ReportOptions:
+    """What the morning report flags."""
+
+    volume_range_ml: list[str] = field(default_factory=list, metadata={
+        "help": "'name=min:max' plausible volumes in mL per label, e.g. ['liver=800:3500', 'spleen=50:1500']."})
+    default_volume_range_ml: list[float] = field(default_factory=lambda: [0.1, 20000.0], metadata={
+        "help": "Plausible [min, max] volume in mL for labels without their own range (a deliberately broad "
+                "default). A present label outside it is flagged."})
+    warn_border: bool = field(default=True, metadata={
+        "help": "Flag labels that touch the image border (the organ may be cut off by the field of view)."})
 
 
 @dataclass
@@ -10,8 +74,38 @@ class PredictConfig:
     """Inference and output settings."""
 
     overlap: float = field(default=0.5, metadata={"help": "Sliding-window overlap between patches (0-1)."})
-    batch_size: int = field(default=2, metadata={"help": "Patches per forward pass."})
+    batch_size: int = field(default=4, metadata={"help": "3D patches per forward pass."})
+    batch_size_2d: int = field(default=16, metadata={"help": "Slices (2D patches) per forward pass of a 2D model."})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
-        "help": "auto = bf16 autocast where supported (CPU with bf16, CUDA), fp32 otherwise."})
+        "help": "auto = bf16 autocast where supported (CUDA with bf16, CPUs with native bf16), fp32 otherwise "
+                "(bf16 emulated on a CPU without it is many times slower)."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto uses CUDA when present, else the CPU."})
+    optimize_network: bool = field(default=True, metadata={
+        "help": "Fold batch norms into convolutions, use a channels-last layout and a faster instance norm on "
+                "the CPU; checked against the unmodified network at load time and skipped if they disagree."})
+    tta: bool = field(default=False, metadata={
+        "help": "Mirroring test-time augmentation: average the predictions over all combinations of flips "
+                "along tta_axes (2^n forward passes per patch)."})
+    tta_axes: list[str] = field(default_factory=lambda: ["AP", "SI"], metadata={
+        "help": "Axes of the model grid mirrored by TTA: any of LR, AP, SI. LR is left out by default: a model "
+                "trained without left-right flips (as for lateralised labels) gets worse when mirrored over it."})
+    reassembly: Literal["auto", "refined", "nearest"] = field(default="auto", metadata={
+        "help": "How labels get back to the source grid. nearest: argmax on the model grid, then nearest "
+                "neighbour (cheapest; boundaries move by up to half a model voxel). refined: the labels that "
+                "resampling every class's probabilities linearly to the source grid and taking the argmax would "
+                "give (MONAI Invertd style), interpolating only in cells that straddle a boundary; needs the "
+                "whole volume's probabilities in memory. auto: refined when they fit the memory budget."})
+    refuse_implausible: bool = field(default=True, metadata={
+        "help": "Fail a case whose image does not look like CT in HU (e.g. 8-bit display values, MR) instead of "
+                "segmenting it with a warning."})
+    shard_by: Literal["index", "hash"] = field(default="index", metadata={
+        "help": "How --shard i/n splits the sorted cases: index (case k goes to shard k mod n; balanced, every "
+                "shard must see the same inputs) or hash (by case id; stable when inputs are added)."})
+    stale_minutes: float = field(default=30.0, metadata={
+        "help": "A case 'running' on another machine whose process has not reported for this long is taken "
+                "over (on this machine a dead process is detected at once)."})
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+    report: ReportOptions = field(default_factory=ReportOptions)

@@ -6,24 +6,88 @@ from typing import Literal, Optional
 
 
 @dataclass
+class AugmentConfig:
+    """Random augmentation of training patches (MONAI dictionary transforms on cached arrays)."""
+
+    enabled: bool = field(default=True, metadata={"help": "Apply the augmentations below at all."})
+    flip_axes: list[int] = field(default_factory=lambda: [1, 2], metadata={
+        "help": "Model-grid axes (0 = R-L, 1 = A-P, 2 = S-I) that may be mirrored, each with flip_prob. The "
+                "R-L axis 0 is left out by default: CT labels are often side-specific (liver on the patient's "
+                "right, spleen on the left), and a left-right mirror would teach the network that either side "
+                "is plausible. Add 0 only for side-symmetric tasks (e.g. 'kidneys' as one class). In 2d mode "
+                "axis 2 is the slice axis and is ignored."})
+    flip_prob: float = field(default=0.5, metadata={"help": "Probability of mirroring along each flip axis."})
+    affine_prob: float = field(default=0.2, metadata={"help": "Probability of a random rotation and zoom."})
+    rotate_degrees: float = field(default=15.0, metadata={
+        "help": "Largest random rotation (degrees) about each axis (3d) or in-plane (2d)."})
+    scale_range: float = field(default=0.15, metadata={"help": "Random zoom of ± this fraction."})
+    intensity_shift: float = field(default=0.1, metadata={
+        "help": "Largest random intensity offset (in network input units), applied with prob 0.5."})
+    noise_std: float = field(default=0.03, metadata={
+        "help": "Standard deviation of Gaussian noise (network input units), applied with prob 0.2."})
+
+
+@dataclass
 class TrainConfig:
     """Network, sampling and optimisation settings."""
 
     mode: Literal["3d", "2d"] = field(default="3d", metadata={
-        "help": "3d: train on 3D patches; 2d: train slice-wise on axial slices."})
+        "help": "3d: train on 3D patches; 2d: train slice-wise on axial slices of the cached 3D volumes."})
+    context_slices: int = field(default=0, metadata={
+        "help": "2d mode: neighbouring slices on each side given as extra input channels (2.5D); the "
+                "network sees 2n+1 channels. Slices beyond the volume repeat its edge slice."})
     network: Literal["UNet", "DynUNet", "SegResNet", "ClassicUNet"] = field(default="UNet", metadata={
-        "help": "Network architecture."})
+        "help": "Network architecture (MONAI UNet/DynUNet/SegResNet, or the paper U-Net with 'same' padding)."})
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata={
-        "help": "Feature widths per resolution level."})
+        "help": "Feature widths per resolution level (SegResNet uses only the first and doubles it per level)."})
+    norm: Literal["instance", "batch"] = field(default="instance", metadata={"help": "Normalisation layers."})
+    num_res_units: int = field(default=2, metadata={
+        "help": "UNet: residual units per level; DynUNet: > 0 uses residual blocks."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability inside the network."})
+    deep_supervision: bool = field(default=True, metadata={
+        "help": "DynUNet: add loss terms on lower-resolution heads (weights halve per level)."})
     patch_size: Optional[list[int]] = field(default=None, metadata={
-        "help": "Patch size in voxels (3 values for 3d, 2 for 2d). null = planned to fit the memory budget."})
-    batch_size: int = field(default=2, metadata={"help": "Patches per optimisation step."})
-    max_steps: int = field(default=400, metadata={"help": "Optimisation steps in total."})
-    val_every: int = field(default=100, metadata={"help": "Validate (sliding window, whole volumes) every N steps."})
+        "help": "Patch size in voxels (3 values for 3d, 2 for 2d). null = planned to fit the memory budget "
+                "(plan.json). Smaller images are padded up to it."})
+    batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Patches per optimisation step (per process under torchrun). null = planned (plan.json)."})
+    foreground_ratio: float = field(default=0.5, metadata={
+        "help": "Share of patches centred on a labelled voxel (the rest anywhere in the cropped volume)."})
+    max_steps: int = field(default=400, metadata={"help": "Optimisation steps in total, per fold."})
+    val_every: int = field(default=100, metadata={
+        "help": "Validate (sliding window over whole validation volumes) and save checkpoint_last every N steps."})
+    val_overlap: float = field(default=0.25, metadata={"help": "Sliding-window overlap during validation."})
+    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={
+        "help": "adamw, or sgd with Nesterov momentum 0.99 (nnU-Net's choice)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
-    weight_decay: float = field(default=1e-5, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(default=1e-5, metadata={"help": "Weight decay."})
+    schedule: Literal["poly", "cosine", "constant"] = field(default="poly", metadata={
+        "help": "Learning-rate schedule over max_steps: poly (1 - t)^0.9, cosine, or constant."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX) and on CUDA GPUs that support "
+                "it, fp16 with a GradScaler on older GPUs, otherwise fp32 (bf16 is emulated, so slower, on "
+                "other CPUs)."})
+    channels_last: bool = field(default=True, metadata={
+        "help": "Channels-last memory layout (several times faster 3D convolutions on CPU)."})
     folds: int = field(default=1, metadata={
         "help": "1 = a single train/validation split (validation_fraction); k > 1 = k-fold cross-validation."})
+    train_folds: Optional[list[int]] = field(default=None, metadata={
+        "help": "Train only these folds (0-based) in this invocation; null = all. Folds finished earlier with the "
+                "same settings are kept, so a cross-validation can run in parts; the model folder lists every "
+                "finished fold, and the stage counts as done when all folds are. Not part of the stage hash."})
     validation_fraction: float = field(default=0.2, metadata={"help": "Share of cases held out when folds = 1."})
+    deterministic: bool = field(default=False, metadata={
+        "help": "Seeded, deterministic algorithms (monai set_determinism, torch.use_deterministic_algorithms): "
+                "the same config gives the same weights; can be slower."})
+    steps_per_run: Optional[int] = field(default=None, metadata={
+        "help": "Stop after this many steps in one invocation (the schedule still spans max_steps); "
+                "'ctseg train --resume' continues. For training in time slots. Not part of the stage hash."})
+    loader_workers: int = field(default=0, metadata={
+        "help": "DataLoader worker processes preparing patches (0 = in the training process; on a small "
+                "CPU extra workers compete with the training threads). Not part of the stage hash."})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "torch CPU threads; null = torch's default (all cores). Not part of the stage hash."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto uses CUDA when present, else the CPU."})
+    augment: AugmentConfig = field(default_factory=AugmentConfig)

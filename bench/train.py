@@ -1,0 +1,311 @@
+"""Benchmark: training iterations per second and peak memory, ours against MONAI's spleen-tutorial loop.
+
+Both sides train the same network (the spleen tutorial's UNet: channels 16-256, strides 2,
+2 residual units, batch norm) on the same data (synthetic abdominal phantoms from
+:mod:`pipeline.phantoms`, written as NIfTI), with the same patch size and batch size (96³ × 2 by
+default) and the same target spacing (1.5 × 1.5 × 2 mm) and HU window ([-57, 164]) as the tutorial.
+
+- reference: written the way MONAI's spleen tutorial writes it: ``CacheDataset`` over
+  LoadImaged → EnsureChannelFirstd → ScaleIntensityRanged → CropForegroundd → Orientationd →
+  Spacingd → RandCropByPosNegLabeld, a ``DataLoader``, fp32, default memory layout, DiceLoss, Adam.
+- ours: the pipeline's own path: the preprocess stage's cached arrays, the train stage's patch
+  sampler (RandCropByPosNegLabeld on arrays already cropped and resampled, precomputed centre
+  indices) and ``FoldTrainer.train_step`` (channels-last, precision ``auto``, DiceCE, AdamW).
+- ours_contiguous: ours with channels-last off (what the layout alone is worth).
+- ours_bf16 (only with ``--variants``): bf16 autocast; fast on CPUs with AVX512-BF16/AMX, slow elsewhere.
+
+Each variant runs in its own subprocess; its peak resident memory is that process's VmHWM from
+/proc/self/status. Setup (caching, preprocessing) is timed separately from the training steps.
+Timings on a shared machine are noisy: the JSON records the load average before and after, and
+the CPU seconds each step used (process time), which is less sensitive to other jobs.
+
+    python bench/train.py --output bench/results/train.json [--steps 10] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SPACING = (1.5, 1.5, 2.0)
+WINDOW = (-57.0, 164.0)
+CHANNELS = [16, 32, 64, 128, 256]
+DEFAULT_VARIANTS = ("reference", "ours", "ours_contiguous")
+# a body about 300 × 220 mm: after the tutorial's CropForegroundd (HU > -57) and 1.5 mm spacing every
+# phantom is still larger than a 96³ patch, as the tutorial's spleen CTs are
+PHANTOM = dict(shape=256, slices=120, inplane_spacing_min=1.15, inplane_spacing_max=1.3, slice_spacing_min=2.5,
+               slice_spacing_max=3.0)
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def write_dataset(root: Path, cases: int) -> list[dict]:
+    """Phantom CTs and labels as NIfTI plus an ingest manifest (what 'ctseg ingest' would write)."""
+    from pipeline import atomic
+    from pipeline.geometry import Volume
+    from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+
+    options = PhantomOptions(**PHANTOM)
+    from pipeline.volume_io import save_nifti
+
+    files = []
+    entries = []
+    for index in range(cases):
+        case_id = f"phantom_{index:03d}"
+        phantom = make_phantom(seed=index, options=options)
+        image = root / "ingest" / "imagesTr" / f"{case_id}_0000.nii.gz"
+        label = root / "ingest" / "labelsTr" / f"{case_id}.nii.gz"
+        save_nifti(Volume(phantom.image.array, phantom.image.affine), image)
+        save_nifti(Volume(phantom.label.array, phantom.label.affine), label)
+        files.append({"image": str(image), "label": str(label)})
+        entries.append({"id": case_id, "role": "train", "image": str(image.relative_to(root / "ingest")),
+                        "label": str(label.relative_to(root / "ingest")), "provenance": None})
+    labels = [{"name": name, "value": value, "color": [255, 0, 0], "synonyms": []}
+              for value, name in LABEL_NAMES.items()]
+    atomic.write_json(root / "ingest" / "manifest.json", {"format": "ctseg-ingest/1", "labels": labels,
+                                                          "cases": entries})
+    atomic.write_json(root / "ingest" / "done.json", {"stage": "ingest", "hash": f"bench-{cases}"})
+    atomic.write_json(root / "files.json", files)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants (each runs in its own process)
+# ---------------------------------------------------------------------------------------------
+
+def run_reference(root: Path, args) -> dict:
+    import torch
+    from monai.data import CacheDataset, DataLoader
+    from monai.losses import DiceLoss
+    from monai.networks.layers import Norm
+    from monai.networks.nets import UNet
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
+                                  RandCropByPosNegLabeld, ScaleIntensityRanged, Spacingd)
+
+    torch.manual_seed(0)
+    files = json.loads((root / "files.json").read_text())
+    transforms = Compose([
+        LoadImaged(keys=["image", "label"]),
+        EnsureChannelFirstd(keys=["image", "label"]),
+        ScaleIntensityRanged(keys=["image"], a_min=WINDOW[0], a_max=WINDOW[1], b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=["image", "label"], source_key="image"),
+        Orientationd(keys=["image", "label"], axcodes="RAS"),
+        Spacingd(keys=["image", "label"], pixdim=SPACING, mode=("bilinear", "nearest")),
+        RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=[args.patch] * 3, pos=1,
+                               neg=1, num_samples=1, image_key="image", image_threshold=0),
+    ])
+    start = time.perf_counter()
+    dataset = CacheDataset(data=files, transform=transforms, cache_rate=1.0, num_workers=args.workers or None)
+    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers)
+    setup = time.perf_counter() - start
+    model = UNet(spatial_dims=3, in_channels=1, out_channels=4, channels=CHANNELS, strides=(2, 2, 2, 2),
+                 num_res_units=2, norm=Norm.BATCH)
+    loss_function = DiceLoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    model.train()
+
+    def batches():
+        while True:
+            for batch in loader:
+                yield batch["image"], batch["label"]
+
+    def step(images, labels):
+        optimizer.zero_grad()
+        loss = loss_function(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    return {"setup_seconds": round(setup, 2), **_time_steps(batches(), step, args)}
+
+
+def run_ours(root: Path, args, channels_last: bool, precision: str) -> dict:
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.preprocess.stage import load_cached_case, read_index, run_preprocess
+    from pipeline.train.data import PatchDataset, batches, derived_seed, prepare_case
+    from pipeline.train.loop import FoldJob, FoldTrainer
+    from pipeline.train.runtime import setup_runtime
+    from pipeline.train.stage import resolve_setup
+
+    cfg = load_config([], [
+        f"output_root={root}", "experiment=.", f"preprocess.target_spacing={list(SPACING)}",
+        f"preprocess.window_low={WINDOW[0]}", f"preprocess.window_high={WINDOW[1]}",
+        f"train.channels={CHANNELS}", "train.norm=batch", "train.num_res_units=2",
+        f"train.patch_size={[args.patch] * 3}", f"train.batch_size={args.batch}", "train.augment.enabled=false",
+        f"train.channels_last={'true' if channels_last else 'false'}", f"train.precision={precision}",
+        "train.foreground_ratio=0.5", f"train.loader_workers={args.workers}"])
+    start = time.perf_counter()
+    run_preprocess(cfg)
+    pre_dir = cfg.stage_dir("preprocess")
+    plan, entries = read_index(pre_dir)
+    sampling, batch_size, spec = resolve_setup(cfg, plan, pre_dir, entries)
+    cases = [prepare_case(e["id"], *load_cached_case(pre_dir, e)[:2], sampling, derived_seed(0, e["id"]))
+             for e in entries]
+    setup = time.perf_counter() - start
+    runtime = setup_runtime(cfg.train)
+    job = FoldJob(fold=0, folder=Path(tempfile.mkdtemp()), options=cfg.train, seed=0, stage_hash="bench",
+                  network_spec=spec, sampling=sampling, batch_size=batch_size,
+                  class_names=[l["name"] for l in plan["labels"]], train_cases=cases, val_cases=[], resume=False)
+    trainer = FoldTrainer(job, runtime)
+    dataset = PatchDataset(cases, sampling, cfg.train, 0, 0, 0)
+    stream = ((images, labels) for _, images, labels in
+              batches(dataset, 1, args.warmup + args.steps, batch_size, args.workers))
+    result = _time_steps(stream, trainer.train_step, args)
+    result.update({"setup_seconds": round(setup, 2), "precision": runtime.precision,
+                   "memory_format": str(trainer.memory_format).replace("torch.", ""),
+                   "preprocessed_shapes": [list(np.shape(c.image)) for c in cases]})
+    return result
+
+
+def _time_steps(stream, step, args) -> dict:
+    """Run warm-up steps, then time ``args.steps`` steps (data loading included: it is part of a step)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for _ in range(args.warmup):
+        step(*next(stream))
+    walls, cpus = [], []
+    for _ in range(args.steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        step(*next(stream))
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"steps": args.steps, "seconds_per_step_median": round(statistics.median(walls), 4),
+            "seconds_per_step_min": round(min(walls), 4), "iterations_per_second": round(1 / statistics.median(walls), 4),
+            "cpu_seconds_per_step_median": round(statistics.median(cpus), 4),
+            "torch_threads": torch.get_num_threads()}
+
+
+def worker(args) -> None:
+    root = Path(args.data)
+    variant = args.variant
+    if variant == "reference":
+        result = run_reference(root, args)
+    elif variant == "ours":
+        result = run_ours(root, args, channels_last=True, precision="auto")
+    elif variant == "ours_contiguous":
+        result = run_ours(root, args, channels_last=False, precision="auto")
+    elif variant == "ours_bf16":
+        result = run_ours(root, args, channels_last=True, precision="bf16")
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print("RESULT " + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "train.json")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--cases", type=int, default=4, help="phantom cases in the training set")
+    parser.add_argument("--patch", type=int, default=96, help="cubic patch size")
+    parser.add_argument("--batch", type=int, default=2, help="patches per step")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both sides)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best round counts")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated: reference, ours, ours_contiguous, ours_bf16")
+    parser.add_argument("--quick", action="store_true", help="64³ patches, 3 steps, 2 cases (a smoke run)")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.patch, args.steps, args.cases, args.warmup, args.rounds = 64, 3, 2, 1, 1
+    if args.variant:
+        worker(args)
+        return
+
+    results: dict = {"benchmark": "train", "machine": _machine(), "load_average_before": os.getloadavg(),
+                     "settings": {"patch": [args.patch] * 3, "batch": args.batch, "steps": args.steps,
+                                  "warmup": args.warmup, "rounds": args.rounds, "cases": args.cases, "spacing_mm": SPACING,
+                                  "window_hu": WINDOW, "network": {"name": "UNet", "channels": CHANNELS,
+                                                                   "strides": [2, 2, 2, 2], "num_res_units": 2,
+                                                                   "norm": "batch"},
+                                  "workers": args.workers, "phantom": PHANTOM},
+                     "variants": {}}
+    with tempfile.TemporaryDirectory(prefix="ctseg-bench-train-") as tmp:
+        start = time.perf_counter()
+        write_dataset(Path(tmp), args.cases)
+        results["data_seconds"] = round(time.perf_counter() - start, 2)
+        runs: dict[str, list[dict]] = {v: [] for v in args.variants.split(",")}
+        for round_index in range(args.rounds):  # interleaved rounds: load spikes hit every variant alike
+            for variant in runs:
+                command = [sys.executable, __file__, "--variant", variant, "--data", tmp, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--patch", str(args.patch), "--batch", str(args.batch),
+                           "--workers", str(args.workers), "--threads", str(args.threads)]
+                print(f"bench/train.py: round {round_index + 1}, {variant} ...", flush=True)
+                done = subprocess.run(command, capture_output=True, text=True)
+                lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+                if done.returncode != 0 or not lines:
+                    runs[variant].append({"error": done.stderr.strip().splitlines()[-1:] or ["failed"]})
+                else:
+                    runs[variant].append(json.loads(lines[-1][len("RESULT "):]))
+                print(f"  {json.dumps(runs[variant][-1])[:300]}", flush=True)
+        for variant, rounds in runs.items():
+            good = [r for r in rounds if "error" not in r]
+            if not good:
+                results["variants"][variant] = rounds[-1]
+                continue
+            best = min(good, key=lambda r: r["seconds_per_step_median"])  # the least disturbed round
+            results["variants"][variant] = {**best, "rounds": [
+                {k: r.get(k) for k in ("seconds_per_step_median", "cpu_seconds_per_step_median", "peak_rss_mb")}
+                for r in rounds]}
+    results["load_average_after"] = os.getloadavg()
+    reference = results["variants"].get("reference", {})
+    ratios = {}
+    for name, value in results["variants"].items():
+        if name != "reference" and "iterations_per_second" in value and "iterations_per_second" in reference:
+            ratios[name] = {
+                "speedup_vs_reference": round(value["iterations_per_second"] / reference["iterations_per_second"], 3),
+                "cpu_time_speedup_vs_reference": round(reference["cpu_seconds_per_step_median"]
+                                                       / value["cpu_seconds_per_step_median"], 3),
+                "peak_rss_ratio_vs_reference": round(value["peak_rss_mb"] / reference["peak_rss_mb"], 3)}
+    results["ratios"] = ratios
+    results["goal"] = "ours >= 2x the reference's iterations/s"
+    if "ours" in ratios:
+        results["goal_met"] = ratios["ours"]["speedup_vs_reference"] >= 2.0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    from pipeline import atomic
+
+    atomic.write_json(args.output, results)
+    print(json.dumps({"ratios": ratios, "goal_met": results.get("goal_met")}, indent=2))
+
+
+def _machine() -> dict:
+    import torch
+
+    from pipeline.train.runtime import cpu_has_native_bf16
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Sliding-window inference on the model grid: Gaussian-weighted stitching, TTA, fold ensembles, memory plan.
+
+Windows are placed exactly as MONAI's ``sliding_window_inference`` places them (same scan interval
+``int(roi * (1 - overlap))``, the last window flush with the end, symmetric zero padding of axes
+shorter than the window) and weighted by MONAI's Gaussian importance map (sigma = roi / 8). Each
+window's prediction is the mean softmax over the fold networks and the TTA mirrorings; windows are
+blended as a weighted mean of the logarithm of that, and the final probabilities are its softmax.
+For a single network this is exactly MONAI's blending of logits followed by a softmax (softmax
+ignores the per-voxel constant that separates log-softmax from logits); for an ensemble it is
+"average softmax over folds" within each window.
+
+Stitching is planned before the case starts from the volume's shape and class count
+(:func:`plan_memory`), never discovered by running out of memory:
+
+- ``full``: one buffer of summed, weighted probabilities for the whole volume (needed for
+  probability maps), in fp32 or, when that does not fit, fp16.
+- ``streaming``: windows run in slice-axis order; once the next window starts at slice ``s``, every
+  slice below ``s`` has received all its windows, so that slab is argmaxed and released. The
+  labels are identical to ``full`` (argmax of the same sums); the buffer holds two window depths.
+
+On a CUDA device the windows always run on the GPU; the buffer lives there when it fits
+``gpu_fraction`` of the free GPU memory, otherwise on the CPU (MONAI's ``sw_device`` / ``device``
+split). On the CPU the buffer must fit ``budget_gb`` (default half the available RAM).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger("ctseg.predict")
+
+AXIS_NAMES = ("LR", "AP", "SI")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Window placement (MONAI-compatible)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class WindowGrid:
+    """Where the windows go on the (padded) volume."""
+
+    roi: tuple[int, int, int]
+    padded_shape: tuple[int, int, int]
+    pad_before: tuple[int, int, int]
+    starts: list[tuple[int, int, int]]   # sorted by slice (k), then j, then i
+
+
+def window_grid(shape, roi, overlap: float) -> WindowGrid:
+    """MONAI's window placement for a volume of ``shape`` (see module docstring)."""
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"predict.overlap must be in [0, 1), got {overlap}. 0.5 is the usual choice.")
+    roi = tuple(int(r) for r in roi)
+    padded = tuple(max(int(s), r) for s, r in zip(shape, roi))
+    pad_before = tuple((p - int(s)) // 2 for p, s in zip(padded, shape))
+    per_axis = []
+    for size, r in zip(padded, roi):
+        interval = r if r == size else max(1, int(r * (1 - overlap)))
+        count = 1
+        while (count - 1) * interval + r < size:
+            count += 1
+        per_axis.append(sorted({min(n * interval, size - r) for n in range(count)}))
+    starts = [(i, j, k) for k in per_axis[2] for j in per_axis[1] for i in per_axis[0]]
+    return WindowGrid(roi, padded, pad_before, starts)
+
+
+def importance_map(roi, device: torch.device) -> torch.Tensor:
+    """MONAI's Gaussian importance map (sigma_scale 0.125) for a window of size ``roi``."""
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(tuple(roi), mode="gaussian", sigma_scale=0.125, device=device,
+                                  dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory plan
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class MemoryPlan:
+    """Where and how one case's windows are stitched, decided before it runs."""
+
+    compute_device: str
+    stitch_device: str
+    mode: str                 # "full" or "streaming"
+    accumulate: str           # "fp32", "fp16" or "bf16"
+    budget_bytes: int
+    need_bytes: int
+    reason: str
+    estimates: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def plan_memory(shape, num_classes: int, in_channels: int, roi, batch_windows: int, device: torch.device,
+                options, need_probabilities: bool, activation_bytes: int = 0,
+                prefer_probabilities: bool = False) -> MemoryPlan:
+    """Choose stitch device, buffer mode and precision for a volume of ``shape`` (model grid).
+
+    ``need_probabilities``: the whole volume's probabilities must be kept (full mode only).
+    ``prefer_probabilities``: keep them when they fit (full before streaming), else labels only.
+    """
+    if options.stitch == "streaming" and need_probabilities:
+        raise ConfigError("predict.memory.stitch must be 'auto' or 'full' when probability maps are written, got "
+                          "'streaming' (it keeps only the labels). Set outputs.probabilities: none, or stitch: auto.")
+    padded = [max(int(s), int(r)) for s, r in zip(shape, roi)]
+    voxels = math.prod(padded)
+    slab_voxels = padded[0] * padded[1] * min(padded[2], 2 * int(roi[2]))
+    window_bytes = batch_windows * (in_channels + 3 * num_classes) * math.prod(roi) * 4
+    image_bytes = in_channels * voxels * 4
+    weight_bytes = voxels * 4 if (need_probabilities or prefer_probabilities) else 0
+    estimates = {"voxels": voxels, "image": image_bytes, "windows": window_bytes, "activations": activation_bytes,
+                 "labels": voxels * 2}
+
+    def need(mode: str, dtype: str) -> int:
+        size = 4 if dtype == "fp32" else 2
+        buffer = num_classes * (voxels if mode == "full" else slab_voxels) * size
+        return buffer + (weight_bytes if mode == "full" else 0)
+
+    choices = _choices(options, need_probabilities, prefer_probabilities)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(options.budget_gb * 1e9) if options.budget_gb else int(free * options.gpu_fraction)
+        fixed = image_bytes + window_bytes + activation_bytes
+        for mode, dtype in choices:
+            if fixed + need(mode, dtype) <= budget:
+                return MemoryPlan(str(device), str(device), mode, dtype, budget, fixed + need(mode, dtype),
+                                  f"{mode} {dtype} buffer fits {budget / 1e9:.1f} GB of GPU memory", estimates)
+        cpu_plan = _cpu_plan(choices, need, estimates, options, reason_prefix="does not fit the GPU budget "
+                             f"({budget / 1e9:.1f} GB): stitching on the CPU; ")
+        cpu_plan.compute_device = str(device)
+        return cpu_plan
+    return _cpu_plan(choices, need, estimates, options, reason_prefix="")
+
+
+def _choices(options, need_probabilities: bool, prefer_probabilities: bool = False) -> list[tuple[str, str]]:
+    modes = {"auto": ["full", "streaming"], "full": ["full"], "streaming": ["streaming"]}[options.stitch]
+    if need_probabilities:
+        modes = ["full"]
+    dtypes = ["fp32", "fp16"] if options.accumulate == "auto" else [options.accumulate]
+    if prefer_probabilities and len(modes) > 1:  # probabilities in any precision before labels only
+        return [(mode, dtype) for mode in modes for dtype in dtypes]
+    # otherwise full precision in either mode before giving up precision
+    return [(mode, dtype) for dtype in dtypes for mode in modes]
+
+
+def _cpu_plan(choices, need, estimates, options, reason_prefix: str) -> MemoryPlan:
+    budget = int(options.budget_gb * 1e9) if options.budget_gb else available_ram_bytes() // 2
+    for mode, dtype in choices:
+        if need(mode, dtype) + estimates["labels"] <= budget:
+            return MemoryPlan("cpu", "cpu", mode, dtype, budget, need(mode, dtype) + estimates["labels"],
+                              f"{reason_prefix}{mode} {dtype} buffer fits {budget / 1e9:.1f} GB of RAM", estimates)
+    mode, dtype = choices[-1]  # the leanest allowed choice; may still fail, and then the case fails cleanly
+    return MemoryPlan("cpu", "cpu", mode, dtype, budget, need(mode, dtype) + estimates["labels"],
+                      f"{reason_prefix}even {mode} {dtype} needs {need(mode, dtype) / 1e9:.1f} GB over the "
+                      f"{budget / 1e9:.1f} GB budget; trying anyway", estimates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Window predictor: folds × mirrorings, softmax averaged
+# ---------------------------------------------------------------------------------------------
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        return torch.bfloat16 if native_bf16 else None
+    return DTYPES[precision]
+
+
+class WindowPredictor:
+    """Maps a batch of windows ``[B, C, x, y, z]`` to mean class probabilities ``[B, K, x, y, z]``."""
+
+    def __init__(self, predictor, precision: str = "auto", tta: bool = False, tta_axes=("AP", "SI")):
+        self.networks = predictor.networks
+        self.device = predictor.device
+        self.two_d = predictor.mode == "2d"
+        self.context = predictor.context_slices
+        self.channels_last = predictor.optimisation.get("layout") == "channels_last"
+        self.autocast = autocast_dtype(precision, self.device)
+        unknown = [a for a in tta_axes if a not in AXIS_NAMES]
+        if unknown:
+            raise ConfigError(f"predict.tta_axes must name axes among {', '.join(AXIS_NAMES)}, got {unknown}. "
+                              f"Example: [AP, SI].")
+        axes = list(dict.fromkeys(tta_axes)) if tta else []
+        if self.two_d and self.context == 0:
+            axes = [a for a in axes if a != "SI"]  # a single slice has nothing to mirror along SI
+        self.flip_sets = [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+    @property
+    def passes_per_window(self) -> int:
+        return len(self.networks) * len(self.flip_sets)
+
+    def _flip_dims(self, axes) -> tuple[list[int], list[int]]:
+        """Input dims and output dims mirrored for the named axes."""
+        dims_in, dims_out = [], []
+        for axis in axes:
+            spatial = 2 + AXIS_NAMES.index(axis)
+            if self.two_d and axis == "SI":
+                dims_in.append(1)  # 2.5D: mirroring along SI reverses the order of the context slices
+            else:
+                dims_in.append(spatial)
+                dims_out.append(spatial)
+        return dims_in, dims_out
+
+    def _forward(self, network, x: torch.Tensor) -> torch.Tensor:
+        if self.two_d:
+            x = x[..., 0]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last if self.two_d else torch.channels_last_3d)
+        if self.autocast is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                out = network(x)
+        else:
+            out = network(x)
+        if isinstance(out, (list, tuple)):  # deep supervision heads: the first is the full-resolution output
+            out = out[0]
+        if self.two_d:
+            out = out[..., None]
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """log(mean softmax) over folds and mirrorings, ``[B, K, x, y, z]`` float32."""
+        total = None
+        for network in self.networks:
+            for axes in self.flip_sets:
+                dims_in, dims_out = self._flip_dims(axes)
+                xi = torch.flip(x, dims_in) if dims_in else x
+                log_probs = torch.log_softmax(self._forward(network, xi).float(), dim=1)
+                if dims_out:
+                    log_probs = torch.flip(log_probs, dims_out)
+                total = log_probs if total is None else torch.logaddexp(total, log_probs, out=total)
+        if self.passes_per_window > 1:
+            total.sub_(math.log(self.passes_per_window))
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Stitching
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class InferenceOutput:
+    """Per-voxel channel index of the winning class on the model grid (and probabilities when asked)."""
+
+    classes: np.ndarray                      # uint8/uint16 [X, Y, Z], channel index
+    probabilities: Optional[np.ndarray]      # float32 [K, X, Y, Z] (sums to 1) or None
+    plan: MemoryPlan
+    stats: dict
+
+
+def network_input(array: np.ndarray, predictor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The model-grid image as a ``[C, X, Y, Z]`` tensor and the window size on that grid."""
+    image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if predictor.mode == "3d":
+        return image[None], tuple(predictor.patch_size)
+    context = predictor.context_slices
+    depth = image.shape[2]
+    index = torch.arange(depth)
+    # 2.5D: channel d holds slice k + d - context, clamped at the ends (edge slices repeat)
+    stacks = [image.index_select(2, (index + d).clamp(0, depth - 1)) for d in range(-context, context + 1)]
+    if predictor.in_channels != len(stacks):
+        raise ConfigError(f"model expects {predictor.in_channels} input channels, but context_slices={context} "
+                          f"gives {len(stacks)}. The model folder's model.json is inconsistent; re-export it.")
+    return torch.stack(stacks), (int(predictor.patch_size[0]), int(predictor.patch_size[1]), 1)
+
+
+def sliding_window_predict(array: np.ndarray, predictor, cfg, need_probabilities: bool = False,
+                           window_predictor: Optional[WindowPredictor] = None,
+                           prefer_probabilities: bool = False) -> InferenceOutput:
+    """Predict every voxel of ``array`` (model grid, network input scale); see module docstring.
+
+    Probabilities are returned when ``need_probabilities``, or when ``prefer_probabilities`` and the
+    memory plan chose to stitch the whole volume.
+    """
+    start_time = time.perf_counter()
+    image, roi = network_input(array, predictor)
+    channels = image.shape[0]
+    shape = tuple(image.shape[1:])
+    grid = window_grid(shape, roi, cfg.overlap)
+    window_predictor = window_predictor or WindowPredictor(predictor, cfg.precision, cfg.tta, cfg.tta_axes)
+    batch = cfg.batch_size_2d if predictor.mode == "2d" else cfg.batch_size
+    num_classes = predictor.num_classes
+    plan = plan_memory(shape, num_classes, channels, roi, batch, predictor.device, cfg.memory, need_probabilities,
+                       activation_bytes=int(predictor.optimisation.get("activation_bytes", 0)),
+                       prefer_probabilities=prefer_probabilities)
+    keep_probabilities = plan.mode == "full" and (need_probabilities or prefer_probabilities)
+    compute = torch.device(plan.compute_device)
+    stitch = torch.device(plan.stitch_device)
+    acc_dtype = DTYPES[plan.accumulate]
+
+    pad = []
+    for p, s, b in zip(reversed(grid.padded_shape), reversed(shape), reversed(grid.pad_before)):
+        pad.extend([b, p - s - b])
+    if any(pad):
+        image = torch.nn.functional.pad(image, pad, mode="constant", value=0.0)
+    image = image.to(compute)
+    weights = importance_map(roi, compute)
+    xp, yp, zp = grid.padded_shape
+    rx, ry, rz = roi
+    class_dtype = torch.uint8 if num_classes <= 256 else torch.int16
+    classes = torch.empty((xp, yp, zp), dtype=class_dtype, device="cpu")
+    depth = zp if plan.mode == "full" else min(zp, 2 * rz)
+    buffer = torch.zeros((num_classes, xp, yp, depth), dtype=acc_dtype, device=stitch)
+    weight_sum = torch.zeros((xp, yp, zp), dtype=torch.float32, device=stitch) if keep_probabilities else None
+    stitch_weights = weights.to(stitch)
+    z0 = 0  # absolute slice index of buffer[..., 0]
+
+    def finish(stop: int) -> None:
+        """Argmax slices [z0, stop) of the buffer into ``classes`` and shift the buffer down."""
+        nonlocal z0
+        if stop <= z0:
+            return
+        count = stop - z0
+        for a in range(0, count, 32):  # argmax in slabs: int64 indices for the whole volume would be large
+            b = min(count, a + 32)
+            classes[:, :, z0 + a:z0 + b] = buffer[:, :, :, a:b].argmax(dim=0).to("cpu", class_dtype)
+        if plan.mode == "streaming":
+            keep = depth - count
+            if keep > 0:
+                buffer[..., :keep] = buffer[..., count:].clone()
+            buffer[..., max(keep, 0):] = 0
+        z0 = stop
+
+    windows = grid.starts
+    passes = 0
+    with torch.inference_mode():
+        for first in range(0, len(windows), batch):
+            chunk = windows[first:first + batch]
+            patches = torch.stack([image[:, i:i + rx, j:j + ry, k:k + rz] for i, j, k in chunk])
+            probs = window_predictor(patches)  # log-probabilities
+            passes += window_predictor.passes_per_window * len(chunk)
+            if acc_dtype != torch.float32:  # keep half-precision sums in range; e^-60 is nothing anyway
+                probs.clamp_(min=-60.0)
+            probs.mul_(weights)
+            probs = probs.to(stitch, acc_dtype)
+            for n, (i, j, k) in enumerate(chunk):
+                if plan.mode == "streaming" and k + rz > z0 + depth:
+                    finish(k)
+                buffer[:, i:i + rx, j:j + ry, k - z0:k - z0 + rz] += probs[n]
+                if weight_sum is not None:
+                    weight_sum[i:i + rx, j:j + ry, k:k + rz] += stitch_weights
+        finish(zp)
+    bx, by, bz = grid.pad_before
+    sx, sy, sz = shape
+    classes_np = classes[bx:bx + sx, by:by + sy, bz:bz + sz].numpy()
+    if class_dtype == torch.int16:
+        classes_np = classes_np.astype(np.uint16)
+    probabilities = None
+    if keep_probabilities:
+        buffer = buffer.float() if buffer.dtype != torch.float32 else buffer
+        # softmax of the blended log-probabilities, in place: no second whole-volume copy
+        buffer.div_(weight_sum.clamp_min_(1e-12))
+        buffer.sub_(buffer.max(dim=0, keepdim=True).values)
+        buffer.exp_()
+        buffer.div_(buffer.sum(dim=0, keepdim=True))
+        probabilities = buffer[:, bx:bx + sx, by:by + sy, bz:bz + sz].cpu().numpy()
+    stats = {"windows": len(windows), "forward_passes": passes, "roi": list(roi), "overlap": cfg.overlap,
+             "batch": batch, "autocast": str(window_predictor.autocast).replace("torch.", "") if
+             window_predictor.autocast else "fp32", "tta_flips": len(window_predictor.flip_sets),
+             "folds": len(predictor.networks), "seconds": round(time.perf_counter() - start_time, 3)}
+    return InferenceOutput(np.ascontiguousarray(classes_np), probabilities, plan, stats)

@@ -1,0 +1,279 @@
+"""The morning report: per-label volumes and warnings per case, overlay thumbnails, report.html and report.csv.
+
+``report.html`` is self-contained (thumbnails inlined as base64 PNG, no scripts, fonts or links
+to fetch), so it opens offline from a USB stick. Thumbnails follow the radiological convention:
+axial and coronal views show the patient's right on the viewer's left; axial has anterior at the
+top, coronal and sagittal superior at the top, sagittal anterior on the left. Each view is labelled
+with its orientation letters and drawn with the true aspect ratio of the voxel spacing.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import io
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.errors import ConfigError
+from pipeline.geometry import Grid, canonical_grid, voxel_volume_ml
+
+WINDOW_HU = (-160.0, 240.0)
+FACE_NAMES = {(0, 1): "right", (0, -1): "left", (1, 1): "anterior", (1, -1): "posterior", (2, 1): "superior",
+              (2, -1): "inferior"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-case statistics and warnings
+# ---------------------------------------------------------------------------------------------
+
+def volume_ranges(options) -> dict[str, tuple[float, float]]:
+    ranges = {}
+    for entry in options.volume_range_ml:
+        try:
+            name, bounds = entry.split("=", 1)
+            low, high = (float(v) for v in bounds.split(":", 1))
+        except ValueError:
+            raise ConfigError(f"predict.report.volume_range_ml entries must look like 'name=min:max' (mL), got "
+                              f"{entry!r}. Example: 'liver=800:3500'.")
+        ranges[name.strip()] = (low, high)
+    if len(options.default_volume_range_ml) != 2:
+        raise ConfigError(f"predict.report.default_volume_range_ml must be [min, max] in mL, got "
+                          f"{options.default_volume_range_ml}.")
+    return ranges
+
+
+def label_counts(labels: np.ndarray, top: int) -> np.ndarray:
+    """Voxels per value 0..top (few labels: one comparison each; many: bincount in bounded chunks)."""
+    if top <= 16:
+        return np.array([np.count_nonzero(labels == value) for value in range(top + 1)])
+    flat = labels.reshape(-1, order="K") if (labels.flags.c_contiguous or labels.flags.f_contiguous) else labels.ravel()
+    counts = np.zeros(max(top + 1, int(flat.max(initial=0)) + 1), dtype=np.int64)
+    for start in range(0, flat.size, 1 << 22):
+        chunk = np.bincount(flat[start:start + (1 << 22)])
+        counts[:len(chunk)] += chunk
+    return counts
+
+
+def _face_name(grid: Grid, axis: int, high_end: bool) -> str:
+    outward = grid.direction[:, axis] * (1 if high_end else -1)
+    world = int(np.argmax(np.abs(outward)))
+    return FACE_NAMES[(world, 1 if outward[world] > 0 else -1)]
+
+
+def label_statistics(labels: np.ndarray, grid: Grid, label_infos, options) -> tuple[dict, list[str]]:
+    """Volume per label (mL) and the report's warnings for one case's source-grid label map."""
+    voxel_ml = voxel_volume_ml(grid)
+    top = max([0, *(info.value for info in label_infos)])
+    counts = label_counts(labels, top)
+    faces = {}
+    for axis in range(3):
+        for high_end in (False, True):
+            index = [slice(None)] * 3
+            index[axis] = -1 if high_end else 0
+            face = labels[tuple(index)]  # a view (np.take copies, slowly, along a non-contiguous axis)
+            faces[_face_name(grid, axis, high_end)] = label_counts(face, top)
+    ranges = volume_ranges(options)
+    low_default, high_default = options.default_volume_range_ml
+    volumes, warnings = {}, []
+    for info in label_infos:
+        voxels = int(counts[info.value]) if info.value < len(counts) else 0
+        volume = voxels * voxel_ml
+        border = sorted(name for name, face in faces.items() if info.value < len(face) and face[info.value] > 0)
+        volumes[info.name] = {"voxels": voxels, "volume_ml": round(volume, 3), "present": voxels > 0,
+                              "touches_border": border}
+        if voxels == 0:
+            warnings.append(f"{info.name}: not found (0 mL)")
+            continue
+        low, high = ranges.get(info.name, (low_default, high_default))
+        if not low <= volume <= high:
+            warnings.append(f"{info.name}: implausible volume {volume:.1f} mL (expected {low:g}-{high:g} mL)")
+        if border and options.warn_border:
+            warnings.append(f"{info.name}: touches the image border ({', '.join(border)}); it may be cut off")
+    if not any(v["present"] for v in volumes.values()):
+        warnings.insert(0, "empty prediction: no label found")
+    return volumes, warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# Thumbnails
+# ---------------------------------------------------------------------------------------------
+
+def canonical_view(array: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """A zero-copy view of ``array`` with axes along R, A, S (increasing), and the spacing of those axes."""
+    canon = canonical_grid(grid)
+    mapping = np.linalg.inv(grid.affine) @ canon.affine
+    order, flips = [], []
+    for dst_axis in range(3):
+        src_axis = int(np.argmax(np.abs(mapping[:3, dst_axis])))
+        order.append(src_axis)
+        flips.append(mapping[src_axis, dst_axis] < 0)
+    view = np.transpose(array, order)
+    for axis, flip in enumerate(flips):
+        if flip:
+            view = np.flip(view, axis)
+    return view, canon.spacing
+
+
+def _overlay(labels2d: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    rgba = np.zeros((*labels2d.shape, 4), dtype=np.float32)
+    present = labels2d > 0
+    rgba[present, :3] = colors[labels2d[present]]
+    rgba[present, 3] = 0.45
+    return rgba
+
+
+def write_thumbnail(image: np.ndarray, labels: np.ndarray, grid: Grid, label_infos, path: Path,
+                    title: str = "") -> Path:
+    """Axial, coronal and sagittal overlays through the labels' centre (radiological convention)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ct, spacing = canonical_view(image, grid)
+    lab, _ = canonical_view(labels, grid)
+    top = max([0, *(info.value for info in label_infos)])
+    colors = np.zeros((top + 1, 3), dtype=np.float32)
+    for info in label_infos:
+        colors[info.value] = np.asarray(info.color, dtype=np.float32) / 255.0
+    centre = _centre(lab)
+    sx, sy, sz = spacing
+    # each view: 2D arrays indexed [row, column] for display, plus the aspect (row spacing / column spacing)
+    views = [
+        ("axial", ct[:, :, centre[2]], lab[:, :, centre[2]], sy / sx, ("A", "P", "R", "L")),
+        ("coronal", ct[:, centre[1], :], lab[:, centre[1], :], sz / sx, ("S", "I", "R", "L")),
+        ("sagittal", ct[centre[0], :, :], lab[centre[0], :, :], sz / sy, ("S", "I", "A", "P")),
+    ]
+    figure = Figure(figsize=(9.0, 3.3), dpi=72)
+    FigureCanvasAgg(figure)
+    for n, (name, ct2d, lab2d, aspect, letters) in enumerate(views):
+        # [first axis, second axis] → rows top-down = second axis descending, columns = first axis descending
+        # (patient's right, or anterior for sagittal, on the viewer's left)
+        ct_rows = np.asarray(ct2d)[::-1, ::-1].T
+        lab_rows = np.asarray(lab2d)[::-1, ::-1].T
+        axes = figure.add_subplot(1, 3, n + 1)
+        axes.imshow(ct_rows, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=aspect,
+                    interpolation="nearest")
+        axes.imshow(_overlay(lab_rows, colors), aspect=aspect, interpolation="nearest")
+        axes.set_title(name, fontsize=9)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        top_letter, bottom_letter, left_letter, right_letter = letters
+        for text, x, y, ha, va in ((top_letter, 0.5, 0.98, "center", "top"), (bottom_letter, 0.5, 0.02, "center",
+                                   "bottom"), (left_letter, 0.02, 0.5, "left", "center"),
+                                   (right_letter, 0.98, 0.5, "right", "center")):
+            axes.text(x, y, text, color="yellow", fontsize=8, ha=ha, va=va, transform=axes.transAxes)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic.write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def _centre(labels: np.ndarray) -> tuple[int, int, int]:
+    """Centre of the labelled voxels (middle of the volume when there are none), from cheap projections."""
+    centre = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        profile = np.count_nonzero(labels, axis=other) if labels.size < 5e7 else \
+            np.count_nonzero(labels[tuple(slice(None, None, 2) if a in other else slice(None) for a in range(3))],
+                             axis=other)
+        total = profile.sum()
+        centre.append(int(round(float((profile * np.arange(len(profile))).sum() / total))) if total
+                      else labels.shape[axis] // 2)
+    return tuple(centre)
+
+
+# ---------------------------------------------------------------------------------------------
+# report.html and report.csv
+# ---------------------------------------------------------------------------------------------
+
+def write_csv(path: Path, rows, label_names: list[str]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case_id", "status", "seconds", "attempts", "input", "error", "warnings"] +
+                    [f"{name}_ml" for name in label_names])
+    for row in rows:
+        volumes = row.summary.get("volumes", {})
+        writer.writerow([row.case_id, row.status, row.seconds if row.seconds is not None else "", row.attempts,
+                         row.input, row.error or "", "; ".join(row.warnings)] +
+                        [volumes.get(name, {}).get("volume_ml", "") for name in label_names])
+    atomic.write_text(path, buffer.getvalue())
+    return Path(path)
+
+
+def _thumbnail_tag(folder: Path, row) -> str:
+    entry = row.outputs.get("thumbnail") if row.outputs else None
+    if not entry:
+        return ""
+    path = folder / entry["path"]
+    try:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError:
+        return "<em>thumbnail missing</em>"
+    return f'<img alt="{html.escape(row.case_id)} overlays" src="data:image/png;base64,{data}">'
+
+
+_STYLE = """
+body{font-family:sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:1em 0}
+th,td{border:1px solid #bbb;padding:4px 8px;vertical-align:top;text-align:left;font-size:13px}
+th{background:#eee}
+.ok{color:#176317;font-weight:bold}.failed{color:#b00;font-weight:bold}.pending,.running{color:#a60}
+.warn{color:#a60}.summary td{font-size:14px}
+img{max-width:680px}
+"""
+
+
+def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[str]) -> Path:
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>ctseg predict report</title>",
+             f"<style>{_STYLE}</style></head><body>", "<h1>ctseg predict: morning report</h1>",
+             "<table class='summary'>"]
+    for key, value in summary.items():
+        parts.append(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>")
+    parts.append("</table>")
+    parts.append("<p>Thumbnails are in the radiological convention: the patient's right is on the viewer's left "
+                 "(axial: anterior at the top; coronal and sagittal: superior at the top; sagittal: anterior on the "
+                 "left). Letters on each view name the patient directions. Aspect ratios follow the voxel "
+                 "spacing.</p>")
+    parts.append("<table><tr><th>case</th><th>status</th><th>seconds</th>" +
+                 "".join(f"<th>{html.escape(n)} (mL)</th>" for n in label_names) +
+                 "<th>warnings / error</th><th>axial / coronal / sagittal</th></tr>")
+    for row in rows:
+        volumes = row.summary.get("volumes", {})
+        notes = [f"<div class='failed'>{html.escape(row.error)}</div>"] if row.error else []
+        notes += [f"<div class='warn'>{html.escape(w)}</div>" for w in row.warnings]
+        cells = "".join(f"<td>{volumes.get(n, {}).get('volume_ml', '')}</td>" for n in label_names)
+        status = "ok" if row.status == "done" else row.status
+        seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
+        parts.append(f"<tr><td>{html.escape(row.case_id)}<br><small>{html.escape(row.input)}</small></td>"
+                     f"<td class='{html.escape(status)}'>{html.escape(status)}</td><td>{seconds}</td>{cells}"
+                     f"<td>{''.join(notes)}</td><td>{_thumbnail_tag(folder, row)}</td></tr>")
+    parts.append("</table></body></html>")
+    atomic.write_text(path, "\n".join(parts) + "\n")
+    return Path(path)
+
+
+def summary_block(rows, model_dir: Path, device: str, total_seconds: float, skipped: Optional[list[str]] = None
+                  ) -> dict:
+    counts = {status: sum(r.status == status for r in rows) for status in ("done", "failed", "running", "pending")}
+    block = {
+        "generated": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cases": len(rows),
+        "ok": counts["done"],
+        "failed": counts["failed"],
+        "not finished": counts["running"] + counts["pending"],
+        "with warnings": sum(bool(r.warnings) for r in rows if r.status == "done"),
+        "total case time (s)": round(sum(r.seconds or 0.0 for r in rows if r.status == "done"), 1),
+        "this run's wall time (s)": round(total_seconds, 1),
+        "model": str(model_dir),
+        "device": device,
+    }
+    if skipped:
+        block["inputs passed over"] = f"{len(skipped)} (see report.json)"
+    return block

@@ -1,0 +1,215 @@
+"""The train stage: splits, one training per fold, and the self-contained model folder.
+
+Output folder (``<experiment>/train``)::
+
+    splits.json                  the seeded train/validation case lists of every fold
+    fold_<k>/checkpoint_last.pt  full training state (resume); checkpoint_best.pt at the best validation
+    fold_<k>/model_best.pt       the best weights alone (state_dict)
+    fold_<k>/tensorboard/        TensorBoard scalars; fold_<k>/progress.png: loss and Dice curves
+    model/                       model.json + fold_<k>/model_best.pt: everything prediction needs
+
+Under ``torchrun`` every rank trains (DDP, rank-sharded patches) and only rank 0 writes files; the
+ranks must see the same preprocess and train folders (one machine, or a shared file system).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.config import Config, section_hash, to_dict
+from pipeline.errors import ConfigError
+from pipeline.models import MODEL_FORMAT, network_spec
+from pipeline.preprocess.stage import load_cached_case, read_index
+from pipeline.stage import StageRun, reset_folder, upstream_hash
+from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
+from pipeline.train.loop import FoldJob, FoldTrainer
+from pipeline.train.runtime import Runtime, barrier, broadcast_object, setup_runtime, teardown_runtime
+from pipeline.train.splits import make_splits
+
+log = logging.getLogger("ctseg")
+
+RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds")  # how or when, not what, is trained
+
+
+def train_hash(cfg: Config) -> str:
+    options = {k: v for k, v in to_dict(cfg.train).items() if k not in RUNTIME_ONLY}
+    return section_hash(options, {"seed": cfg.seed}, upstream_hash(cfg.stage_dir("preprocess"), "preprocess"))
+
+
+def run_train(cfg: Config, force: bool = False, resume: bool = False) -> dict:
+    """Train every requested fold on the preprocess folder's cached cases; write the model folder."""
+    stage_hash = train_hash(cfg)
+    runtime = setup_runtime(cfg.train)
+    try:
+        return _run(cfg, stage_hash, runtime, force, resume)
+    finally:
+        teardown_runtime(runtime)
+
+
+def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bool) -> dict:
+    options = cfg.train
+    out = cfg.stage_dir("train")
+    pre_dir = cfg.stage_dir("preprocess")
+    run = None
+    if runtime.is_main:
+        if force:
+            reset_folder(out)
+        run = StageRun.open("train", out, stage_hash, force=force, device=str(runtime.device))
+    if broadcast_object(runtime, run.skipped_up_to_date if run else None):
+        log.info("train: %s is up to date; nothing to do", out)
+        return {"stage": "train", "status": "up_to_date", "folder": str(out)}
+
+    plan, entries = read_index(pre_dir)
+    sampling, batch_size, spec = resolve_setup(cfg, plan, pre_dir, entries)
+    by_id = {e["id"]: e for e in entries}
+    splits = make_splits(list(by_id), options.folds, options.validation_fraction, cfg.seed)
+    folds = options.train_folds if options.train_folds is not None else list(range(len(splits)))
+    bad = [f for f in folds if not 0 <= f < len(splits)]
+    if bad:
+        raise ConfigError(f"train.train_folds must hold fold numbers 0..{len(splits) - 1}, got {bad}.")
+    if runtime.is_main:
+        atomic.write_json(out / "splits.json", {"seed": cfg.seed, "folds": splits})
+    class_names = [label["name"] for label in plan["labels"]]
+    log.info("train: %s %s, patch %s × %d, %d fold(s), %s on %s%s", options.network, options.mode,
+             sampling.patch_size, batch_size, len(folds), runtime.precision, runtime.device,
+             f", {runtime.world_size} processes" if runtime.distributed else "")
+
+    arrays: dict[str, tuple] = {}
+    prepared: dict = {}
+    results = []
+    for fold in range(len(splits)):
+        name = f"fold_{fold}"
+        if broadcast_object(runtime, run.is_case_done(name) if run else None):
+            if run:
+                with run.case(name):
+                    pass
+                results.append(run.records[name].extra["result"])
+            continue
+        if fold not in folds:
+            continue
+        split = splits[fold]
+        for case_id in split["train"] + split["val"]:
+            if case_id not in arrays:
+                image, label, _ = load_cached_case(pre_dir, by_id[case_id])
+                arrays[case_id] = (image, label)
+        for case_id in split["train"]:
+            if case_id not in prepared:
+                prepared[case_id] = prepare_case(case_id, *arrays[case_id], sampling,
+                                                 derived_seed(cfg.seed, "centres", case_id))
+        job = FoldJob(fold=fold, folder=out / name, options=options, seed=cfg.seed, stage_hash=stage_hash,
+                      network_spec=spec, sampling=sampling, batch_size=batch_size, class_names=class_names,
+                      train_cases=[prepared[c] for c in split["train"]],
+                      val_cases=[(c, *arrays[c]) for c in split["val"]], resume=resume)
+        result = FoldTrainer(job, runtime).run()
+        results.append(result)
+        if run and result["complete"]:
+            with run.case(name, {"train": split["train"], "val": split["val"]}) as record:
+                record.outputs = {"checkpoint": str(out / name / "checkpoint_last.pt"),
+                                  "weights": str(out / name / "model_best.pt")}
+                record.extra["result"] = result
+        if not result["complete"]:
+            log.info("train fold %d: stopped at step %d of %d (steps_per_run); continue with --resume",
+                     fold, result["step"], options.max_steps)
+    barrier(runtime)
+    finished = [r for r in results if r["complete"]]
+    complete = len(finished) == len(splits)  # done.json only when every fold is trained
+    if not runtime.is_main:
+        return {"stage": "train", "rank": runtime.rank, "complete": complete, "folds": results}
+
+    run.extra.update({
+        "runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                    "channels_last": runtime.channels_last, "world_size": runtime.world_size},
+        "sampling": {"mode": sampling.mode, "patch_size": sampling.patch_size, "batch_size": batch_size,
+                     "context_slices": sampling.context_slices},
+        "network": spec, "folds": results, "cross_validation": cross_validation(finished, class_names),
+        "complete": complete, "folds_done": sorted(r["fold"] for r in finished), "folds_total": len(splits),
+    })
+    if finished and len(finished) == len(results):  # no fold is waiting for --resume
+        model_dir = write_model_folder(out, spec, sampling, plan, finished, cfg, stage_hash)
+        run.extra["model"] = str(model_dir)
+    if not complete:
+        log.info("train: %d of %d folds done; train the others with train.train_folds (or run again)",
+                 len(finished), len(splits))
+    report = run.finish(complete=complete)
+    return report
+
+
+def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -> tuple[SamplingSpec, int, dict]:
+    """Sampling (mode, patch, context), batch size and network spec; config errors before any training."""
+    options = cfg.train
+    dims = 2 if options.mode == "2d" else 3
+    if options.mode == "3d" and options.context_slices:
+        raise ConfigError(f"train.context_slices must be 0 in 3d mode, got {options.context_slices}. "
+                          f"Neighbouring slices as channels (2.5D) need train.mode=2d.")
+    if options.context_slices < 0:
+        raise ConfigError(f"train.context_slices must be 0 or more, got {options.context_slices}.")
+    planned = plan["configurations"][options.mode]
+    patch = list(options.patch_size) if options.patch_size is not None else list(planned["patch_size"])
+    if len(patch) != dims or any(int(p) < 1 for p in patch):
+        raise ConfigError(f"train.patch_size must be {dims} positive sizes in {options.mode} mode, got {patch}.")
+    batch_size = options.batch_size if options.batch_size is not None else int(planned["batch_size"])
+    for key, value in (("batch_size", batch_size), ("max_steps", options.max_steps),
+                       ("val_every", options.val_every)):
+        if value < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {value}.")
+    sampling = SamplingSpec(options.mode, [int(p) for p in patch], options.context_slices)
+    shapes = {}
+    for entry in entries:
+        meta = json.loads((pre_dir / entry["meta"]).read_text(encoding="utf-8"))
+        shapes[entry["id"]] = tuple(meta["grid"]["shape"])
+    check_patch_fits(sampling, shapes)
+    build_augmentation(sampling, options)  # checks the augmentation settings now, not at the first step
+    spec = network_spec(options.network, dims, 2 * options.context_slices + 1, len(plan["class_values"]),
+                        options.channels, sampling.patch_size, norm=options.norm,
+                        num_res_units=options.num_res_units, dropout=options.dropout,
+                        deep_supervision=options.deep_supervision)
+    return sampling, batch_size, spec
+
+
+def cross_validation(results: list[dict], class_names: list[str]) -> dict:
+    """Mean Dice per class over every validation case (each case in the fold that held it out)."""
+    cases = {case: scores for r in results for case, scores in r.get("val_cases", {}).items()}
+    per_class = {}
+    for name in class_names:
+        values = [s[name] for s in cases.values() if s.get(name) is not None and not np.isnan(s[name])]
+        per_class[name] = round(float(np.mean(values)), 4) if values else None
+    present = [v for v in per_class.values() if v is not None]
+    return {"cases": len(cases), "mean_dice": per_class,
+            "mean_foreground_dice": round(float(np.mean(present)), 4) if present else None,
+            "case_dice": cases}
+
+
+def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict, results: list[dict],
+                       cfg: Config, stage_hash: str) -> Path:
+    """model/: each fold's best weights and model.json (written last: its presence means complete)."""
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    folds = []
+    for result in sorted(results, key=lambda r: r["fold"]):
+        relative = f"fold_{result['fold']}/model_best.pt"
+        source = out / f"fold_{result['fold']}" / "model_best.pt"
+        with atomic.atomic_path(model_dir / relative) as tmp:
+            shutil.copyfile(source, tmp)
+        folds.append({"fold": result["fold"], "checkpoint": relative, "val_dice": result["best_dice"],
+                      "best_step": result["best_step"]})
+    atomic.write_json(model_dir / "model.json", {
+        "format": MODEL_FORMAT,
+        "network": spec,
+        "mode": sampling.mode,
+        "context_slices": sampling.context_slices,
+        "patch_size": sampling.patch_size,
+        "plan": plan,
+        "labels": [{"name": l["name"], "value": l["value"], "color": l["color"]} for l in plan["labels"]],
+        "class_values": plan["class_values"],
+        "folds": folds,
+        "training": {"max_steps": cfg.train.max_steps, "seed": cfg.seed, "stage_hash": stage_hash,
+                     "created": _dt.datetime.now().isoformat(timespec="seconds")},
+    })
+    return model_dir

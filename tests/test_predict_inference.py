@@ -1,0 +1,200 @@
+"""Sliding-window inference: MONAI-identical windows and blending, streaming = full, TTA, 2.5D, rewrites, memory."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+from pipeline.predict.inference import (WindowPredictor, autocast_dtype, network_input, plan_memory,
+                                        sliding_window_predict, window_grid)
+from pipeline.predict.model import LabelInfo, Predictor, load_predictor, optimise_for_inference
+from pipeline.predict.options import MemoryOptions
+from test_predict_helpers import write_small_model
+
+
+class TinyNet(nn.Module):
+    """A small convolutional stand-in that is not flip-equivariant (asymmetric kernels)."""
+
+    def __init__(self, in_channels=1, classes=3, dims=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.a = conv(in_channels, 6, 3, padding=1)
+        self.b = conv(6, classes, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * 3.0
+
+
+def _predictor(networks, patch, mode="3d", context=0, classes=3) -> Predictor:
+    spec = {"mode": mode, "patch_size": list(patch), "context_slices": context, "plan": {},
+            "network": {"name": "tiny", "spatial_dims": 3 if mode == "3d" else 2,
+                        "in_channels": 2 * context + 1, "out_channels": classes}}
+    labels = [LabelInfo(v, f"l{v}", (255, 0, 0)) for v in range(1, classes)]
+    return Predictor(Path("tiny"), spec, "0" * 64, [n.eval() for n in networks], list(range(classes)), labels,
+                     torch.device("cpu"), {})
+
+
+def _options(**changes):
+    cfg = Config().predict
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("shape,roi,overlap", [((50, 37, 29), (16, 16, 16), 0.5), ((16, 40, 70), (16, 24, 32), 0.25),
+                                               ((10, 12, 9), (16, 16, 8), 0.5), ((33, 33, 33), (32, 32, 32), 0.7)])
+def test_window_placement_is_monai_s(shape, roi, overlap):
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    grid = window_grid(shape, roi, overlap)
+    padded = tuple(max(s, r) for s, r in zip(shape, roi))
+    assert grid.padded_shape == padded
+    interval = _get_scan_interval(padded, roi, 3, (overlap,) * 3)
+    expected = {tuple(sl.start for sl in slices) for slices in dense_patch_slices(padded, roi, interval)}
+    assert set(grid.starts) == expected and len(grid.starts) == len(expected)
+    assert grid.starts == sorted(grid.starts, key=lambda s: (s[2], s[1], s[0]))
+
+
+def test_probabilities_equal_monai_gaussian_sliding_window():
+    from monai.inferers import sliding_window_inference
+
+    net = TinyNet()
+    predictor = _predictor([net], (16, 16, 16))
+    rng = np.random.default_rng(0)
+    array = rng.random((40, 30, 27)).astype(np.float32)
+    ours = sliding_window_predict(array, predictor, _options(overlap=0.5, batch_size=3), need_probabilities=True)
+    with torch.inference_mode():  # MONAI blends the logits, then the bundle applies a softmax
+        logits = sliding_window_inference(torch.from_numpy(array)[None, None], (16, 16, 16), 3, net, overlap=0.5,
+                                          mode="gaussian")[0]
+        theirs = torch.softmax(logits, 0)
+    np.testing.assert_allclose(ours.probabilities, theirs.numpy(), atol=2e-5)
+    np.testing.assert_array_equal(ours.classes, theirs.numpy().argmax(0))
+    assert ours.stats["windows"] == len(window_grid((40, 30, 27), (16, 16, 16), 0.5).starts)
+
+
+def test_streaming_gives_the_same_labels_as_full_with_less_memory():
+    predictor = _predictor([TinyNet(seed=1)], (12, 12, 12))
+    array = np.random.default_rng(1).random((30, 26, 70)).astype(np.float32)
+    full = sliding_window_predict(array, predictor, _options(memory=MemoryOptions(stitch="full")))
+    streaming = sliding_window_predict(array, predictor, _options(memory=MemoryOptions(stitch="streaming")))
+    half = sliding_window_predict(array, predictor, _options(memory=MemoryOptions(stitch="streaming",
+                                                                                   accumulate="fp16")))
+    assert full.plan.mode == "full" and streaming.plan.mode == "streaming"
+    np.testing.assert_array_equal(full.classes, streaming.classes)
+    assert np.mean(half.classes == full.classes) > 0.999  # fp16 sums may flip a near-tie
+    assert streaming.plan.need_bytes < full.plan.need_bytes
+
+
+def test_memory_plan_is_decided_from_shape_and_budget():
+    cpu = torch.device("cpu")
+    shape, roi = (300, 300, 400), (96, 96, 96)
+    roomy = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=64), need_probabilities=False)
+    assert (roomy.mode, roomy.accumulate) == ("full", "fp32")
+    # 14 classes x 36 M voxels x 4 B = 2 GB: a 1.2 GB budget streams two-window-deep slabs instead
+    tight = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=1.2), need_probabilities=False)
+    assert (tight.mode, tight.accumulate) == ("streaming", "fp32") and tight.need_bytes <= 1.2e9
+    tighter = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=0.6), need_probabilities=False)
+    assert (tighter.mode, tighter.accumulate) == ("streaming", "fp16")
+    maps = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=1.5), need_probabilities=True)
+    assert (maps.mode, maps.accumulate) == ("full", "fp16")
+    prefer = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=1.5), need_probabilities=False,
+                         prefer_probabilities=True)
+    assert (prefer.mode, prefer.accumulate) == ("full", "fp16")
+    with pytest.raises(ConfigError, match="streaming"):
+        plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(stitch="streaming"), need_probabilities=True)
+
+
+def test_tta_averages_the_mirrored_predictions_and_skips_left_right_by_default():
+    net = TinyNet(seed=2)
+    predictor = _predictor([net], (8, 8, 8))
+    x = torch.rand(2, 1, 8, 8, 8)
+    tta = WindowPredictor(predictor, "fp32", tta=True, tta_axes=["AP", "SI"])
+    assert len(tta.flip_sets) == 4 and all("LR" not in axes for axes in tta.flip_sets)
+    with torch.inference_mode():
+        expected = sum(torch.softmax(net(x.flip(dims)), 1).flip(dims) if dims else torch.softmax(net(x), 1)
+                       for dims in ([], [3], [4], [3, 4])) / 4
+        np.testing.assert_allclose(tta(x).exp().numpy(), expected.numpy(), atol=1e-6)
+    assert Config().predict.tta_axes == ["AP", "SI"]
+    with pytest.raises(ConfigError, match="tta_axes"):
+        WindowPredictor(predictor, "fp32", tta=True, tta_axes=["XY"])
+
+
+def test_fold_ensemble_averages_softmax():
+    nets = [TinyNet(seed=3), TinyNet(seed=4)]
+    predictor = _predictor(nets, (8, 8, 8))
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.inference_mode():
+        expected = (torch.softmax(nets[0](x), 1) + torch.softmax(nets[1](x), 1)) / 2
+        np.testing.assert_allclose(WindowPredictor(predictor, "fp32")(x).exp().numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_two_d_model_sees_context_slices_and_predicts_every_slice():
+    net = TinyNet(in_channels=3, dims=2, seed=5)
+    predictor = _predictor([net], (20, 16), mode="2d", context=1)
+    array = np.random.default_rng(2).random((20, 16, 7)).astype(np.float32)
+    image, roi = network_input(array, predictor)
+    assert roi == (20, 16, 1) and image.shape == (3, 20, 16, 7)
+    np.testing.assert_array_equal(image[0, :, :, 0].numpy(), array[:, :, 0])   # clamped below the first slice
+    np.testing.assert_array_equal(image[0, :, :, 3].numpy(), array[:, :, 2])
+    np.testing.assert_array_equal(image[2, :, :, 6].numpy(), array[:, :, 6])   # clamped above the last
+    out = sliding_window_predict(array, predictor, _options(batch_size_2d=3), need_probabilities=True)
+    with torch.inference_mode():
+        direct = torch.softmax(net(image.permute(3, 0, 1, 2)), 1).permute(1, 2, 3, 0).numpy()
+    np.testing.assert_allclose(out.probabilities, direct, atol=1e-5)
+    si = WindowPredictor(predictor, "fp32", tta=True, tta_axes=["SI"])
+    assert len(si.flip_sets) == 2  # SI mirroring of 2.5D input = reversed context order
+
+
+@pytest.mark.parametrize("network", [
+    {"name": "UNet", "kwargs": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 2, "norm": "INSTANCE"}},
+    {"name": "UNet", "kwargs": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 2, "norm": "BATCH"}},
+    {"name": "ClassicUNet", "kwargs": {"features": [4, 8, 16], "norm": "instance"}},
+    {"name": "DynUNet", "kwargs": {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2],
+                                   "filters": [8, 16, 32], "norm_name": "INSTANCE", "deep_supervision": False}},
+])
+def test_inference_rewrites_keep_the_network_s_outputs(network):
+    from pipeline.models import build_network
+
+    spec = {"network": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, **network}, "patch_size": [32] * 3}
+    torch.manual_seed(0)
+    original = build_network(spec["network"]).eval()
+    for module in original.modules():  # non-trivial batch-norm statistics, so folding is really tested
+        if isinstance(module, nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    rewritten, report = optimise_for_inference(original, spec, torch.device("cpu"))
+    assert report["checked"] and "channels-last layout" in report["applied"]
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.inference_mode():
+        expected = original(x)
+        got = rewritten(x.contiguous(memory_format=torch.channels_last_3d))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_model_folder_loads_with_labels_and_rewrites(tmp_path: Path):
+    folder = write_small_model(tmp_path / "model", folds=2)
+    predictor = load_predictor(folder, torch.device("cpu"))
+    assert len(predictor.networks) == 2 and predictor.class_values == [0, 1, 2, 3]
+    assert [l.name for l in predictor.labels] == ["liver", "spleen", "kidneys"]
+    assert predictor.optimisation["checked"] and len(predictor.spec_sha256) == 64
+
+
+def test_precision_auto_uses_fp32_on_a_cpu_without_native_bf16():
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_window_count_matches_overlap():
+    grid = window_grid((186, 148, 150), (96, 96, 96), 0.5)
+    assert len(grid.starts) == 27
+    assert math.prod(len({s[d] for s in grid.starts}) for d in range(3)) == 27

@@ -1,0 +1,170 @@
+"""The train stage on a tiny synthetic set: outputs, model folder, 2.5D, k folds, exact resume, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.models import load_model_folder
+from pipeline.models.inference import dice_per_class, predict_probabilities
+from pipeline.preprocess.stage import load_cached_case, read_index, run_preprocess
+from pipeline.train.stage import run_train
+from test_train_synthetic import write_ingest_folder
+
+TINY = ["preprocess.target_spacing=[5,5,5]", "train.channels=[4,8,16]", "train.patch_size=[32,32,16]",
+        "train.batch_size=2", "train.max_steps=12", "train.val_every=6", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """An experiment folder with ingest and preprocess done (copied by each test that changes it)."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = load_config([], [f"output_root={root}", "experiment=base", *TINY])
+    write_ingest_folder(cfg.stage_dir("ingest"), n_train=5)
+    run_preprocess(cfg)
+    return root
+
+
+def _experiment(prepared, tmp_path, name, *overrides):
+    for stage in ("ingest", "preprocess"):
+        shutil.copytree(prepared / "base" / stage, tmp_path / name / stage)
+    return load_config([], [f"output_root={tmp_path}", f"experiment={name}", *TINY, *overrides])
+
+
+def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(prepared, tmp_path):
+    cfg = _experiment(prepared, tmp_path, "e")
+    report = run_train(cfg)
+    out = cfg.stage_dir("train")
+    assert report["status"] == "ok" and report["complete"]
+    splits = json.loads((out / "splits.json").read_text())["folds"]
+    assert len(splits) == 1 and len(splits[0]["val"]) == 1 and len(splits[0]["train"]) == 4
+    fold = out / "fold_0"
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "model_best.pt", "progress.png"):
+        assert (fold / name).is_file(), name
+    assert (fold / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(fold / "checkpoint_last.pt", weights_only=True)  # full state, still safe to load
+    assert state["step"] == 12 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(state)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(fold / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/mean_dice", "val/dice_liver"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/mean_dice")] == [6, 12]
+
+    bundle = load_model_folder(out / "model")
+    spec = bundle.spec
+    assert spec["mode"] == "3d" and spec["patch_size"] == [32, 32, 16]
+    assert spec["class_values"] == [0, 1, 2, 5] and [l["name"] for l in spec["labels"]] == ["liver", "spleen",
+                                                                                             "kidney"]
+    assert spec["plan"]["target_spacing"] == [5.0, 5.0, 5.0]
+    assert set(spec["folds"][0]["val_dice"]) == {"liver", "spleen", "kidney"}
+    assert sorted(p.name for p in (out / "model").rglob("*") if p.is_file()) == ["model.json", "model_best.pt"]
+    weights = torch.load(out / "model" / "fold_0" / "model_best.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())  # a bare state_dict
+
+    plan, entries = read_index(cfg.stage_dir("preprocess"))
+    image, _, _ = load_cached_case(cfg.stage_dir("preprocess"), entries[0])
+    probs = predict_probabilities(bundle.networks, image, "3d", spec["patch_size"])
+    assert tuple(probs.shape) == (4, *image.shape)
+    torch.testing.assert_close(probs.sum(0), torch.ones(image.shape))
+
+    assert run_train(cfg)["status"] == "up_to_date"
+
+
+def test_resume_continues_exactly(prepared, tmp_path):
+    deterministic = ["train.deterministic=true", "train.max_steps=8", "train.val_every=8",
+                     "train.augment.affine_prob=0.5"]
+    whole = _experiment(prepared, tmp_path, "whole", *deterministic)
+    run_train(whole)
+    halves = _experiment(prepared, tmp_path, "halves", *deterministic, "train.steps_per_run=4")
+    first = run_train(halves)
+    assert not first["complete"] and first["folds"][0]["step"] == 4
+    assert not (halves.stage_dir("train") / "model").exists() and not (halves.stage_dir("train") / "done.json").exists()
+    second = run_train(halves, resume=True)
+    assert second["complete"] and second["folds"][0]["steps_this_run"] == 4
+
+    a = torch.load(whole.stage_dir("train") / "fold_0" / "checkpoint_last.pt", weights_only=True)
+    b = torch.load(halves.stage_dir("train") / "fold_0" / "checkpoint_last.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
+    assert a["history"]["loss_values"] == pytest.approx(b["history"]["loss_values"], rel=1e-6)
+    # on one CPU with deterministic algorithms the two are bit-identical
+    assert second["folds"][0]["weights_sha256"] == whole_report_checksum(whole)
+
+
+def whole_report_checksum(cfg):
+    report = json.loads((cfg.stage_dir("train") / "report.json").read_text())
+    return report["folds"][0]["weights_sha256"]
+
+
+def test_two_and_a_half_d_with_two_folds_and_a_deep_supervision_network(prepared, tmp_path):
+    cfg = _experiment(prepared, tmp_path, "k2", "train.mode=2d", "train.context_slices=1",
+                      "train.patch_size=[32,32]", "train.network=DynUNet", "train.folds=2", "train.batch_size=4",
+                      "train.max_steps=6", "train.val_every=6")
+    report = run_train(cfg)
+    splits = json.loads((cfg.stage_dir("train") / "splits.json").read_text())["folds"]
+    val = [c for s in splits for c in s["val"]]
+    assert sorted(val) == sorted(set(val)) and len(val) == 5  # every case validated exactly once
+    assert report["cross_validation"]["cases"] == 5
+    bundle = load_model_folder(cfg.stage_dir("train") / "model")
+    assert bundle.spec["mode"] == "2d" and bundle.spec["context_slices"] == 1
+    assert bundle.spec["network"]["in_channels"] == 3 and len(bundle.networks) == 2
+    assert bundle.spec["network"]["kwargs"]["deep_supervision"] is True
+    image = np.random.default_rng(0).random((30, 20, 7), dtype=np.float32)
+    probs = predict_probabilities(bundle.networks, image, "2d", [32, 32], context_slices=1)
+    assert tuple(probs.shape) == (4, 30, 20, 7)
+
+
+def test_folds_can_be_trained_in_parts(prepared, tmp_path):
+    cfg = _experiment(prepared, tmp_path, "parts", "train.folds=2", "train.max_steps=2", "train.val_every=2",
+                      "train.train_folds=[1]")
+    report = run_train(cfg)
+    assert report["folds_done"] == [1] and not report["complete"]
+    assert [f["fold"] for f in load_model_folder(cfg.stage_dir("train") / "model").spec["folds"]] == [1]
+    cfg = _experiment(prepared, tmp_path, "parts2", "train.folds=2", "train.max_steps=2", "train.val_every=2")
+    shutil.rmtree(cfg.stage_dir("train"), ignore_errors=True)
+    shutil.copytree(tmp_path / "parts" / "train", cfg.stage_dir("train"))
+    report = run_train(cfg)
+    assert report["complete"] and report["folds_done"] == [0, 1]
+    assert report["counts"]["resumed"] == 1  # fold 1 was not trained again
+
+
+def test_learning_reduces_the_loss_and_finds_the_organs(prepared, tmp_path):
+    cfg = _experiment(prepared, tmp_path, "learn", "train.max_steps=60", "train.val_every=30",
+                      "train.learning_rate=0.01", "train.threads=2")
+    report = run_train(cfg)
+    history = torch.load(cfg.stage_dir("train") / "fold_0" / "checkpoint_last.pt", weights_only=True)["history"]
+    assert history["loss_values"][-1] < 0.7 * history["loss_values"][0]
+    assert report["cross_validation"]["mean_dice"]["liver"] > 0.5
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["train.folds=6"], r"train.folds must be at most the number of labelled training cases \(5\), got 6"),
+    (["train.patch_size=[128,128,128]"], "must be at most twice the largest preprocessed image"),
+    (["train.patch_size=[30,30,16]"], "must be divisible by 4"),
+    (["train.patch_size=[32,32]"], "must be 3 positive sizes in 3d mode"),
+    (["train.context_slices=2"], "context_slices must be 0 in 3d mode"),
+    (["train.train_folds=[3]"], "train_folds must hold fold numbers 0..0"),
+    (["train.augment.flip_axes=[4]"], "flip_axes must hold axes 0, 1 or 2"),
+])
+def test_bad_settings_fail_before_training(prepared, tmp_path, overrides, match):
+    cfg = _experiment(prepared, tmp_path, "bad", *overrides)
+    with pytest.raises(ConfigError, match=match):
+        run_train(cfg)
+    assert not (cfg.stage_dir("train") / "fold_0" / "checkpoint_last.pt").exists()
+
+
+def test_dice_per_class_counts_overlap_and_reports_absent_classes_as_nan():
+    reference = np.zeros((4, 4, 4), dtype=np.uint8)
+    reference[:2] = 1
+    prediction = np.zeros_like(reference)
+    prediction[:1] = 1
+    scores = dice_per_class(prediction, reference, 3)
+    assert scores[0] == pytest.approx(2 * 16 / (16 + 32))
+    assert np.isnan(scores[1])
