@@ -159,8 +159,8 @@ def run_ours(root: Path, args, channels_last: bool, precision: str) -> dict:
     pre_dir = cfg.stage_dir("preprocess")
     plan, entries = read_index(pre_dir)
     sampling, batch_size, spec = resolve_setup(cfg, plan, pre_dir, entries)
-    cases = [prepare_case(e["id"], *load_cached_case(pre_dir, e)[:2], sampling, derived_seed(0, e["id"]))
-             for e in entries]
+    cases = [prepare_case(e["id"], *load_cached_case(pre_dir, e)[:2], sampling, derived_seed(0, e["id"]),
+                          len(plan["class_values"])) for e in entries]
     setup = time.perf_counter() - start
     runtime = setup_runtime(cfg.train)
     job = FoldJob(fold=0, folder=Path(tempfile.mkdtemp()), options=cfg.train, seed=0, stage_hash="bench",

@@ -16,7 +16,7 @@ def test_defaults_then_file_then_set(tmp_path):
     assert cfg.train.max_steps == 9            # --set wins over the file
     assert cfg.train.channels == [8, 16]       # the file wins over the default
     assert cfg.preprocess.target_spacing == [2.0, 2.0, 3.0]
-    assert cfg.train.batch_size == 2           # untouched default
+    assert cfg.train.learning_rate == load_config().train.learning_rate  # untouched default
 
 
 def test_unknown_key_names_file_and_valid_choices(tmp_path):

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series, write_rtstruct
+from pipeline.dicom.write import SeriesWriteOptions, label_contours, write_ct_series, write_rtstruct
 from pipeline.errors import InputError
 from pipeline.geometry import Volume, affine_from_parts, resample_to_grid
 from pipeline.labels.rtstruct import fill_even_odd, rasterise_rtstruct, read_rtstruct
@@ -69,12 +69,12 @@ def test_phantom_rtstruct_round_trips_exactly(tmp_path, direction, feet_first):
 
 def test_rtstruct_references_the_series(tmp_path):
     phantom = make_phantom(1, PhantomOptions(**SMALL))
-    files = write_ct_series(phantom.image, tmp_path / "ct", SeriesWriteOptions(drop_slices=[0]))
+    dropped = int(np.argwhere(phantom.label.array == 1)[:, 2].mean())  # a slice through the liver goes missing
+    files = write_ct_series(phantom.image, tmp_path / "ct", SeriesWriteOptions(drop_slices=[dropped]))
     path = write_rtstruct(Volume(phantom.label.array, phantom.label.affine), files, tmp_path / "rs.dcm",
                           {1: "Liver", 3: "Kidneys"})
     rs = pydicom.dcmread(path)
-    headers = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: pydicom.dcmread(f, stop_before_pixels=True)
-               for f in files}
+    headers = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
     first = next(iter(headers.values()))
     assert rs.Modality == "RTSTRUCT" and rs.SOPClassUID == pydicom.uid.RTStructureSetStorage
     assert rs.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
@@ -85,13 +85,24 @@ def test_rtstruct_references_the_series(tmp_path):
     assert series.SeriesInstanceUID == first.SeriesInstanceUID
     assert {item.ReferencedSOPInstanceUID for item in series.ContourImageSequence} == set(headers)
     assert [roi.ROIName for roi in rs.StructureSetROISequence] == ["Liver", "Kidneys"]
+    dropped_z = float(phantom.label.grid.world([0, 0, dropped])[2])
+    unreferenced = 0
     for roi_contour in rs.ROIContourSequence:
         for contour in roi_contour.ContourSequence:
             assert contour.ContourGeometricType == "CLOSED_PLANAR"
             points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
             assert contour.NumberOfContourPoints == len(points)
+            if "ContourImageSequence" not in contour:  # a contour on the missing slice references no image
+                assert np.allclose(points[:, 2], dropped_z, atol=1e-3)
+                unreferenced += 1
+                continue
             referenced = headers[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
             assert np.allclose(points[:, 2], float(referenced.ImagePositionPatient[2]), atol=1e-3)
+    expected = sum(len(label_contours(phantom.label.array[:, :, dropped] == v)) for v in (1, 3))
+    assert unreferenced == expected >= 1
+    # the contours still rasterise onto the full grid, the missing slice included
+    liver = rasterise_rtstruct(path, phantom.image.grid, ["Liver"])["Liver"]
+    np.testing.assert_array_equal(liver, phantom.label.array == 1)
 
 
 def hollow_volume() -> Volume:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -103,7 +103,7 @@ def test_ten_cases_three_broken_finish_the_seven_and_report_the_three(tmp_path: 
     assert rows3["case01"]["attempts"] == 2 and rows3["case02"]["attempts"] == 2 and rows3["case03"]["attempts"] == 1
     assert rows3["zero"]["status"] == "failed" and rows3["zero"]["attempts"] == 1
     assert third.exit_code == 3
-    entry = __import__("json").loads(rows3["case01"]["outputs"])["labels"]
+    entry = json.loads(rows3["case01"]["outputs"])["labels"]
     assert sha256_file(out / entry["path"]) == entry["sha256"]
     fourth = run_predict(_config(), model_dir, inputs, out, retry_failed=True)
     rows4 = _ledger_rows(out)

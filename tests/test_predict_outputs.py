@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config
-from pipeline.geometry import Grid, Volume, affine_from_parts, lps_to_ras
+from pipeline.geometry import Grid, affine_from_parts, lps_to_ras
 from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import Case, discover_cases
 from pipeline.predict.inference import WindowPredictor

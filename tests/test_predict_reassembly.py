@@ -1,6 +1,7 @@
 """Reassembly: predicted labels land on the source's exact grid, in the right world place, for any geometry."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,7 @@ from pipeline.predict.reassemble import (probabilities_to_source, reassembly_agr
                                          to_source_grid)
 from pipeline.predict.stage import predict_case
 from pipeline.preprocess.transform import prepare_image, prepare_label, resampled_grid
-from pipeline.volume_io import load_volume, save_nifti
+from pipeline.volume_io import save_nifti
 from test_predict_helpers import encoded_image, oracle_predictor, source_resolution
 
 GEOMETRIES = {
@@ -57,8 +58,8 @@ def test_oracle_prediction_reproduces_the_source_label_exactly(tmp_path: Path, g
     np.testing.assert_allclose(written.get_sform(), source.get_sform(), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(written.dataobj), truth.array)
     # the model grid really was a reoriented (and cropped) copy, not the source grid itself
-    model_grid = Grid.from_json(__import__("json").loads((tmp_path / f"{geometry}.provenance.json").read_text())
-                                ["model_grid"])
+    provenance = json.loads((tmp_path / f"{geometry}.provenance.json").read_text())
+    model_grid = Grid.from_json(provenance["model_grid"])
     if geometry != "anisotropic":
         assert not np.allclose(model_grid.direction, truth.grid.direction)
     assert summary["volumes"]["liver"]["voxels"] == int((truth.array == 1).sum())

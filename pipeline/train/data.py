@@ -1,4 +1,4 @@
-"""Training patches from the cached arrays: in-memory cases, foreground-oversampled crops and augmentation.
+"""Training patches from the cached arrays: in-memory cases, class-balanced crops and augmentation.
 
 Every patch is a pure function of ``(seed, fold, rank, item index)``: its random state is derived
 from those numbers, not drawn from a shared generator. Resuming at step ``s`` therefore sees
@@ -31,8 +31,7 @@ class CaseArrays:
     id: str
     image: np.ndarray  # float32 [i, j, k]
     label: np.ndarray  # uint8 [i, j, k]
-    fg_indices: np.ndarray
-    bg_indices: np.ndarray
+    centres: list[np.ndarray]  # flat voxel indices: [anywhere, class 1, ..., class K-1]
 
 
 @dataclass
@@ -69,7 +68,8 @@ def load_cases(preprocess_dir: Path, entries: list[dict]) -> dict[str, tuple[np.
     return loaded
 
 
-def prepare_case(case_id: str, image: np.ndarray, label: np.ndarray, spec: SamplingSpec, seed: int) -> CaseArrays:
+def prepare_case(case_id: str, image: np.ndarray, label: np.ndarray, spec: SamplingSpec, seed: int,
+                 n_classes: int) -> CaseArrays:
     """Pad to the crop size (image with its minimum, i.e. air; label with background) and list centres."""
     crop = spec.crop_size
     pad = []
@@ -89,10 +89,12 @@ def prepare_case(case_id: str, image: np.ndarray, label: np.ndarray, spec: Sampl
         valid[:, :, :spec.context_slices] = False
         valid[:, :, label.shape[2] - spec.context_slices:] = False
     rng = np.random.default_rng(seed)
-    fg = np.flatnonzero((label > 0) & valid)
-    bg = np.flatnonzero(valid)  # 'negative' centres may fall anywhere, as in nnU-Net
-    return CaseArrays(case_id, np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label),
-                      _subsample(fg, rng), _subsample(bg, rng))
+    flat = label.ravel()
+    valid = valid.ravel()
+    centres = [_subsample(np.flatnonzero(valid), rng)]  # 'background' centres may fall anywhere, as in nnU-Net
+    for cls in range(1, n_classes):
+        centres.append(_subsample(np.flatnonzero((flat == cls) & valid), rng))
+    return CaseArrays(case_id, np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label), centres)
 
 
 def _pad(image: np.ndarray, pad: list[tuple[int, int]], edge_axis: int | None) -> np.ndarray:
@@ -153,7 +155,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, cases: list[CaseArrays], spec: SamplingSpec, options: TrainConfig, seed: int,
                  fold: int, rank: int):
-        from monai.transforms import RandCropByPosNegLabeld
+        from monai.transforms import RandCropByLabelClassesd
 
         if not cases:
             raise ValueError("PatchDataset needs at least one case")
@@ -161,10 +163,17 @@ class PatchDataset(torch.utils.data.Dataset):
         self.spec = spec
         self.key = (seed, fold, rank)
         ratio = min(max(options.foreground_ratio, 0.0), 1.0)
-        self.crop = RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=spec.crop_size,
-                                           pos=ratio, neg=1.0 - ratio, num_samples=1,
-                                           fg_indices_key="fg", bg_indices_key="bg", allow_smaller=True)
+        n_foreground = len(cases[0].centres) - 1
+        # RandCropByPosNegLabeld's multi-class form: a patch is centred on a random voxel (1 - ratio) or on a
+        # voxel of a foreground class drawn uniformly (ratio), so small organs get as many patches as large ones
+        self.crop = RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=spec.crop_size,
+                                            ratios=[1.0 - ratio] + [ratio / n_foreground] * n_foreground,
+                                            num_classes=n_foreground + 1, num_samples=1, indices_key="centres",
+                                            allow_smaller=True, warn=False)
         self.augment = build_augmentation(spec, options)
+        from monai.transforms import Randomizable
+
+        self.randomizable = [self.crop] + [t for t in self.augment.transforms if isinstance(t, Randomizable)]
 
     def __len__(self) -> int:  # effectively unbounded; the training loop decides how many items it takes
         return 2 ** 31 - 1
@@ -172,16 +181,16 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         from monai.data import get_track_meta, set_track_meta
 
-        seed = derived_seed(*self.key, int(item))
-        case = self.cases[np.random.default_rng(seed).integers(len(self.cases))]
+        state = np.random.RandomState(derived_seed(*self.key, int(item)))
+        case = self.cases[state.randint(len(self.cases))]
         tracking = get_track_meta()
         set_track_meta(False)  # plain tensors: no metadata bookkeeping on the hot path
         try:
-            self.crop.set_random_state(seed=seed)
-            self.augment.set_random_state(seed=derived_seed(seed, "augment"))
-            data = {"image": case.image[None], "label": case.label[None], "fg": case.fg_indices, "bg": case.bg_indices}
-            if case.fg_indices.size == 0:
-                data["fg"] = case.bg_indices  # no foreground reachable: sample anywhere
+            # one generator per item, shared by the transforms in a fixed order (seeding one per transform
+            # costs more than the transforms themselves on small 2D patches)
+            for transform in self.randomizable:
+                transform.set_random_state(state=state)
+            data = {"image": case.image[None], "label": case.label[None], "centres": case.centres}
             cropped = self.crop(data)[0]
             item_data = {"image": cropped["image"], "label": cropped["label"]}
             if self.spec.mode == "2d":

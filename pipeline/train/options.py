@@ -21,8 +21,9 @@ class AugmentConfig:
     rotate_degrees: float = field(default=15.0, metadata={
         "help": "Largest random rotation (degrees) about each axis (3d) or in-plane (2d)."})
     scale_range: float = field(default=0.15, metadata={"help": "Random zoom of ± this fraction."})
-    intensity_shift: float = field(default=0.1, metadata={
-        "help": "Largest random intensity offset (in network input units), applied with prob 0.5."})
+    intensity_shift: float = field(default=0.03, metadata={
+        "help": "Largest random intensity offset (network input units), applied with prob 0.5. Keep it small "
+                "for CT: with the default window 0.03 is 15 HU, and organs can differ by only 40 HU."})
     noise_std: float = field(default=0.03, metadata={
         "help": "Standard deviation of Gaussian noise (network input units), applied with prob 0.2."})
 
@@ -52,7 +53,8 @@ class TrainConfig:
     batch_size: Optional[int] = field(default=None, metadata={
         "help": "Patches per optimisation step (per process under torchrun). null = planned (plan.json)."})
     foreground_ratio: float = field(default=0.5, metadata={
-        "help": "Share of patches centred on a labelled voxel (the rest anywhere in the cropped volume)."})
+        "help": "Share of patches centred on a labelled voxel, the class drawn uniformly so that small organs "
+                "are seen as often as large ones (the rest are centred anywhere in the cropped volume)."})
     max_steps: int = field(default=400, metadata={"help": "Optimisation steps in total, per fold."})
     val_every: int = field(default=100, metadata={
         "help": "Validate (sliding window over whole validation volumes) and save checkpoint_last every N steps."})

@@ -101,7 +101,8 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
         for case_id in split["train"]:
             if case_id not in prepared:
                 prepared[case_id] = prepare_case(case_id, *arrays[case_id], sampling,
-                                                 derived_seed(cfg.seed, "centres", case_id))
+                                                 derived_seed(cfg.seed, "centres", case_id),
+                                                 len(plan["class_values"]))
         job = FoldJob(fold=fold, folder=out / name, options=options, seed=cfg.seed, stage_hash=stage_hash,
                       network_spec=spec, sampling=sampling, batch_size=batch_size, class_names=class_names,
                       train_cases=[prepared[c] for c in split["train"]],
