@@ -144,6 +144,7 @@ def dispatch(args) -> int:
     elif verb == "evaluate":
         if args.compare:
             report = api.compare(cfg, args.compare[0], args.compare[1], output=args.output)
+            print((Path(report["folder"]) / "comparison.txt").read_text(), end="")
         else:
             report = api.evaluate(cfg, pred_dir=args.pred, ref_dir=args.ref, output=args.output)
             print(report.get("table", ""))
