@@ -70,7 +70,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 def safe_name(text: str, max_length: int = 64) -> str:
     """Sanitise text from a header or user into a file name that cannot leave its folder."""
-    cleaned = _SAFE.sub("_", str(text)).strip("._")
+    cleaned = re.sub(r"\.{2,}", "_", _SAFE.sub("_", str(text))).strip("._")
     return (cleaned or "unnamed")[:max_length]
 
 
