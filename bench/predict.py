@@ -230,7 +230,7 @@ def variant_reassembly(work: Path) -> dict:
     cfg.predict.overlap = OVERLAP
     predictor = load_predictor(work / "model", torch.device("cpu"))
     volume = load_volume(work / "input" / "bench_0000.nii.gz")
-    prepared = prepare_image(volume, predictor.plan)
+    prepared = prepare_image(volume, predictor.plan, predictor.crop_align)
     result = sliding_window_predict(prepared.array, predictor, cfg.predict, need_probabilities=True)
     clock = time.perf_counter()
     to_source_grid(classes_to_values(result.probabilities.argmax(0).astype(np.uint8), predictor.class_values),

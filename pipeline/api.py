@@ -84,12 +84,15 @@ def compare(cfg: Config, run_a: Path, run_b: Path, output: Path | None = None) -
     return run_compare(cfg, Path(run_a), Path(run_b), Path(output) if output else None)
 
 
-def run(cfg: Config, force: bool = False) -> dict:
-    """All stages in order: ingest → preprocess → train → predict (held-out cases) → evaluate."""
+def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> dict:
+    """All stages in order: ingest → preprocess → train → predict (held-out cases) → evaluate.
+
+    ``retry_failed``: predict again the held-out cases that failed in an earlier run.
+    """
     reports = {"ingest": ingest(cfg, force=force)}
     reports["preprocess"] = preprocess(cfg, force=force)
     reports["train"] = train(cfg, force=force)
-    result = predict(cfg)
+    result = predict(cfg, retry_failed=retry_failed)
     reports["predict"] = result.report
     if result.exit_code != 0:
         log.warning("predict: some cases failed; evaluating the ones that succeeded")

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("run", parents=[common], help="all stages in order for one experiment")
     p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--retry-failed", action="store_true", help="predict again held-out cases that failed earlier")
 
     p = verbs.add_parser("demo", parents=[common], help="generate phantoms and run every stage on them")
     p.add_argument("--cases", type=int, help="number of phantoms (default from configs/demo.yaml)")
@@ -149,7 +150,7 @@ def dispatch(args) -> int:
             report = api.evaluate(cfg, pred_dir=args.pred, ref_dir=args.ref, output=args.output)
             print(report.get("table", ""))
     elif verb == "run":
-        reports = api.run(cfg, force=args.force)
+        reports = api.run(cfg, force=args.force, retry_failed=args.retry_failed)
         return EXIT_PARTIAL if reports["predict"].get("status") == "failed" else EXIT_OK
     elif verb == "demo":
         report = api.demo(cfg, cases=args.cases)

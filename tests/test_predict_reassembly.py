@@ -99,6 +99,30 @@ def test_crop_to_body_leaves_background_outside_the_box(tmp_path: Path):
     assert not back.all()            # and voxels outside it are background
 
 
+def test_aligned_body_crop_starts_on_the_network_stride_and_still_reassembles_exactly():
+    """The crop of a prediction starts at a multiple of the network's stride; the way back stays exact."""
+    from pipeline.models.factory import downsampling_factor
+
+    phantom = make_phantom(4, GEOMETRIES["feet_first"])
+    plan = {"target_spacing": source_resolution(phantom.label.grid), "intensity": {"mode": "window", "low": -200,
+                                                                                   "high": 300},
+            "crop_to_body": True, "body_threshold_hu": -500.0}
+    full = resampled_grid(phantom.image.grid, plan)
+    unaligned = prepare_image(phantom.image, plan)
+    aligned = prepare_image(phantom.image, plan, crop_align=(8, 8, 4))
+    start_unaligned = np.rint(np.linalg.solve(full.affine, unaligned.grid.affine[:, 3])[:3]).astype(int)
+    start_aligned = np.rint(np.linalg.solve(full.affine, aligned.grid.affine[:, 3])[:3]).astype(int)
+    assert (start_aligned % np.array([8, 8, 4]) == 0).all(), start_aligned
+    assert (start_aligned <= start_unaligned).all() and (start_unaligned - start_aligned < [8, 8, 4]).all()
+    assert (start_unaligned % 8 != 0).any(), "the phantom should need aligning for this test to mean anything"
+    model_labels = prepare_label(phantom.label, aligned.grid)
+    np.testing.assert_array_equal(to_source_grid(model_labels, aligned.grid, phantom.label.grid), phantom.label.array)
+    spec = {"name": "UNet", "kwargs": {"strides": [2, 2, 2]}}
+    assert downsampling_factor(spec) == 8
+    assert downsampling_factor({"name": "DynUNet", "kwargs": {"strides": [1, 2, [2, 2, 1]]}}) == 4
+    assert downsampling_factor({"name": "ClassicUNet", "kwargs": {"features": [8, 16, 32]}}) == 4
+
+
 def _smooth_probabilities(labels: np.ndarray, sigma_voxels: float = 1.0, sharpness: float = 6.0) -> np.ndarray:
     """Soft class probabilities like a trained network's: blurred one-hot, sharpened, normalised."""
     one_hot = np.stack([ndimage.gaussian_filter((labels == c).astype(np.float32), sigma_voxels) for c in range(4)])

@@ -86,3 +86,21 @@ def network_spec(name: str, spatial_dims: int, in_channels: int, out_channels: i
                   "dropout": float(dropout)}
     return {"name": name, "spatial_dims": int(spatial_dims), "in_channels": int(in_channels),
             "out_channels": int(out_channels), "kwargs": kwargs}
+
+
+def downsampling_factor(spec: dict) -> int:
+    """The network's total stride: outputs only shift exactly with inputs shifted by a multiple of it.
+
+    Prediction aligns its crop to the body to this factor, so that cropped and uncropped inference
+    see the same pixel phase (see :func:`pipeline.preprocess.transform.prepare_image`).
+    """
+    kwargs = spec.get("kwargs") or {}
+    factor = 1
+    if spec.get("name") in ("UNet", "DynUNet"):
+        for stride in kwargs.get("strides") or []:
+            factor *= int(max(stride) if isinstance(stride, (list, tuple)) else stride)
+    elif spec.get("name") == "SegResNet":
+        factor = 2 ** max(0, len(kwargs.get("blocks_down") or [1, 2, 2, 4]) - 1)
+    elif spec.get("name") == "ClassicUNet":
+        factor = 2 ** max(0, len(kwargs.get("features") or (64, 128, 256, 512, 1024)) - 1)
+    return max(1, factor)

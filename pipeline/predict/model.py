@@ -70,6 +70,14 @@ class Predictor:
     def num_classes(self) -> int:
         return len(self.class_values)
 
+    @property
+    def crop_align(self) -> tuple[int, int, int]:
+        """Voxels per model-grid axis that the body crop is aligned to (the network's stride; 2D: in-plane only)."""
+        from pipeline.models.factory import downsampling_factor
+
+        factor = downsampling_factor(self.spec["network"])
+        return (factor, factor, 1) if self.mode != "3d" else (factor, factor, factor)
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()

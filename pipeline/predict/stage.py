@@ -280,7 +280,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         total_start -= timings["load"]
     source_grid = image.volume.grid
     working, transposed = memory_order_view(image.volume)
-    prepared = prepare_image(working, predictor.plan)
+    prepared = prepare_image(working, predictor.plan, predictor.crop_align)
     lap("prepare")
     need_probabilities = options.outputs.probabilities != "none"
     result = sliding_window_predict(prepared.array, predictor, options, need_probabilities, window_predictor,

@@ -14,6 +14,7 @@ feet-first sources too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -69,13 +70,21 @@ def scale_intensity(hu: np.ndarray, intensity: dict) -> np.ndarray:
     return np.asarray(scaled, dtype=np.float32)
 
 
-def prepare_image(volume: Volume, plan: dict) -> Prepared:
-    """Resample (linear) onto the model grid, crop to the body and scale intensities."""
+def prepare_image(volume: Volume, plan: dict, crop_align: Sequence[int] = (1, 1, 1)) -> Prepared:
+    """Resample (linear) onto the model grid, crop to the body and scale intensities.
+
+    ``crop_align``: the body crop starts at a multiple of this many voxels per axis. Prediction
+    passes the network's total stride: a strided network's output only shifts exactly with its
+    input when the shift is a multiple of its stride, so an aligned crop gives the labels of
+    uncropped inference (up to where the windows sit) at the cost of a few more air voxels.
+    """
     source = volume.grid
     target = resampled_grid(source, plan)
     hu = resample_to_grid(volume.array, source, target, order=1, fill=AIR_HU, out_dtype=np.float32)
     if plan.get("crop_to_body", False):
         start, stop = body_box(hu, target, plan.get("body_threshold_hu", -500.0))
+        align = np.maximum(np.asarray(crop_align, dtype=int), 1)
+        start = start - start % align
         hu = np.ascontiguousarray(hu[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]])
         target = crop_grid(target, start, stop)
     return Prepared(scale_intensity(hu, plan["intensity"]), target, source)
