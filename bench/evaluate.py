@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_machine import machine_info  # noqa: E402
 from pipeline import atomic  # noqa: E402
 from pipeline.evaluate.metrics import MetricOptions, case_metrics  # noqa: E402
 
@@ -179,11 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_value_ranges": {metric: [round(min(v), 4), round(max(v), 4)] for metric, v in ours_values.items()},
         "ours_also_computes": "volumes (mL), absolute/relative volume error, FP/FN component counts (26-connected)",
         "generation_seconds_not_timed": round(generate_seconds, 2),
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average_before": [round(v, 2) for v in load_before],
-                    "load_average_after": [round(v, 2) for v in os.getloadavg()]},
-        "note": "timed on a 2-core CPU shared with other work at the same time: figures are under load",
+        "machine": machine_info(load_before),
     }
     atomic.write_json(args.output, result)
     print(f"ours {ours_total:.1f} s for {args.cases} cases; reference ≈ {reference_total:.1f} s "

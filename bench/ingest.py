@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_machine import machine_info  # noqa: E402
 from pipeline import atomic  # noqa: E402
 from pipeline.dicom.assemble import AssemblyOptions, assemble_series, to_dcm2niix_convention  # noqa: E402
 from pipeline.dicom.scan import scan_export  # noqa: E402
@@ -162,8 +164,7 @@ def main(argv=None) -> int:
     slices = 100 if args.quick else 400
     report = {
         "benchmark": "DICOM series -> .nii.gz wall time (s): ours vs dcm2niix -z y vs SimpleITK",
-        "note": "timed on a machine shared with other jobs: absolute times vary with load, ratios are "
-                "measured with interleaved runs",
+        "timing_method": "tools run interleaved, several times each; ratios compare runs of the same round",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_before": [round(v, 2) for v in os.getloadavg()]},
         "workers": args.workers, "repeats": repeats, "cases": [],
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         report["cases"].append(bench_case(f"synthetic_512x512x{slices}", synthetic, repeats, args.workers,
                                           scratch / "runs"))
         shutil.rmtree(scratch / "runs", ignore_errors=True)
-    report["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    report["machine"] = machine_info(report["machine"]["load_average_before"])
     atomic.write_json(args.output, report)
     for case in report["cases"]:
         print(f"{case['name']}: ours {case['ours']['median_s']} s, dcm2niix {case['dcm2niix']['median_s']} s, "

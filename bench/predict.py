@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 REPEAT = 0  # set in a variant's subprocess: which timed run this is
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGET_SPACING = [1.5, 1.5, 2.0]
 ROI = [96, 96, 96]
@@ -402,6 +402,8 @@ def main() -> None:
 
 
 def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load_before, load_after) -> dict:
+    from bench_machine import machine_info
+
     import torch
 
     gb = 1e9
@@ -428,26 +430,22 @@ def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load
         "min_dice_ours_vs_reference_same_window_placement": min(
             comparison["ours_without_crop_to_body"]["dice_ours_vs_reference"].values())
         if "ours_without_crop_to_body" in comparison else "run with --no-crop-too",
-        "dice_note": ("ours crops the model grid to the body (fewer windows); the windows then sit at other "
-                      "places than the reference's, and each window's border effects differ, which moves "
-                      "thin partial-volume shells of this hand-made network. With the same window placement "
-                      "(plan without crop, see comparison.ours_without_crop_to_body) the labels are identical."),
+        "dice_note": ("ours crops the model grid to the body (fewer windows), with the crop aligned to the "
+                      "network's stride so that every voxel is seen with the same pixel phase as the reference; "
+                      "the windows still sit at other places than the reference's, and each window's border "
+                      "effects differ, which moves thin partial-volume shells of this hand-made network. With the "
+                      "same window placement (plan without crop, see comparison.ours_without_crop_to_body, "
+                      "--no-crop-too) the labels are identical."),
         "reassembly_min_dice_vs_full_probabilities": reassembly["min_dice"],
         "reassembly_seconds_vs_network_pass": [reassembly["argmax_then_nearest_s"], reassembly["network_pass_s"]],
     }
     return {
         "benchmark": "predict: ctseg run_predict vs MONAI spleen-bundle-style inference, same network",
         "summary": summary,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.is_available(),
-                    "gpu_figure": "not measured: no CUDA GPU on this machine",
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in load_after],
-                    "note": "Timed on a 2-core machine shared with other helpers' jobs at the same time (load "
-                            "average 5-7): absolute seconds are inflated and single runs vary by up to 2x. The "
-                            "variants ran interleaved, several times each; the headline uses each variant's "
-                            "fastest run (least disturbed), the medians are given too."},
+        "machine": {**machine_info(load_before),
+                    "gpu_figure": "measured" if torch.cuda.is_available() else "not measured: no CUDA GPU on this machine",
+                    "timing_method": "variants ran interleaved, each in its own subprocess; the headline uses each "
+                                     "variant's fastest run, the medians are given too"},
         "input": inputs,
         "settings": {"target_spacing_mm": TARGET_SPACING, "roi": ROI, "overlap": OVERLAP,
                      "reference_spacingd": "scale_extent=True (grid identical to ours; the bundle default is False)",

@@ -36,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_machine import machine_info  # noqa: E402
 
 SPACING = (1.5, 1.5, 2.0)
 WINDOW = (-57.0, 164.0)
@@ -277,6 +279,7 @@ def main() -> None:
                 {k: r.get(k) for k in ("seconds_per_step_median", "cpu_seconds_per_step_median", "peak_rss_mb")}
                 for r in rounds]}
     results["load_average_after"] = os.getloadavg()
+    results["machine"] = {**results["machine"], **machine_info(list(results["load_average_before"]))}
     reference = results["variants"].get("reference", {})
     ratios = {}
     for name, value in results["variants"].items():

@@ -220,8 +220,19 @@ def resample_to_grid(array: np.ndarray, src: Grid, dst: Grid, order: int = 0, fi
             result = np.where(mask, result, np.asarray(fill, dtype=result.dtype))
         return np.ascontiguousarray(result.transpose(inverse)).astype(out_dtype, copy=False)
 
+    # only the source voxels the destination touches are converted and interpolated: a crop of a
+    # large volume (the body box of a 512x512x300 CT) then costs what the crop costs
+    box = []
+    for d in range(3):
+        n = array.shape[d]
+        low = int(np.clip(np.floor(coords[d].min()), 0, n - 1)) if len(coords[d]) else 0
+        high = int(np.clip(np.floor(coords[d].max()) + 2, 1, n)) if len(coords[d]) else n
+        box.append(slice(low, max(high, low + 1)))
+        # clamping and fill are decided on the full axis, so shift coordinates but keep out-of-volume ones out
+        coords[d] = np.where((coords[d] >= -0.5) & (coords[d] <= n - 0.5),
+                             np.clip(coords[d] - low, 0, box[d].stop - low - 1), -1.0e9)
     # C order first: np.take along an axis of a Fortran-ordered array (nibabel's default) is ~100x slower
-    result = np.ascontiguousarray(array, dtype=np.float32)
+    result = np.ascontiguousarray(array[tuple(box)], dtype=np.float32)
     for axis in range(3):
         result = _linear_along_axis(result, axis, coords[axis], fill)
     return np.ascontiguousarray(result.transpose(inverse)).astype(out_dtype, copy=False)

@@ -77,6 +77,26 @@ def test_crop_then_uncrop_is_exact():
     assert np.array_equal(back[2:9, 3:8, 1:7], cropped) and back[0].sum() == 0
 
 
+@pytest.mark.parametrize("name", ["feet_first", "transposed"])
+def test_linear_resampling_onto_a_sub_box_equals_the_same_box_of_the_full_result(name):
+    """Linear resampling reads only the source voxels a crop needs, with the same values, edges and fill."""
+    grid = Grid((23, 17, 9), GRIDS[name])
+    image = np.random.default_rng(5).normal(size=grid.shape).astype(np.float32)
+    target = regrid_spacing(canonical_grid(grid), canonical_grid(grid).spacing * np.array([1.3, 0.7, 1.9]))
+    full = resample_to_grid(image, grid, target, order=1, fill=-7.0)
+    for start, stop in [([2, 3, 1], [6, 11, 4]), ([0, 0, 0], [4, 5, 2]), ([3, 1, 2], list(target.shape))]:
+        stop = np.minimum(stop, target.shape)
+        sub = crop_grid(target, start, stop)
+        part = resample_to_grid(image, grid, sub, order=1, fill=-7.0)
+        np.testing.assert_allclose(part, full[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]], atol=1e-5)
+    # a box that reaches beyond the source: the voxels outside get the fill value, the rest agree
+    beyond = Grid((6, 6, 6), target.affine.copy())
+    beyond.affine[:3, 3] = target.world([-3, -3, -3])
+    padded = resample_to_grid(image, grid, beyond, order=1, fill=-7.0)
+    assert (padded == -7.0).any()
+    np.testing.assert_allclose(padded[3:, 3:, 3:], full[:3, :3, :3], atol=1e-5)
+
+
 def test_general_path_for_rotated_grids():
     grid = Grid((16, 16, 16), GRIDS["identity"])
     rotated = Grid((16, 16, 16), affine_from_parts(_rotation_x(30), grid.spacing, grid.origin))

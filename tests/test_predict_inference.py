@@ -187,6 +187,21 @@ def test_model_folder_loads_with_labels_and_rewrites(tmp_path: Path):
     assert predictor.optimisation["checked"] and len(predictor.spec_sha256) == 64
 
 
+def test_predict_folds_selects_networks_of_the_model_folder(tmp_path: Path):
+    from pipeline.errors import ConfigError
+
+    folder = write_small_model(tmp_path / "model", folds=3)
+    everything = load_predictor(folder, torch.device("cpu"), optimize=False)
+    only_second = load_predictor(folder, torch.device("cpu"), optimize=False, folds=[1])
+    assert len(everything.networks) == 3 and len(only_second.networks) == 1
+    assert [f["fold"] for f in only_second.spec["folds"]] == [1]
+    for mine, reference in zip(only_second.networks[0].state_dict().values(),
+                               everything.networks[1].state_dict().values()):
+        assert torch.equal(mine, reference)  # fold 1's weights, not fold 0's
+    with pytest.raises(ConfigError, match=r"predict.folds must name folds .*\(\[0, 1, 2\]\), got \[5\]"):
+        load_predictor(folder, torch.device("cpu"), folds=[5])
+
+
 def test_precision_auto_uses_fp32_on_a_cpu_without_native_bf16():
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)

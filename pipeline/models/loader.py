@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.models.factory import build_network
 
 MODEL_FORMAT = "ctseg-model/1"
@@ -69,10 +70,21 @@ def read_model_spec(path: Path) -> dict:
     return spec
 
 
-def load_model_folder(path: Path, device: str = "cpu") -> ModelBundle:
-    """Load every fold's network of a model folder onto ``device`` in eval mode."""
+def load_model_folder(path: Path, device: str = "cpu", folds: Optional[Sequence[int]] = None) -> ModelBundle:
+    """Load every fold's network of a model folder (or only ``folds``) onto ``device`` in eval mode.
+
+    With ``folds`` the returned spec lists only those folds, so provenance says what was used.
+    """
     path = Path(path)
     spec = read_model_spec(path)
+    if folds is not None:
+        available = [int(f.get("fold", i)) for i, f in enumerate(spec["folds"])]
+        missing = [int(f) for f in folds if int(f) not in available]
+        if missing or not folds:
+            raise ConfigError(f"predict.folds must name folds of the model folder {path} ({available}), got "
+                              f"{list(folds)}. Use null for all folds, or a subset of {available}.")
+        spec = {**spec, "folds": [f for i, f in enumerate(spec["folds"])
+                                  if int(f.get("fold", i)) in {int(k) for k in folds}]}
     networks = []
     for fold in spec["folds"]:
         weights = path / fold["checkpoint"]

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -100,12 +101,13 @@ def resolve_device(wanted: str) -> torch.device:
     return torch.device("cuda", index % max(1, torch.cuda.device_count()))
 
 
-def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True) -> Predictor:
-    """Load the model folder's networks onto ``device`` (see module docstring)."""
+def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
+                   folds: Optional[Sequence[int]] = None) -> Predictor:
+    """Load the model folder's networks (all folds, or ``folds``) onto ``device`` (see module docstring)."""
     from pipeline.models.loader import MODEL_FILE, class_values, load_model_folder
 
     model_dir = Path(model_dir)
-    bundle = load_model_folder(model_dir, device="cpu")
+    bundle = load_model_folder(model_dir, device="cpu", folds=folds)
     spec = bundle.spec
     values = class_values(spec)
     out_channels = int(spec["network"]["out_channels"])

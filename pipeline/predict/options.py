@@ -84,6 +84,8 @@ class PredictConfig:
     optimize_network: bool = field(default=True, metadata={
         "help": "Fold batch norms into convolutions, use a channels-last layout and a faster instance norm on "
                 "the CPU; checked against the unmodified network at load time and skipped if they disagree."})
+    folds: Optional[list[int]] = field(default=None, metadata={
+        "help": "Folds of the model folder to ensemble (e.g. [0] for one fold's network); null = every fold."})
     tta: bool = field(default=False, metadata={
         "help": "Mirroring test-time augmentation: average the predictions over all combinations of flips "
                 "along tta_axes (2^n forward passes per patch)."})

@@ -69,6 +69,12 @@ class PredictResult:
     exit_code: int
 
 
+def options_folds(spec: dict, cfg: Config) -> list[int]:
+    """The fold numbers this batch ensembles: ``predict.folds``, or every fold of the model folder."""
+    every = [int(f.get("fold", i)) for i, f in enumerate(spec.get("folds", []))]
+    return every if cfg.predict.folds is None else [f for f in every if f in set(cfg.predict.folds)]
+
+
 def settings_hash(model_json_sha256: str, cfg: Config) -> str:
     predict = {k: v for k, v in to_dict(cfg.predict).items() if k not in _NOT_IN_HASH}
     text = json.dumps({"model": model_json_sha256, "predict": predict}, sort_keys=True)
@@ -159,7 +165,8 @@ class _Batch:
     def _load(self) -> None:
         start = time.perf_counter()
         options = self.cfg.predict
-        self.predictor = load_predictor(self.model_dir, self.device, optimize=options.optimize_network)
+        self.predictor = load_predictor(self.model_dir, self.device, optimize=options.optimize_network,
+                                        folds=options.folds)
         check_label_names(options.postprocess, [info.name for info in self.predictor.labels])
         reporting.volume_ranges(options.report)
         self.window_predictor = WindowPredictor(self.predictor, options.precision, options.tta, options.tta_axes)
@@ -344,7 +351,8 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         "input_info": _anonymous_info(image.info),
         "model": {"folder": str(predictor.folder), "model_json_sha256": predictor.spec_sha256,
                   "mode": predictor.mode, "patch_size": list(predictor.patch_size),
-                  "network": predictor.spec["network"].get("name"), "folds": len(predictor.networks),
+                  "network": predictor.spec["network"].get("name"),
+                  "folds": [int(f.get("fold", i)) for i, f in enumerate(predictor.spec.get("folds", []))],
                   "plan": predictor.plan, "inference_rewrites": predictor.optimisation},
         "settings_hash": run_hash,
         "config": {"predict": to_dict(options)},
@@ -415,7 +423,7 @@ def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, m
         "device": str(device),
         "versions": versions(),
         "model": {"folder": str(model_dir), "mode": spec.get("mode"), "network": spec["network"].get("name"),
-                  "folds": len(spec.get("folds", [])), "load_seconds": batch.model_seconds,
+                  "folds": options_folds(spec, cfg), "load_seconds": batch.model_seconds,
                   "inference_rewrites": batch.predictor.optimisation if batch.predictor else None},
         "input": str(input_path),
         "shard": list(shard) if shard else None,

@@ -6,7 +6,8 @@ A *plan* (a plain dict, stored in ``plan.json`` and in every model folder) fixes
 ``body_threshold_hu``.
 
 The model grid is the source grid reoriented to the closest RAS axes, resampled to the target
-spacing over the same field of view, then optionally cropped to the body. Every step is a change
+spacing over the same field of view, then optionally cropped to the body (the box is found on
+the source, and only the box is resampled). Every step is a change
 of :class:`~pipeline.geometry.Grid`, so going back is one nearest-neighbour resampling from the
 model grid onto the source grid (:func:`labels_to_source`): exact by construction, for oblique and
 feet-first sources too.
@@ -18,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.geometry import Grid, Volume, canonical_grid, crop_grid, regrid_spacing, resample_to_grid
+from pipeline.geometry import (Grid, Volume, canonical_grid, crop_grid, regrid_spacing, resample_to_grid,
+                               world_to_index)
 
 AIR_HU = -1024.0
 BODY_MARGIN_MM = 10.0
@@ -38,19 +40,24 @@ def resampled_grid(source: Grid, plan: dict) -> Grid:
     return regrid_spacing(canonical_grid(source), plan["target_spacing"])
 
 
-def body_box(hu: np.ndarray, grid: Grid, threshold_hu: float) -> tuple[np.ndarray, np.ndarray]:
-    """[start, stop) voxel box around everything above ``threshold_hu``, with a 10 mm margin."""
-    inside = hu > threshold_hu
-    if not inside.any():
-        return np.zeros(3, dtype=int), np.asarray(hu.shape)
-    margin = np.ceil(BODY_MARGIN_MM / grid.spacing).astype(int)
-    start, stop = [], []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(inside.any(axis=other))
-        start.append(max(0, present[0] - margin[axis]))
-        stop.append(min(hu.shape[axis], present[-1] + 1 + margin[axis]))
-    return np.asarray(start), np.asarray(stop)
+def body_box(volume: Volume, target: Grid, threshold_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) voxel box of ``target`` around every source voxel above ``threshold_hu``, plus 10 mm.
+
+    Found on the source array, so that only the box is resampled afterwards: every body voxel's
+    extent (half a voxel each side) is mapped into ``target`` indices, for oblique sources too.
+    """
+    inside = volume.array > threshold_hu
+    present = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(len(p) == 0 for p in present):
+        return np.zeros(3, dtype=int), np.asarray(target.shape)
+    edges = [(p[0] - 0.5, p[-1] + 0.5) for p in present]
+    corners = np.array([[edges[0][a], edges[1][b], edges[2][c]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    world = corners @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+    in_target = world_to_index(target, world)
+    margin = np.ceil(BODY_MARGIN_MM / target.spacing).astype(int)
+    start = np.floor(in_target.min(axis=0) + 0.5).astype(int) - margin
+    stop = np.ceil(in_target.max(axis=0) - 0.5).astype(int) + 1 + margin
+    return np.clip(start, 0, target.shape), np.clip(stop, 1, target.shape)
 
 
 def scale_intensity(hu: np.ndarray, intensity: dict) -> np.ndarray:
@@ -80,13 +87,12 @@ def prepare_image(volume: Volume, plan: dict, crop_align: Sequence[int] = (1, 1,
     """
     source = volume.grid
     target = resampled_grid(source, plan)
-    hu = resample_to_grid(volume.array, source, target, order=1, fill=AIR_HU, out_dtype=np.float32)
     if plan.get("crop_to_body", False):
-        start, stop = body_box(hu, target, plan.get("body_threshold_hu", -500.0))
+        start, stop = body_box(volume, target, plan.get("body_threshold_hu", -500.0))
         align = np.maximum(np.asarray(crop_align, dtype=int), 1)
         start = start - start % align
-        hu = np.ascontiguousarray(hu[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]])
         target = crop_grid(target, start, stop)
+    hu = resample_to_grid(volume.array, source, target, order=1, fill=AIR_HU, out_dtype=np.float32)
     return Prepared(scale_intensity(hu, plan["intensity"]), target, source)
 
 
