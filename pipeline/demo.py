@@ -105,7 +105,8 @@ def run_demo(cfg, cases: int | None = None) -> dict:
     print()
     print(evaluation.get("table", ""))
     print(f"Mean foreground Dice on {cfg.demo.test_cases} held-out phantoms: {mean_dice:.3f} "
-          f"({'PASS' if passed else 'FAIL'}: target >= {cfg.demo.min_dice}); {minutes:.1f} min in total.")
+          f"({'PASS' if passed else 'FAIL'}: target >= {cfg.demo.min_dice}); "
+          f"{minutes:.1f} min for this run (stages already up to date are skipped).")
     print(f"Outputs: {cfg.experiment_dir}/ (ingest/, preprocess/, train/model/, predict/, evaluate/)")
     print(f"Open in 3D Slicer: File > Add Data > {cfg.stage_dir('ingest') / 'imagesTs'}/<case>_0000.nii.gz, then "
           f"{predict_dir}/<case>.seg.nrrd (loads as a Segmentation with named, coloured segments).")
