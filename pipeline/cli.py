@@ -177,8 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    # libraries (highdicom, MONAI, ...) only speak up for warnings unless --debug: their info lines are
+    # noise in an overnight log and can carry study UIDs
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="ctseg: %(message)s", stream=sys.stderr)
+    logging.getLogger("ctseg").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    # library UserWarnings (pydicom and highdicom quote header values such as names and dates when they
+    # complain about a source's format) go through logging and are shown only with --debug; ctseg's own
+    # checks report problems with the file and what to do
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if args.debug else logging.ERROR)
     from pipeline.errors import CtsegError
 
     try:

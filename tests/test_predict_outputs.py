@@ -128,6 +128,32 @@ def test_dicom_export_gives_an_anonymous_case_and_a_valid_dicom_seg(tmp_path: Pa
             assert "DOE" not in text and "PID-4711" not in text
 
 
+def test_dicom_seg_keeps_quoted_patient_names_out_of_warnings_and_logs(tmp_path: Path, caplog):
+    """highdicom warns about a one-part PatientName by quoting it: that must not reach stderr or the log."""
+    import warnings as python_warnings
+
+    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+
+    options = PhantomOptions(shape=40, slices=12, inplane_spacing_min=1.2, inplane_spacing_max=1.2,
+                             slice_spacing_min=3.0, slice_spacing_max=3.0, noise_hu=0.0)
+    phantom = make_phantom(2, options)
+    write_ct_series(encoded_image(phantom.label), tmp_path / "export" / "ct",
+                    SeriesWriteOptions(patient_name="ROENTGENWILHELM", patient_id="ID-0815"))
+    case = discover_cases(tmp_path / "export").cases[0]
+    cfg = Config()
+    cfg.predict.outputs.dicom_seg = True
+    cfg.predict.outputs.thumbnails = False
+    from pipeline.dicom.assemble import assemble_series
+
+    predictor = oracle_predictor(source_resolution(assemble_series(case.series).volume.grid))
+    with python_warnings.catch_warnings(record=True) as escaped, caplog.at_level("INFO"):
+        python_warnings.simplefilter("always")
+        outputs, _, _, _ = predict_case(case, predictor, WindowPredictor(predictor), cfg, tmp_path, "test")
+    assert "dicom_seg" in outputs
+    assert not [w for w in escaped if "ROENTGEN" in str(w.message)], [str(w.message) for w in escaped]
+    assert "ROENTGEN" not in caplog.text and "0815" not in caplog.text
+
+
 def test_dicom_input_runs_through_run_predict(tmp_path: Path):
     from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
 

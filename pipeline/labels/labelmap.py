@@ -10,7 +10,7 @@ from pipeline.errors import InputError
 from pipeline.geometry import Grid, canonical_grid, resample_to_grid
 from pipeline.volume_io import load_volume
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ctseg.labels")
 
 
 def load_label_map(path: Path, image_grid: Grid, tolerance_mm: float = 1e-3, image_path: Path | None = None

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, InputError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ctseg.labels")
 
 
 @dataclass

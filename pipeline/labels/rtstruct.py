@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.geometry import Grid, world_to_index
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ctseg.labels")
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 # a contour more than this many slices from the nearest slice centre does not belong to the image

@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.geometry import Grid, lps_to_ras, world_to_index
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ctseg.labels")
 
 # frame corners must land this close (in voxels) to voxel centres of the image grid
 INDEX_TOLERANCE = 0.05

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +27,8 @@ from pipeline import atomic
 from pipeline.errors import CaseError
 from pipeline.geometry import Grid, Volume, lps_to_ras, world_to_index
 from pipeline.volume_io import save_nifti
+
+log = logging.getLogger("ctseg.predict")
 
 
 def label_dtype(values) -> np.dtype:
@@ -196,16 +200,30 @@ def write_dicom_seg(labels: np.ndarray, grid: Grid, label_infos, series, path: P
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
         display_color=hd.color.CIELabColor.from_rgb(*info.color))
         for number, info in enumerate(present, start=1)]
-    seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9901,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ctseg", manufacturer_model_name="ctseg predict",
-        software_versions=software_version, device_serial_number="0", series_description="ctseg segmentation")
-    buffer = io.BytesIO()
-    seg.save_as(buffer)
+    # highdicom and pydicom warn about the source's own attribute formats (a one-part PatientName, an
+    # over-long SH value) and quote the values: patient data must not reach the log, so they are counted
+    # and shown only with --debug
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seg = hd.seg.Segmentation(
+                source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9901,
+                sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ctseg",
+                manufacturer_model_name="ctseg predict", software_versions=software_version,
+                device_serial_number="0", series_description="ctseg segmentation")
+            buffer = io.BytesIO()
+            seg.save_as(buffer)
+    finally:
+        pydicom_log.setLevel(level)
+    for warning in caught:
+        log.debug("DICOM SEG of %s: %s", case_id, warning.message)
     atomic.write_bytes(path, buffer.getvalue())
     return {"written": True, "segments": [info.name for info in present], "source_images": len(datasets),
-            "series_instance_uid": str(seg.SeriesInstanceUID)}
+            "series_instance_uid": str(seg.SeriesInstanceUID), "source_format_warnings": len(caught)}
 
 
 def write_provenance(path: Path, record: dict) -> Path:
