@@ -146,7 +146,8 @@ def test_learning_reduces_the_loss_and_finds_the_organs(prepared, tmp_path):
 
 @pytest.mark.parametrize("overrides,match", [
     (["train.folds=6"], r"train.folds must be at most the number of labelled training cases \(5\), got 6"),
-    (["train.patch_size=[128,128,128]"], "must be at most twice the largest preprocessed image"),
+    (["train.patch_size=[128,128,128]"], r"must fit inside the largest preprocessed image along every axis, got 128 "
+                                         r"voxels along axis 0, where the largest image \(case \w+\) has \d+"),
     (["train.patch_size=[30,30,16]"], "must be divisible by 4"),
     (["train.patch_size=[32,32]"], "must be 3 positive sizes in 3d mode"),
     (["train.context_slices=2"], "context_slices must be 0 in 3d mode"),

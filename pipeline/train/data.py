@@ -113,13 +113,15 @@ def _subsample(indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def check_patch_fits(spec: SamplingSpec, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Smaller images are padded; a patch more than twice the largest image along an axis is refused."""
+    """A patch must fit inside at least the largest image along every axis; smaller images are padded."""
     for axis, size in enumerate(spec.patch_size):
-        largest = max(shape[axis] for shape in shapes.values())
-        if size > 2 * largest:
-            raise ConfigError(f"train.patch_size {spec.patch_size} must be at most twice the largest preprocessed "
-                              f"image along axis {axis} ({largest} voxels), got {size}: most of every patch would "
-                              f"be padding. Use a smaller patch_size (or null to plan it).")
+        largest_case, largest = max(((case, shape[axis]) for case, shape in shapes.items()), key=lambda x: x[1])
+        if size > largest:
+            raise ConfigError(f"train.patch_size {spec.patch_size} must fit inside the largest preprocessed image "
+                              f"along every axis, got {size} voxels along axis {axis}, where the largest image "
+                              f"(case {largest_case}) has {largest}: every patch would be partly padding. Use a "
+                              f"patch_size of at most {largest} along axis {axis} (null plans one), or a finer "
+                              f"preprocess.target_spacing.")
 
 
 def build_augmentation(spec: SamplingSpec, options: TrainConfig):
