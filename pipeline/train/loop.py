@@ -136,6 +136,9 @@ class FoldTrainer:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             # the wrapper broadcasts rank 0's initial weights, so every rank starts identical
             self.model = DistributedDataParallel(self.network, device_ids=ids)
+        if options.compile:
+            # the compiled module shares the network's parameters: checkpoints and validation use the network
+            self.model = torch.compile(self.model)
         self.optimizer = make_optimizer(self.network, options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, options))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
@@ -251,7 +254,14 @@ class FoldTrainer:
         labels = labels.to(runtime.device, non_blocking=True).long()
         self.optimizer.zero_grad(set_to_none=True)
         with runtime.autocast():
-            output = self.model(images)
+            try:
+                output = self.model(images)
+            except Exception as exc:
+                if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise
+                raise ConfigError(f"train.compile needs torch.compile to work on this machine, got "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}. Set train.compile=false "
+                                  f"(on CPU it also needs a C++ compiler such as gcc).") from exc
         loss = self.loss(output, labels)
         if not torch.isfinite(loss):
             raise CtsegError(f"training loss must stay finite, got {loss.item()} at step {self.step + 1} of fold "

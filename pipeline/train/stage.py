@@ -34,7 +34,7 @@ from pipeline.train.splits import make_splits
 
 log = logging.getLogger("ctseg")
 
-RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds")  # how or when, not what, is trained
+RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile")  # how or when, not what, is trained
 
 
 def train_hash(cfg: Config) -> str:
