@@ -70,6 +70,11 @@ def read_model_spec(path: Path) -> dict:
     return spec
 
 
+def fold_numbers(spec: dict) -> list[int]:
+    """The fold number of each network listed in a model spec, in order."""
+    return [int(f.get("fold", i)) for i, f in enumerate(spec.get("folds", []))]
+
+
 def load_model_folder(path: Path, device: str = "cpu", folds: Optional[Sequence[int]] = None) -> ModelBundle:
     """Load every fold's network of a model folder (or only ``folds``) onto ``device`` in eval mode.
 
@@ -78,13 +83,13 @@ def load_model_folder(path: Path, device: str = "cpu", folds: Optional[Sequence[
     path = Path(path)
     spec = read_model_spec(path)
     if folds is not None:
-        available = [int(f.get("fold", i)) for i, f in enumerate(spec["folds"])]
+        available = fold_numbers(spec)
         missing = [int(f) for f in folds if int(f) not in available]
         if missing or not folds:
             raise ConfigError(f"predict.folds must name folds of the model folder {path} ({available}), got "
                               f"{list(folds)}. Use null for all folds, or a subset of {available}.")
-        spec = {**spec, "folds": [f for i, f in enumerate(spec["folds"])
-                                  if int(f.get("fold", i)) in {int(k) for k in folds}]}
+        wanted = {int(k) for k in folds}
+        spec = {**spec, "folds": [f for f, number in zip(spec["folds"], available) if number in wanted]}
     networks = []
     for fold in spec["folds"]:
         weights = path / fold["checkpoint"]

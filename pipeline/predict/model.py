@@ -10,7 +10,6 @@ random patch; if they disagree by more than float rounding it is not used.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
+from pipeline.predict.ledger import sha256_file
 
 log = logging.getLogger("ctseg.predict")
 
@@ -80,14 +80,6 @@ class Predictor:
         return (factor, factor, 1) if self.mode != "3d" else (factor, factor, factor)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_device(wanted: str) -> torch.device:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise InputError("predict.device must name a device this machine has, got 'cuda' but torch sees no CUDA "
@@ -125,7 +117,7 @@ def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
         if optimize:
             network, report = optimise_for_inference(network, spec, device)
         networks.append(network)
-    return Predictor(folder=model_dir, spec=spec, spec_sha256=file_sha256(model_dir / MODEL_FILE),
+    return Predictor(folder=model_dir, spec=spec, spec_sha256=sha256_file(model_dir / MODEL_FILE),
                      networks=networks, class_values=values, labels=labels, device=device, optimisation=report)
 
 

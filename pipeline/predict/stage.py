@@ -46,7 +46,7 @@ from pipeline.predict import report as reporting
 from pipeline.predict import writers
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.ledger import Ledger, sha256_file
-from pipeline.predict.model import Predictor, file_sha256, load_predictor, resolve_device
+from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
 from pipeline.stage import REPORT_FILE, versions
@@ -71,7 +71,9 @@ class PredictResult:
 
 def options_folds(spec: dict, cfg: Config) -> list[int]:
     """The fold numbers this batch ensembles: ``predict.folds``, or every fold of the model folder."""
-    every = [int(f.get("fold", i)) for i, f in enumerate(spec.get("folds", []))]
+    from pipeline.models.loader import fold_numbers
+
+    every = fold_numbers(spec)
     return every if cfg.predict.folds is None else [f for f in every if f in set(cfg.predict.folds)]
 
 
@@ -102,7 +104,7 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
         discovery = case_io.discover_cases(input_path, cfg.ingest, cfg.workers)
         mine = case_io.select_shard(discovery.cases, shard, cfg.predict.shard_by)
         ledger.register([(case.case_id, case.source) for case in discovery.cases])
-        run_hash = settings_hash(file_sha256(model_dir / MODEL_FILE), cfg)
+        run_hash = settings_hash(sha256_file(model_dir / MODEL_FILE), cfg)
         batch = _Batch(cfg, model_dir, output_dir, device, run_hash, ledger)
         outcomes = {}
         for case in mine:
@@ -352,7 +354,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         "model": {"folder": str(predictor.folder), "model_json_sha256": predictor.spec_sha256,
                   "mode": predictor.mode, "patch_size": list(predictor.patch_size),
                   "network": predictor.spec["network"].get("name"),
-                  "folds": [int(f.get("fold", i)) for i, f in enumerate(predictor.spec.get("folds", []))],
+                  "folds": options_folds(predictor.spec, cfg),
                   "plan": predictor.plan, "inference_rewrites": predictor.optimisation},
         "settings_hash": run_hash,
         "config": {"predict": to_dict(options)},
