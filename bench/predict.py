@@ -394,14 +394,13 @@ def main() -> None:
                         "points) and constant blending keeps every window's border artefacts at full weight, so "
                         "its labels differ from ours by these conventions, not by the pipeline",
                 **{k: v for k, v in compare_outputs(work, ours, bundle).items() if k.startswith("dice")}}
-        load_after = os.getloadavg()
-    result = build_result(inputs, ours, ours_all, reference, reassembly, comparison, load_before, load_after)
+    result = build_result(inputs, ours, ours_all, reference, reassembly, comparison, load_before)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
 
 
-def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load_before, load_after) -> dict:
+def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load_before) -> dict:
     from bench_machine import machine_info
 
     import torch

@@ -250,7 +250,8 @@ def main() -> None:
         worker(args)
         return
 
-    results: dict = {"benchmark": "train", "machine": _machine(), "load_average_before": os.getloadavg(),
+    load_before = list(os.getloadavg())
+    results: dict = {"benchmark": "train",
                      "settings": {"patch": [args.patch] * 3, "batch": args.batch, "steps": args.steps,
                                   "warmup": args.warmup, "rounds": args.rounds, "cases": args.cases, "spacing_mm": SPACING,
                                   "window_hu": WINDOW, "network": {"name": "UNet", "channels": CHANNELS,
@@ -285,8 +286,7 @@ def main() -> None:
             results["variants"][variant] = {**best, "rounds": [
                 {k: r.get(k) for k in ("seconds_per_step_median", "cpu_seconds_per_step_median", "peak_rss_mb")}
                 for r in rounds]}
-    results["load_average_after"] = os.getloadavg()
-    results["machine"] = {**results["machine"], **machine_info(list(results["load_average_before"]))}
+    results["machine"] = {**machine_info(load_before), **_cpu_features()}
     reference = results["variants"].get("reference", {})
     ratios = {}
     for name, value in results["variants"].items():
@@ -309,13 +309,13 @@ def main() -> None:
     print(json.dumps({"ratios": ratios, "goal_met": results.get("goal_met")}, indent=2))
 
 
-def _machine() -> dict:
+def _cpu_features() -> dict:
+    """What decides the precision and kernels training can use on this CPU (the rest is machine_info's)."""
     import torch
 
     from pipeline.train.runtime import cpu_has_native_bf16
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+    return {"cpu": platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
 
 
