@@ -102,10 +102,12 @@ class StageRun:
         self.started = time.time()
         self.extra: dict = {}
         self.skipped_up_to_date = False
+        self.resume_cases = True  # False after open(force=True): every case is done again
 
     @classmethod
     def open(cls, name: str, folder: Path, stage_hash: str, force: bool = False, device: str = "cpu") -> "StageRun":
         run = cls(name, folder, stage_hash, device=device)
+        run.resume_cases = not force
         done = read_done(run.folder)
         if done and done.get("hash") == stage_hash and not force:
             run.skipped_up_to_date = True
@@ -132,6 +134,8 @@ class StageRun:
             return None
 
     def is_case_done(self, case_id: str) -> bool:
+        if not self.resume_cases:
+            return False
         record = self.previous(case_id)
         if record is None or record.status != "ok" or record.hash != self.hash:
             return False

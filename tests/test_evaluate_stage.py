@@ -61,3 +61,14 @@ def test_mismatched_grid_is_a_clear_error_unless_resampling_is_asked(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "e2" / "report.json").read_text())
     assert any("resampled" in note for note in report["notes"])
+
+
+def test_evaluating_the_same_folders_again_gives_the_same_metrics(tmp_path):
+    """A second evaluation of unchanged inputs recomputes every case instead of failing on resumed ones."""
+    _write_run(tmp_path, shift=2)
+    outputs = []
+    for _ in range(2):
+        result = ctseg("evaluate", "--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--output", tmp_path / "eval")
+        assert result.returncode == 0, result.stderr
+        outputs.append((tmp_path / "eval" / "metrics.csv").read_text())
+    assert outputs[0] == outputs[1] and len(outputs[1].splitlines()) == 1 + 4 * 2

@@ -51,6 +51,11 @@ def test_stage_run_skips_done_cases_and_reruns_on_new_hash(tmp_path):
     assert not again.skipped_up_to_date and not (outputs / "done.json").exists()
     with again.case("a") as record:
         assert record is not None  # a new hash redoes the case
+    # the same hash resumes done cases, unless forced: --force redoes every case
+    with StageRun.open("demo-stage", outputs, "hash-a").case("b") as record:
+        assert record is None
+    with StageRun.open("demo-stage", outputs, "hash-a", force=True).case("b") as record:
+        assert record is not None
 
 
 def test_ingest_rerun_does_nothing(tmp_path):
