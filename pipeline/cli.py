@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", parents=[common], help="generate phantoms and run every stage on them")
     p.add_argument("--cases", type=int, help="number of phantoms (default from configs/demo.yaml)")
+    p.add_argument("--output", type=Path, help="the demo's experiment folder (default: outputs/demo)")
 
     p = verbs.add_parser("config", parents=[common], help="print the resolved configuration")
     p.add_argument("--reference", action="store_true", help="list every setting with its default and help")
@@ -108,6 +109,9 @@ def _load(args):
     files = list(args.config)
     if args.verb == "demo" and not files:
         files = [_demo_config()]
+    if args.verb == "demo" and args.output is not None:  # the folder holds the whole demo experiment
+        folder = args.output.resolve()
+        overrides += [f"output_root={folder.parent}", f"experiment={folder.name}"]
     return load_config(files, overrides)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 
-from pipeline.demo import DemoConfig
+from pipeline.demo_options import DemoConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate.options import EvaluateConfig
 from pipeline.ingest.options import IngestConfig
