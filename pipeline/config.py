@@ -230,13 +230,19 @@ def to_yaml(obj) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
+def stable_hash(data: Any) -> str:
+    """The project's one content hash of JSON-like data: 16 hex digits of SHA-256 over sorted-key JSON.
+
+    Used for stage completion records, predict's settings and preprocess's cache key; equal data gives an equal
+    hash on every machine and Python version (non-JSON values are hashed by their ``str``).
+    """
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def section_hash(*parts) -> str:
     """Stable hash of config sections (dataclasses or plain data) and upstream hashes."""
-    payload = []
-    for part in parts:
-        payload.append(to_dict(part) if dataclasses.is_dataclass(part) else part)
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return stable_hash([to_dict(part) if dataclasses.is_dataclass(part) else part for part in parts])
 
 
 def reference(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

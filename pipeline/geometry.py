@@ -169,8 +169,11 @@ def index_mapping(src: Grid, dst: Grid) -> np.ndarray:
     return np.linalg.inv(src.affine) @ dst.affine
 
 
-def _axis_aligned_permutation(matrix: np.ndarray, tol: float = 1e-6) -> list[int] | None:
-    """If each src axis depends on exactly one dst axis, return perm with src axis d ← dst axis perm[d]."""
+def axis_aligned_permutation(matrix: np.ndarray, tol: float = 1e-6) -> list[int] | None:
+    """If each src axis depends on exactly one dst axis, return perm with src axis d ← dst axis perm[d].
+
+    ``matrix`` is an :func:`index_mapping` (dst index → src index); None when the grids' axes are not parallel.
+    """
     linear = matrix[:3, :3]
     scale = np.abs(linear).max()
     perm = []
@@ -194,7 +197,7 @@ def resample_to_grid(array: np.ndarray, src: Grid, dst: Grid, order: int = 0, fi
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
     out_dtype = out_dtype or array.dtype
     matrix = index_mapping(src, dst)
-    perm = _axis_aligned_permutation(matrix)
+    perm = axis_aligned_permutation(matrix)
     if perm is None:
         from scipy import ndimage
 

@@ -23,8 +23,6 @@ stop the whole batch (no model, no input, bad configuration) raise
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import platform
 import time
@@ -38,7 +36,7 @@ import numpy as np
 import torch
 
 from pipeline import atomic
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, stable_hash, to_dict
 from pipeline.errors import CtsegError
 from pipeline.geometry import Volume
 from pipeline.predict import cases as case_io
@@ -79,8 +77,7 @@ def options_folds(spec: dict, cfg: Config) -> list[int]:
 
 def settings_hash(model_json_sha256: str, cfg: Config) -> str:
     predict = {k: v for k, v in to_dict(cfg.predict).items() if k not in _NOT_IN_HASH}
-    text = json.dumps({"model": model_json_sha256, "predict": predict}, sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return stable_hash({"model": model_json_sha256, "predict": predict})
 
 
 def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path,
