@@ -145,7 +145,8 @@ def run_ours(root: Path, args, channels_last: bool, precision: str, compile_netw
     import numpy as np
 
     from pipeline.config import load_config
-    from pipeline.preprocess.stage import load_cached_case, read_index, run_preprocess
+    from pipeline.preprocess.cache import load_cached_case, read_index
+    from pipeline.preprocess.stage import run_preprocess
     from pipeline.train.data import PatchDataset, batches, derived_seed, prepare_case
     from pipeline.train.loop import FoldJob, FoldTrainer
     from pipeline.train.runtime import setup_runtime

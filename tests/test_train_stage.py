@@ -12,7 +12,8 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models import load_model_folder
 from pipeline.models.inference import dice_per_class, predict_probabilities
-from pipeline.preprocess.stage import load_cached_case, read_index, run_preprocess
+from pipeline.preprocess.cache import load_cached_case, read_index
+from pipeline.preprocess.stage import run_preprocess
 from pipeline.train.stage import run_train
 from test_train_synthetic import write_ingest_folder
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.preprocess.stage import load_cached_case
+from pipeline.preprocess.cache import load_cached_case
 from pipeline.train.options import TrainConfig
 
 MAX_INDICES = 200_000  # centre candidates kept per case and kind (memory stays small for large volumes)

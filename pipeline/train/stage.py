@@ -14,7 +14,6 @@ ranks must see the same preprocess and train folders (one machine, or a shared f
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline import atomic
 from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError
 from pipeline.models import MODEL_FORMAT, network_spec
-from pipeline.preprocess.stage import load_cached_case, read_index
+from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
 from pipeline.train.loop import FoldJob, FoldTrainer
@@ -162,8 +161,7 @@ def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -
     sampling = SamplingSpec(options.mode, [int(p) for p in patch], options.context_slices)
     shapes = {}
     for entry in entries:
-        meta = json.loads((pre_dir / entry["meta"]).read_text(encoding="utf-8"))
-        shapes[entry["id"]] = tuple(meta["grid"]["shape"])
+        shapes[entry["id"]] = cached_shape(pre_dir, entry)
     check_patch_fits(sampling, shapes)
     build_augmentation(sampling, options)  # checks the augmentation settings now, not at the first step
     spec = network_spec(options.network, dims, 2 * options.context_slices + 1, len(plan["class_values"]),
