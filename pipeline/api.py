@@ -26,6 +26,11 @@ def _record_config(cfg: Config, folder: Path) -> None:
 
 
 def ingest(cfg: Config, source: Path | None = None, output: Path | None = None, force: bool = False) -> dict:
+    """Scan an export (or the dataset's cases) and write HU volumes and label maps with the source geometry.
+
+    ``source``: a DICOM export or folder of volumes to read instead of the config's ``dataset``; ``output``: the
+    folder to write (default ``<experiment>/ingest``); ``force``: redo every case. Returns the stage report.
+    """
     from pipeline.ingest.stage import run_ingest
 
     report = run_ingest(cfg, source=source, output=output, force=force)
@@ -34,6 +39,10 @@ def ingest(cfg: Config, source: Path | None = None, output: Path | None = None, 
 
 
 def preprocess(cfg: Config, force: bool = False) -> dict:
+    """Fingerprint and plan the ingested training set, then resample, window and cache every case.
+
+    Reads ``<experiment>/ingest``, writes ``<experiment>/preprocess``; ``force`` recomputes cached arrays too.
+    """
     from pipeline.preprocess.stage import run_preprocess
 
     report = run_preprocess(cfg, force=force)
@@ -42,6 +51,10 @@ def preprocess(cfg: Config, force: bool = False) -> dict:
 
 
 def train(cfg: Config, force: bool = False, resume: bool = False) -> dict:
+    """Train every configured fold on the preprocessed cache and write ``<experiment>/train/model``.
+
+    ``resume``: continue from the last checkpoint of each unfinished fold; ``force``: retrain from scratch.
+    """
     from pipeline.train.stage import run_train
 
     report = run_train(cfg, force=force, resume=resume)
@@ -50,6 +63,7 @@ def train(cfg: Config, force: bool = False, resume: bool = False) -> dict:
 
 
 def default_model_dir(cfg: Config) -> Path:
+    """The model folder the train stage of ``cfg``'s experiment writes."""
     return cfg.stage_dir("train") / "model"
 
 
@@ -68,6 +82,10 @@ def predict(cfg: Config, model_dir: Path | None = None, input_path: Path | None 
 
 def evaluate(cfg: Config, pred_dir: Path | None = None, ref_dir: Path | None = None,
              output: Path | None = None) -> dict:
+    """Score predictions against reference labels of the same case ids: metrics.csv, summary.json, HTML report.
+
+    Defaults: ``<experiment>/predict`` against ``<experiment>/ingest/labelsTs``, into ``<experiment>/evaluate``.
+    """
     from pipeline.evaluate.stage import run_evaluate
 
     pred_dir = Path(pred_dir) if pred_dir else cfg.stage_dir("predict")
@@ -79,6 +97,7 @@ def evaluate(cfg: Config, pred_dir: Path | None = None, ref_dir: Path | None = N
 
 
 def compare(cfg: Config, run_a: Path, run_b: Path, output: Path | None = None) -> dict:
+    """Paired per-class comparison (Wilcoxon, bootstrap CIs) of two evaluation folders; returns its report."""
     from pipeline.evaluate.stage import run_compare
 
     return run_compare(cfg, Path(run_a), Path(run_b), Path(output) if output else None)
@@ -102,6 +121,11 @@ def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> dict:
 
 
 def demo(cfg: Config, cases: int | None = None) -> dict:
+    """Write the synthetic phantom export, run every stage on it and score the held-out phantoms.
+
+    ``cases``: the number of phantoms (default from the config's ``demo`` section). The result holds ``passed``,
+    ``mean_foreground_dice``, ``minutes`` and each stage's report.
+    """
     from pipeline.demo import run_demo
 
     return run_demo(cfg, cases=cases)
