@@ -190,3 +190,24 @@ def test_dice_per_class_counts_overlap_and_reports_absent_classes_as_nan():
     scores = dice_per_class(prediction, reference, 3)
     assert scores[0] == pytest.approx(2 * 16 / (16 + 32))
     assert np.isnan(scores[1])
+
+
+def test_planned_patch_is_capped_to_the_largest_cached_image(tmp_path):
+    # the plan estimates shapes before resampling; a cached image may come out one voxel smaller than the
+    # planned patch, which must then shrink to fit instead of refusing the user's default (null) patch
+    from pipeline.preprocess import cache
+    from pipeline.train.stage import resolve_setup
+
+    entries = []
+    for case, shape in (("a", [40, 30, 55]), ("b", [36, 28, 50])):
+        paths = cache.case_paths(tmp_path, case)
+        paths["meta"].parent.mkdir(parents=True, exist_ok=True)
+        cache.write_meta(paths["meta"], {"id": case, "grid": {"shape": shape}})
+        entries.append({"id": case, **{k: str(p.relative_to(tmp_path)) for k, p in paths.items()}})
+    plan = {"class_values": [0, 1], "configurations": {"3d": {"patch_size": [32, 24, 56], "batch_size": 2}}}
+    cfg = load_config([], ["train.channels=[8,16,32,64]"])
+    sampling, _, _ = resolve_setup(cfg, plan, tmp_path, entries)
+    assert sampling.patch_size == [32, 24, 48]  # 55 rounded down to the network's 8-voxel unit
+    explicit = load_config([], ["train.channels=[8,16,32,64]", "train.patch_size=[32,24,56]"])
+    with pytest.raises(ConfigError, match="must fit inside the largest"):
+        resolve_setup(explicit, plan, tmp_path, entries)

@@ -158,10 +158,18 @@ def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -
                        ("val_every", options.val_every)):
         if value < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {value}.")
+    shapes = {entry["id"]: cached_shape(pre_dir, entry) for entry in entries}
+    if options.patch_size is None:
+        # the plan sizes the patch from shapes estimated before resampling; an image can come out a voxel
+        # smaller, so a planned patch is capped at the largest cached image (in whole downsampling units)
+        unit = 2 ** (len(options.channels) - 1)
+        largest = [max(shape[axis] for shape in shapes.values()) for axis in range(dims)]
+        capped = [min(int(p), max(unit, size // unit * unit)) for p, size in zip(patch, largest)]
+        if capped != [int(p) for p in patch]:
+            log.info("train: planned patch %s capped to %s to fit the largest preprocessed image %s",
+                     patch, capped, largest)
+        patch = capped
     sampling = SamplingSpec(options.mode, [int(p) for p in patch], options.context_slices)
-    shapes = {}
-    for entry in entries:
-        shapes[entry["id"]] = cached_shape(pre_dir, entry)
     check_patch_fits(sampling, shapes)
     build_augmentation(sampling, options)  # checks the augmentation settings now, not at the first step
     spec = network_spec(options.network, dims, 2 * options.context_slices + 1, len(plan["class_values"]),
