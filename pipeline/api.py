@@ -80,6 +80,13 @@ def predict(cfg: Config, model_dir: Path | None = None, input_path: Path | None 
     return result
 
 
+def predict_report(output: Path) -> dict:
+    """Rewrite the merged report (json, csv, html) of the batch folder ``output`` from all of its ledgers."""
+    from pipeline.predict.stage import rewrite_report
+
+    return rewrite_report(Path(output))
+
+
 def evaluate(cfg: Config, pred_dir: Path | None = None, ref_dir: Path | None = None,
              output: Path | None = None) -> dict:
     """Score predictions against reference labels of the same case ids: metrics.csv, summary.json, HTML report.

@@ -60,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="trained model folder (default: outputs/<experiment>/train/model)")
     p.add_argument("--input", type=Path, help="DICOM export, folder of NIfTI/NRRD/MHA, a file, or a .txt list")
     p.add_argument("--output", type=Path, help="output folder (default: outputs/<experiment>/predict)")
-    p.add_argument("--shard", help="i/n: process only shard i of n (0-based) of the sorted cases")
+    p.add_argument("--shard", help="i/n: process only shard i of n (0-based) of the sorted cases; 'slurm': take i "
+                                   "and n from a SLURM job array (SLURM_ARRAY_TASK_ID/_MIN/_COUNT)")
     p.add_argument("--retry-failed", action="store_true", help="retry cases that failed in an earlier run")
+    p.add_argument("--take-stale", action="store_true",
+                   help="take over cases claimed by another host whose heartbeat stopped (a node that died)")
+    p.add_argument("--report-only", type=Path, metavar="OUT",
+                   help="rewrite the merged report of the batch folder OUT from its ledgers, and do nothing else")
 
     p = verbs.add_parser("evaluate", parents=[common], help="Dice, HD95, surface Dice, volumes per case")
     p.add_argument("--pred", type=Path, help="predicted label volumes (folder)")
@@ -89,6 +94,10 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
     if not text:
         return None
+    if text == "slurm":
+        from pipeline.predict.cases import slurm_shard
+
+        return slurm_shard()
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
@@ -106,6 +115,8 @@ def _load(args):
         overrides.append(f"experiment={args.experiment}")
     if getattr(args, "resample_ref", False):
         overrides.append("evaluate.resample_ref=true")
+    if getattr(args, "take_stale", False):
+        overrides.append("predict.take_stale=true")
     files = list(args.config)
     if args.verb == "demo" and not files:
         files = [_demo_config()]
@@ -141,6 +152,8 @@ def dispatch(args) -> int:
         report = api.preprocess(cfg, force=args.force)
     elif verb == "train":
         report = api.train(cfg, force=args.force, resume=args.resume)
+    elif verb == "predict" and args.report_only:
+        report = api.predict_report(args.report_only)
     elif verb == "predict":
         result = api.predict(cfg, model_dir=args.model, input_path=args.input, output=args.output,
                              shard=_parse_shard(args.shard), retry_failed=args.retry_failed)

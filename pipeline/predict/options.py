@@ -105,8 +105,20 @@ class PredictConfig:
         "help": "How --shard i/n splits the sorted cases: index (case k goes to shard k mod n; balanced, every "
                 "shard must see the same inputs) or hash (by case id; stable when inputs are added)."})
     stale_minutes: float = field(default=30.0, metadata={
-        "help": "A case 'running' on another machine whose process has not reported for this long is taken "
-                "over (on this machine a dead process is detected at once)."})
+        "help": "A case claimed by a process on another machine that has not reported a heartbeat for this long "
+                "is stale: a run with --take-stale or --retry-failed takes it over (on this machine a dead process "
+                "is detected at once)."})
+    ledger_mode: Literal["auto", "local", "shared"] = field(default="auto", metadata={
+        "help": "local: one ledger.sqlite in WAL mode, for processes on one host. shared: one ledger file per "
+                "host and shard under ledger/ plus claim files, for hosts sharing a network folder (SQLite's WAL "
+                "does not work over NFS/SMB). auto: shared when the output folder is on a network file system "
+                "(/proc/mounts: nfs, cifs, lustre, gpfs, beegfs, fuse.*, ...)."})
+    take_stale: bool = field(default=False, metadata={
+        "help": "Take over cases whose claim from another host went stale (no heartbeat for stale_minutes), e.g. "
+                "after a node died mid-case. Also done by --retry-failed; the CLI flag is --take-stale."})
+    host_name: str = field(default="", metadata={
+        "help": "This machine's name in the ledger and claim files (default: the host name). Set it when "
+                "several nodes report the same host name, e.g. containers."})
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     outputs: OutputOptions = field(default_factory=OutputOptions)
