@@ -42,7 +42,9 @@ def _predictor(networks, patch, mode="3d", context=0, classes=3) -> Predictor:
 
 
 def _options(**changes):
+    """predict options pinned to fp32 (tests compare with fp32 references; the bf16 path has its own tests)."""
     cfg = Config().predict
+    cfg.precision = "fp32"
     for key, value in changes.items():
         setattr(cfg, key, value)
     return cfg
