@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -313,10 +312,11 @@ def _cpu_features() -> dict:
     """What decides the precision and kernels training can use on this CPU (the rest is machine_info's)."""
     import torch
 
-    from pipeline.train.runtime import cpu_has_native_bf16
+    from pipeline.precision import cpu_model_name, probe
 
-    return {"cpu": platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
+    capability = probe(torch.device("cpu"))
+    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": capability.native_bf16, "native_bf16_detail": capability.detail}
 
 
 if __name__ == "__main__":
