@@ -14,7 +14,8 @@ default) and the same target spacing (1.5 × 1.5 × 2 mm) and HU window ([-57, 1
 - ours_contiguous: ours with channels-last off (what the layout alone is worth).
 - ours_compiled: ours with ``train.compile: true`` (torch.compile; the compilation falls in the warm-up steps,
   whose seconds are recorded).
-- ours_bf16 (only with ``--variants``): bf16 autocast; fast on CPUs with AVX512-BF16/AMX, slow elsewhere.
+- ours_bf16, ours_fp32 (only with ``--variants``): precision forced to bf16 (fast on CPUs with AVX512-BF16/AMX,
+  slow elsewhere) or fp32, whatever ``auto`` picks on this machine.
 
 Each variant runs in its own subprocess; its peak resident memory is that process's VmHWM from
 /proc/self/status. Setup (caching, preprocessing) is timed separately from the training steps.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -218,6 +218,8 @@ def worker(args) -> None:
         result = run_ours(root, args, channels_last=True, precision="auto", compile_network=True)
     elif variant == "ours_bf16":
         result = run_ours(root, args, channels_last=True, precision="bf16")
+    elif variant == "ours_fp32":
+        result = run_ours(root, args, channels_last=True, precision="fp32")
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -240,7 +242,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best round counts")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help="comma-separated: reference, ours, ours_contiguous, ours_bf16")
+                        help="comma-separated: reference, ours, ours_contiguous, ours_compiled, ours_bf16, ours_fp32")
     parser.add_argument("--quick", action="store_true", help="64³ patches, 3 steps, 2 cases (a smoke run)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -314,10 +316,11 @@ def _cpu_features() -> dict:
     """What decides the precision and kernels training can use on this CPU (the rest is machine_info's)."""
     import torch
 
-    from pipeline.train.runtime import cpu_has_native_bf16
+    from pipeline.precision import cpu_model_name, probe
 
-    return {"cpu": platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
+    capability = probe(torch.device("cpu"))
+    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": capability.native_bf16, "native_bf16_detail": capability.detail}
 
 
 if __name__ == "__main__":

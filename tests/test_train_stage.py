@@ -18,7 +18,8 @@ from pipeline.train.stage import run_train
 from test_train_synthetic import write_ingest_folder
 
 TINY = ["preprocess.target_spacing=[5,5,5]", "train.channels=[4,8,16]", "train.patch_size=[32,32,16]",
-        "train.batch_size=2", "train.max_steps=12", "train.val_every=6", "train.threads=1"]
+        "train.batch_size=2", "train.max_steps=12", "train.val_every=6", "train.threads=1",
+        "train.precision=fp32"]  # exact comparisons: pinned (bf16 has its own test in test_precision.py)
 
 
 @pytest.fixture(scope="module")

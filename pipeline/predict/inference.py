@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.precision import resolve_precision
 
 log = logging.getLogger("ctseg.predict")
 
@@ -183,18 +184,6 @@ def _cpu_plan(choices, need, estimates, options, reason_prefix: str) -> MemoryPl
 # Window predictor: folds × mirrorings, softmax averaged
 # ---------------------------------------------------------------------------------------------
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-        return torch.bfloat16 if native_bf16 else None
-    return DTYPES[precision]
-
-
 class WindowPredictor:
     """Maps a batch of windows ``[B, C, x, y, z]`` to mean class probabilities ``[B, K, x, y, z]``."""
 
@@ -204,7 +193,8 @@ class WindowPredictor:
         self.two_d = predictor.mode == "2d"
         self.context = predictor.context_slices
         self.channels_last = predictor.optimisation.get("layout") == "channels_last"
-        self.autocast = autocast_dtype(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, "predict")
+        self.autocast = self.precision.dtype
         unknown = [a for a in tta_axes if a not in AXIS_NAMES]
         if unknown:
             raise ConfigError(f"predict.tta_axes must name axes among {', '.join(AXIS_NAMES)}, got {unknown}. "
@@ -383,7 +373,7 @@ def sliding_window_predict(array: np.ndarray, predictor, cfg, need_probabilities
         buffer.div_(buffer.sum(dim=0, keepdim=True))
         probabilities = buffer[:, bx:bx + sx, by:by + sy, bz:bz + sz].cpu().numpy()
     stats = {"windows": len(windows), "forward_passes": passes, "roi": list(roi), "overlap": cfg.overlap,
-             "batch": batch, "autocast": str(window_predictor.autocast).replace("torch.", "") if
-             window_predictor.autocast else "fp32", "tta_flips": len(window_predictor.flip_sets),
+             "batch": batch, "autocast": window_predictor.precision.name,
+             "precision": window_predictor.precision.to_json(), "tta_flips": len(window_predictor.flip_sets),
              "folds": len(predictor.networks), "seconds": round(time.perf_counter() - start_time, 3)}
     return InferenceOutput(np.ascontiguousarray(classes_np), probabilities, plan, stats)

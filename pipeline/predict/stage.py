@@ -433,6 +433,7 @@ def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, m
         "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "device": str(device),
+        "precision": batch.window_predictor.precision.to_json() if batch.window_predictor else None,
         "versions": versions(),
         "model": {"folder": str(model_dir), "mode": spec.get("mode"), "network": spec["network"].get("name"),
                   "folds": options_folds(spec, cfg), "load_seconds": batch.model_seconds,

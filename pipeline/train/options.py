@@ -67,9 +67,11 @@ class TrainConfig:
         "help": "Learning-rate schedule over max_steps: poly (1 - t)^0.9, cosine, or constant."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
-        "help": "auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX) and on CUDA GPUs that support "
-                "it, fp16 with a GradScaler on older GPUs, otherwise fp32 (bf16 is emulated, so slower, on "
-                "other CPUs)."})
+        "help": "Autocast precision of training (pipeline/precision.py; the choice and its reason go into "
+                "report.json and model.json). auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX; measured "
+                "1.25x the steps/s of fp32 at the same Dice, bench/README.md) and on CUDA GPUs with native bf16 "
+                "(compute capability >= 8), fp16 with a GradScaler on older GPUs (V100, T4), otherwise fp32 "
+                "(bf16 is emulated, so slower, on other CPUs). fp16 is refused on the CPU."})
     channels_last: bool = field(default=True, metadata={
         "help": "Channels-last memory layout (several times faster 3D convolutions on CPU)."})
     compile: bool = field(default=False, metadata={

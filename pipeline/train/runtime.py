@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.precision import resolve_precision
 
 log = logging.getLogger("ctseg")
 
@@ -28,6 +27,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     started_process_group: bool = False
+    precision_reason: str = ""  # why this precision (pipeline.precision.resolve_precision)
 
     @property
     def is_main(self) -> bool:
@@ -53,25 +53,6 @@ class Runtime:
         return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32.
-
-    Elsewhere torch emulates bf16 and a training step gets several times slower (measured 4-40× on an
-    AVX2-only EPYC), so ``precision: auto`` keeps fp32 there.
-    """
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-    if not any(flag in flags for flag in ("avx512_bf16", "amx_bf16")):
-        return False
-    try:  # the instructions exist; check that this torch build runs a bf16 matmul at all
-        a = torch.ones(8, 8, dtype=torch.bfloat16)
-        return bool(torch.isfinite((a @ a).float()).all())
-    except RuntimeError:
-        return False
-
-
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device must be 'cpu' or 'auto' on this machine, got 'cuda' but torch sees no CUDA "
@@ -79,24 +60,6 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def resolve_precision(requested: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
-    if requested == "fp32":
-        return None, False
-    if device.type == "cuda":
-        if requested == "fp16" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16, True
-        return torch.bfloat16, False
-    if requested == "fp16":
-        raise ConfigError("train.precision must be 'auto', 'fp32' or 'bf16' on the CPU, got 'fp16' (CPU fp16 "
-                          "training is not supported). Use bf16 or auto.")
-    if requested == "bf16":
-        if not cpu_has_native_bf16():
-            log.warning("train: bf16 requested on a CPU without native bf16; expect it to be slower than fp32")
-        return torch.bfloat16, False
-    return (torch.bfloat16 if cpu_has_native_bf16() else None), False
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -108,7 +71,7 @@ def setup_runtime(options) -> Runtime:
     """Resolve device and precision; join the torchrun process group when launched by torchrun."""
     rank, world, local_rank = distributed_env()
     device = resolve_device(options.device, local_rank)
-    dtype, scaler = resolve_precision(options.precision, device)
+    precision = resolve_precision(options.precision, device, "train")
     if options.threads:
         torch.set_num_threads(int(options.threads))
     started = False
@@ -120,8 +83,9 @@ def setup_runtime(options) -> Runtime:
         started = True
     if world > 1:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return Runtime(device=device, autocast_dtype=dtype, use_grad_scaler=scaler, channels_last=options.channels_last,
-                   rank=rank, world_size=world, started_process_group=started)
+    return Runtime(device=device, autocast_dtype=precision.dtype, use_grad_scaler=precision.grad_scaler,
+                   channels_last=options.channels_last, rank=rank, world_size=world, started_process_group=started,
+                   precision_reason=precision.reason)
 
 
 def teardown_runtime(runtime: Runtime) -> None:

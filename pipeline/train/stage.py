@@ -124,6 +124,7 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
 
     run.extra.update({
         "runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                    "precision_reason": runtime.precision_reason,
                     "channels_last": runtime.channels_last, "world_size": runtime.world_size},
         "sampling": {"mode": sampling.mode, "patch_size": sampling.patch_size, "batch_size": batch_size,
                      "context_slices": sampling.context_slices},
@@ -131,7 +132,8 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
         "complete": complete, "folds_done": sorted(r["fold"] for r in finished), "folds_total": len(splits),
     })
     if finished and len(finished) == len(results):  # no fold is waiting for --resume
-        model_dir = write_model_folder(out, spec, sampling, plan, finished, cfg, stage_hash)
+        model_dir = write_model_folder(out, spec, sampling, plan, finished, cfg, stage_hash,
+                                       precision={"used": runtime.precision, "reason": runtime.precision_reason})
         run.extra["model"] = str(model_dir)
     if not complete:
         log.info("train: %d of %d folds done; train the others with train.train_folds (or run again)",
@@ -193,7 +195,7 @@ def cross_validation(results: list[dict], class_names: list[str]) -> dict:
 
 
 def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict, results: list[dict],
-                       cfg: Config, stage_hash: str) -> Path:
+                       cfg: Config, stage_hash: str, precision: dict | None = None) -> Path:
     """model/: each fold's best weights and model.json (written last: its presence means complete)."""
     model_dir = out / "model"
     if model_dir.exists():
@@ -217,6 +219,7 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
         "class_values": plan["class_values"],
         "folds": folds,
         "training": {"max_steps": cfg.train.max_steps, "seed": cfg.seed, "stage_hash": stage_hash,
+                     "precision": precision,
                      "created": _dt.datetime.now().isoformat(timespec="seconds")},
     })
     return model_dir
