@@ -55,9 +55,9 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients were averaged every step
     assert ranks[0]["final_loss"] != ranks[1]["final_loss"]  # ... over different, rank-sharded patches
     assert ranks[0]["world_size"] == 2 and ranks[0]["status"] == "ok"
-    # validation is split across the ranks and gathered: each ran one case, both know both cases' Dice
+    # validation is split across the ranks and gathered: each ran one case, rank 0 recorded both cases' Dice
     assert len(ranks[0]["validated"]) == len(ranks[1]["validated"]) == 1
-    assert ranks[0]["val_cases"] == ranks[1]["val_cases"] == sorted(ranks[0]["validated"] + ranks[1]["validated"])
+    assert ranks[0]["val_cases"] == sorted(ranks[0]["validated"] + ranks[1]["validated"])
     train = cfg.stage_dir("train")
     assert (train / "model" / "model.json").is_file() and (train / "done.json").is_file()
     report = json.loads((train / "report.json").read_text())
