@@ -5,6 +5,7 @@ elsewhere, by the precision module):
 
 - :func:`cuda_device_for_rank`: the GPU of torchrun's local rank. Training refuses more ranks than
   GPUs (NCCL stops at the first collective with "Duplicate GPU detected"); prediction may share one.
+- :func:`threads_per_process`: CPU threads per torchrun process (torchrun itself sets one).
 - :func:`bind`: ``torch.cuda.set_device`` for the calling thread (the current device is per
   thread, so a model-loading thread binds again).
 - :func:`cuda_free_bytes`: what the caching allocator can still hand out. ``cudaMemGetInfo``
@@ -57,6 +58,22 @@ def cuda_device_for_rank(setting: str, exclusive: bool) -> torch.device:
         log.warning("%s: %d processes share %d GPU(s); each plans its memory from what is free when a case starts",
                     setting, local_world, count)
     return torch.device("cuda", local_rank % count)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a Slurm allocation), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_process(requested, local_world: int) -> int | None:
+    """torch CPU threads: ``requested``, else under torchrun the cores shared out per local process (None: leave
+    torch's default). torchrun sets OMP_NUM_THREADS=1, which would leave rank 0's CPU work (validation stitching,
+    checkpoints; in prediction resampling and writing) on one core while the other ranks wait for it."""
+    if requested:
+        return int(requested)
+    if local_world <= 1:
+        return None
+    return max(1, usable_cores() // local_world)
 
 
 def bind(device: torch.device) -> None:

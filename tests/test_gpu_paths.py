@@ -354,7 +354,7 @@ def test_ddp_gets_an_explicit_timeout_and_a_share_of_the_cores(monkeypatch):
         assert runtime.distributed and torch.get_num_threads() == 8  # 16 cores, 2 processes on this node
     finally:
         torch.set_num_threads(threads)
-    assert rt.ddp_threads(3, 2) == 3 and rt.ddp_threads(None, 1) is None
+    assert devices.threads_per_process(3, 2) == 3 and devices.threads_per_process(None, 1) is None
 
 
 # -- finding 8: resume with fewer GPUs -----------------------------------------------------------------------

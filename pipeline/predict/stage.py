@@ -94,6 +94,9 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     spec = read_model_spec(model_dir)  # a bad model folder stops the batch before anything is written
     shard = case_io.resolve_shard(shard)
     device = resolve_device(cfg.predict.device)
+    threads = devices.threads_per_process(None, devices.torchrun_env()[3])
+    if threads:  # under torchrun only: each shard gets its share of the cores instead of torchrun's one thread
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         devices.configure_cuda_kernels(deterministic=False)  # every window has the model's patch size
     output_dir.mkdir(parents=True, exist_ok=True)

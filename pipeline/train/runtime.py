@@ -97,19 +97,6 @@ def channels_last_default(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def ddp_threads(requested, local_world: int) -> int | None:
-    """torch CPU threads per process: ``train.threads``, else under torchrun the cores shared out per rank.
-
-    torchrun sets OMP_NUM_THREADS=1, which leaves rank 0's CPU work (validation stitching, checkpoints)
-    on one core while the other ranks wait for it at a barrier.
-    """
-    if requested:
-        return int(requested)
-    if local_world <= 1:
-        return None
-    return max(1, _usable_cores() // local_world)
-
-
 def loader_settings(requested, device: torch.device, local_world: int) -> tuple[int, bool]:
     """(DataLoader workers, pin_memory): ``train.loader_workers``, else 0 on the CPU and a few on CUDA.
 
@@ -122,12 +109,7 @@ def loader_settings(requested, device: torch.device, local_world: int) -> tuple[
         return max(0, int(requested)), cuda and int(requested) > 0
     if not cuda:
         return 0, False
-    return max(1, min(8, _usable_cores() // max(1, local_world) - 2)), True
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a Slurm allocation), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, devices.usable_cores() // max(1, local_world) - 2)), True
 
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -161,7 +143,7 @@ def setup_runtime(options) -> Runtime:
         require_deterministic_cuda_start()  # before anything below starts CUDA
     dtype, scaler = resolve_precision(options.precision, device)
     local_world = devices.torchrun_env()[3]
-    threads = ddp_threads(options.threads, local_world)
+    threads = devices.threads_per_process(options.threads, local_world)
     if threads:
         torch.set_num_threads(threads)
     if device.type == "cuda":
