@@ -107,7 +107,8 @@ def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> dict:
     if world > 1:
         raise ConfigError(f"'ctseg run' must run as one process, got WORLD_SIZE={world} (started by torchrun). Run "
                           f"'ctseg ingest' and 'ctseg preprocess' once, then 'torchrun --nproc_per_node N -m pipeline "
-                          f"train ...', then 'ctseg predict' and 'ctseg evaluate', each with the same -c/--set options.")
+                          f"train ...', then 'ctseg predict' and 'ctseg evaluate', each with the same -c/--set "
+                          f"options.")
     reports = {"ingest": ingest(cfg, force=force)}
     reports["preprocess"] = preprocess(cfg, force=force)
     reports["train"] = train(cfg, force=force)

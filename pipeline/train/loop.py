@@ -188,7 +188,8 @@ class FoldTrainer:
                 "step": self.step, "max_steps": self.job.options.max_steps, "network_spec": self.job.network_spec,
                 "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(self.runtime.device), "history": self.history.to_json(), "best_val_cases": self.best_val_cases}
+                "rng": rng_state(self.runtime.device), "history": self.history.to_json(),
+                "best_val_cases": self.best_val_cases}
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
