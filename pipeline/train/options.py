@@ -88,7 +88,9 @@ class TrainConfig:
     validation_fraction: float = field(default=0.2, metadata={"help": "Share of cases held out when folds = 1."})
     deterministic: bool = field(default=False, metadata={
         "help": "Seeded, deterministic algorithms (monai set_determinism, torch.use_deterministic_algorithms): "
-                "the same config gives the same weights; can be slower."})
+                "on the CPU the same config gives bit-identical weights; can be slower. On CUDA a few kernels "
+                "(DiceCE's NLL loss, interpolate and MaxPool3d backward) have no deterministic version: each one "
+                "used is logged and listed in the fold's nondeterministic_ops, and repeats can differ slightly."})
     steps_per_run: Optional[int] = field(default=None, metadata={
         "help": "Stop after this many steps in one invocation (the schedule still spans max_steps); "
                 "'ctseg train --resume' continues. For training in time slots. Not part of the stage hash."})
