@@ -23,6 +23,10 @@ overlap (0.5), each in its own subprocess so that peak memory (VmHWM) is per var
   default is constant). Neither changes the reference's cost. ``--bundle-exact`` also runs the
   reference exactly as the bundle and reports its time and agreement.
 
+``--device`` (auto: CUDA when present) runs both on the same device: ours with ``predict.device``,
+the reference's network and image moved there as the bundle does (its ``device`` is CUDA when
+available), its output back on the CPU for Invertd and SaveImaged.
+
 Also measured: the Dice agreement of the two label maps, and the cost of our reassembly (argmax then nearest) against resampling every class's
 probabilities to the source grid first (the Dice change between the two is reported).
 """
@@ -39,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 REPEAT = 0  # set in a variant's subprocess: which timed run this is
+DEVICE = "auto"  # set in a variant's subprocess: --device, the same for every variant
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -141,6 +146,7 @@ def variant_ours(work: Path, all_outputs: bool, model: str = "model", precision:
     cfg.predict.overlap = OVERLAP
     cfg.predict.batch_size = 4
     cfg.predict.precision = precision
+    cfg.predict.device = DEVICE
     if not all_outputs:
         cfg.predict.outputs.seg_nrrd = False
         cfg.predict.outputs.thumbnails = False
@@ -173,11 +179,13 @@ def variant_reference(work: Path, bundle_exact: bool = False) -> dict:
     out = work / ("reference_bundle_exact" if bundle_exact else "reference")
     phases = {}
     start = time.perf_counter()
+    device = torch.device("cuda", 0) if DEVICE == "cuda" or (DEVICE == "auto" and torch.cuda.is_available()) else \
+        torch.device("cpu")
     spec = model_spec(work)
     net = build_network(spec["network"])
     net.load_state_dict(torch.load(work / "model" / spec["folds"][0]["checkpoint"], map_location="cpu",
                                    weights_only=True))
-    net.eval()
+    net.to(device).eval()
     preprocessing = Compose([
         LoadImaged(keys="image"),
         EnsureChannelFirstd(keys="image"),
@@ -193,8 +201,10 @@ def variant_reference(work: Path, bundle_exact: bool = False) -> dict:
     clock = time.perf_counter()
     with torch.no_grad():
         # Gaussian blending as ours; the bundle's SlidingWindowInferer uses the default constant (see --bundle-exact)
-        data["pred"] = sliding_window_inference(data["image"][None], ROI, 4, net, overlap=OVERLAP,
-                                                mode="constant" if bundle_exact else "gaussian")[0]
+        data["pred"] = sliding_window_inference(data["image"][None].to(device), ROI, 4, net, overlap=OVERLAP,
+                                                mode="constant" if bundle_exact else "gaussian")[0].cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     phases["infer"] = time.perf_counter() - clock
     clock = time.perf_counter()
     data = Compose([
@@ -209,7 +219,7 @@ def variant_reference(work: Path, bundle_exact: bool = False) -> dict:
     phases["save"] = time.perf_counter() - clock
     seconds = time.perf_counter() - start
     model_grid = list(data["image"].shape[1:])
-    return {"seconds": round(seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
+    return {"seconds": round(seconds, 2), "peak_rss_bytes": peak_rss_bytes(), "device": str(device),
             "phases_s": {k: round(v, 3) for k, v in phases.items()}, "model_grid_shape": model_grid,
             "windows": _monai_window_count(model_grid), "output": str(out / "bench_0000_trans.nii.gz")}
 
@@ -303,7 +313,7 @@ def run_variant(work: Path, variant: str, repeat: int = 0) -> dict:
     result_file = work / f"{variant}_r{repeat}.json"
     start = time.perf_counter()
     completed = subprocess.run([sys.executable, __file__, "--variant", variant, "--workdir", str(work),
-                                "--repeat", str(repeat)], capture_output=True, text=True)
+                                "--repeat", str(repeat), "--device", DEVICE], capture_output=True, text=True)
     if completed.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
     result = json.loads(result_file.read_text())
@@ -358,6 +368,8 @@ def main() -> None:
                         help="timed runs of each main variant, interleaved; the machine is shared, so the fastest "
                              "of each (least disturbed) is the headline and every run is listed")
     parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where both variants run their network (auto: CUDA when present)")
     parser.add_argument("--no-crop-too", action="store_true",
                         help="also run ours with a plan that does not crop to the body (windows placed as the "
                              "reference's), to separate the effect of window placement on the agreement")
@@ -376,11 +388,12 @@ def main() -> None:
                     "ours_no_crop": lambda w: variant_ours(w, False, model="model_no_crop"),
                     **{f"ours_{p}": (lambda w, p=p: variant_ours(w, False, precision=p))
                        for p in ("fp32", "bf16", "fp16")}}
-        global REPEAT
-        REPEAT = args.repeat
+        global REPEAT, DEVICE
+        REPEAT, DEVICE = args.repeat, args.device
         result = handlers[args.variant](args.workdir)
         (args.workdir / f"{args.variant}_r{args.repeat}.json").write_text(json.dumps(result, indent=2))
         return
+    DEVICE = args.device  # every variant's subprocess gets it
     with tempfile.TemporaryDirectory(prefix="ctseg-bench-predict-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

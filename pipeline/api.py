@@ -16,12 +16,21 @@ from pathlib import Path
 
 from pipeline import atomic
 from pipeline.config import Config, to_yaml
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("ctseg")
 
 
+def _torchrun_rank_and_world() -> tuple[int, int]:
+    from pipeline.devices import torchrun_env
+
+    return torchrun_env()[:2]
+
+
 def _record_config(cfg: Config, folder: Path) -> None:
-    """Every run folder gets the fully resolved config it ran with."""
+    """Every run folder gets the fully resolved config it ran with (under torchrun, written by rank 0 only)."""
+    if _torchrun_rank_and_world()[0] != 0:
+        return
     atomic.write_text(Path(folder) / "config.yaml", to_yaml(cfg))
 
 
@@ -114,7 +123,18 @@ def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> dict:
     """All stages in order: ingest → preprocess → train → predict (held-out cases) → evaluate.
 
     ``retry_failed``: predict again the held-out cases that failed in an earlier run.
+
+    Refused under torchrun: ingest, preprocess and evaluate run in one process, and holding the other
+    ranks at a collective for them (hours on a large export) would need a timeout long enough to hide
+    a real hang in training. Run the stages one by one instead; only train (and predict, as shards)
+    use torchrun's processes.
     """
+    _rank, world = _torchrun_rank_and_world()
+    if world > 1:
+        raise ConfigError(f"'ctseg run' must run as one process, got WORLD_SIZE={world} (started by torchrun). Run "
+                          f"'ctseg ingest' and 'ctseg preprocess' once, then 'torchrun --nproc_per_node N -m pipeline "
+                          f"train ...', then 'ctseg predict' and 'ctseg evaluate', each with the same -c/--set "
+                          f"options.")
     reports = {"ingest": ingest(cfg, force=force)}
     reports["preprocess"] = preprocess(cfg, force=force)
     reports["train"] = train(cfg, force=force)

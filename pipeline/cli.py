@@ -137,6 +137,11 @@ def dispatch(args) -> int:
 
     cfg = _load(args)
     verb = args.verb
+    if cfg.train.deterministic and verb in ("train", "run", "demo"):
+        # cuBLAS reads this when CUDA starts, which is later in this process: set it now, before torch does
+        from pipeline.devices import request_deterministic_cublas
+
+        request_deterministic_cublas()
     if verb == "config":
         from pipeline.config import reference, to_yaml
 

@@ -107,9 +107,14 @@ def test_memory_plan_is_decided_from_shape_and_budget():
     assert (tighter.mode, tighter.accumulate) == ("streaming", "fp16")
     maps = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=1.5), need_probabilities=True)
     assert (maps.mode, maps.accumulate) == ("full", "fp16")
+    # on the CPU an fp16 buffer is normalised into a new float32 array (2 GB here), so kept probabilities need
+    # more than 1.5 GB in either precision: labels only, streaming in fp32
     prefer = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=1.5), need_probabilities=False,
                          prefer_probabilities=True)
-    assert (prefer.mode, prefer.accumulate) == ("full", "fp16")
+    assert (prefer.mode, prefer.accumulate) == ("streaming", "fp32")
+    prefer = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=2.8), need_probabilities=False,
+                         prefer_probabilities=True)
+    assert (prefer.mode, prefer.accumulate) == ("full", "fp32")  # normalised in place: no second array
     with pytest.raises(ConfigError, match="streaming"):
         plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(stitch="streaming"), need_probabilities=True)
 

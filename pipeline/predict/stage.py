@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline import atomic
+from pipeline import atomic, devices
 from pipeline.config import Config, stable_hash, to_dict
 from pipeline.errors import CtsegError, InputError
 from pipeline.geometry import Volume
@@ -92,6 +92,11 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     spec = read_model_spec(model_dir)  # a bad model folder stops the batch before anything is written
     shard = case_io.resolve_shard(shard)
     device = resolve_device(cfg.predict.device)
+    threads = devices.threads_per_process(None, devices.torchrun_env()[3])
+    if threads:  # under torchrun only: each shard gets its share of the cores instead of torchrun's one thread
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        devices.configure_cuda_kernels(deterministic=False)  # every window has the model's patch size
     output_dir.mkdir(parents=True, exist_ok=True)
     ledger = open_ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
                          stale_minutes=cfg.predict.stale_minutes, mode=cfg.predict.ledger_mode,
@@ -177,6 +182,7 @@ class _Batch:
     def _load(self) -> None:
         start = time.perf_counter()
         options = self.cfg.predict
+        devices.bind(self.device)  # this runs in a worker thread, and the current CUDA device is per thread
         self.predictor = load_predictor(self.model_dir, self.device, optimize=options.optimize_network,
                                         folds=options.folds)
         check_label_names(options.postprocess, [info.name for info in self.predictor.labels])
@@ -264,6 +270,10 @@ def _measure_activations(predictor: Predictor, window_predictor: WindowPredictor
     with torch.inference_mode():
         window_predictor(sample)
     peak = torch.cuda.max_memory_allocated(predictor.device)
+    del sample
+    # hand the measured peak back: the plan reserves it once as activations, and must not also find it
+    # missing from the free memory (pipeline.devices.cuda_free_bytes counts cached blocks as free anyway)
+    torch.cuda.empty_cache()
     return int(peak - before)
 
 

@@ -33,7 +33,9 @@ from pipeline.train.splits import make_splits
 
 log = logging.getLogger("ctseg")
 
-RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile")  # how or when, not what, is trained
+# how or when, not what, is trained (the memory layout changes float rounding only, as threads and compile do)
+RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile", "channels_last",
+                "ddp_timeout_minutes")
 
 
 def train_hash(cfg: Config) -> str:
@@ -125,7 +127,11 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
     run.extra.update({
         "runtime": {"device": str(runtime.device), "precision": runtime.precision,
                     "precision_reason": runtime.precision_reason,
-                    "channels_last": runtime.channels_last, "world_size": runtime.world_size},
+                    "channels_last": runtime.channels_last, "world_size": runtime.world_size,
+                    "loader_workers": runtime.loader_workers, "pin_memory": runtime.pin_memory,
+                    # bit-exact repeats hold on the CPU; on CUDA see each fold's nondeterministic_ops
+                    "deterministic": options.deterministic,
+                    "exact_repeats": options.deterministic and runtime.device.type == "cpu"},
         "sampling": {"mode": sampling.mode, "patch_size": sampling.patch_size, "batch_size": batch_size,
                      "context_slices": sampling.context_slices},
         "network": spec, "folds": results, "cross_validation": cross_validation(finished, class_names),
