@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_predict_inference import TinyNet, _predictor
 
-from pipeline import devices
+from pipeline import devices, precision
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, CtsegError
 from pipeline.predict.inference import plan_memory, sliding_window_predict
 from pipeline.predict.options import MemoryOptions
-from test_predict_inference import TinyNet, _predictor
 
 GB = 10 ** 9
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -35,6 +35,10 @@ def fake_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
         monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append((threading.get_ident(), torch.device(d))))
+        # the one capability probe of pipeline.precision (its own tests cover each answer): a native-bf16 GPU
+        real_probe = precision.probe
+        monkeypatch.setattr(precision, "probe", lambda device: precision.Capability(
+            True, "fake CUDA GPU with native bf16") if device.type == "cuda" else real_probe(device))
         return bound
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
