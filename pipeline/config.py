@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, Optional, Sequence, get_args, get_origin
 
 import yaml
 
@@ -58,7 +58,7 @@ class Config:
 # Loading and validation
 # ---------------------------------------------------------------------------------------------
 
-def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base: dict | None = None) -> Config:
     """Build a Config from defaults, then each YAML file in order, then each ``a.b=c`` override."""
     merged: dict = dict(base or {})
     sources: dict[str, str] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def load_volume(path: str | Path) -> Volume:
 def _load_nifti(path: Path) -> Volume:
     import nibabel as nib
 
-    image = nib.load(str(path))
+    image: Any = nib.load(str(path))  # a Nifti1Image or Nifti2Image (nibabel types it as its base class)
     array = np.asanyarray(image.dataobj)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -112,13 +113,14 @@ def load_grid(path: str | Path) -> Grid:
         import nibabel as nib
 
         try:
-            image = nib.load(str(path))
+            image: Any = nib.load(str(path))
         except Exception as exc:
             raise InputError(f"{path} could not be read as NIfTI ({exc}).") from exc
         return Grid(image.shape[:3], image.affine)
     return load_volume(path).grid
 
 
+_isal_zlib: Any
 try:  # ISA-L (PyPI isal): the same deflate format, several times faster than zlib at the fastest levels
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - a platform without an isal wheel falls back to zlib
@@ -150,6 +152,7 @@ def parallel_gzip(data, level: int = 1, threads: int | None = None, chunk_bytes:
     view = memoryview(data).cast("B")
     chunks = [view[start:start + chunk_bytes] for start in range(0, len(view), chunk_bytes)] or [view]
     last = len(chunks) - 1
+    library: Any
     if gzip_backend(level) == "isal":
         library, library_level = _isal_zlib, _ISAL_LEVEL[level]
     else:
