@@ -48,6 +48,8 @@ class SkippedFile:
 
     path: Path
     reason: str
+    damaged: bool = True  # looks like a cut or corrupted DICOM object (maybe a lost slice), see SkipFile
+
 
 
 @dataclass
@@ -85,6 +87,10 @@ class SeriesInfo:
     referenced_series_uids: tuple[str, ...] = ()
     referenced_sop_uids: tuple[str, ...] = ()
     referenced_frame_of_reference_uids: tuple[str, ...] = ()
+    # files beside this series' images that could not be read as images, or that are images of this
+    # series that disagree with it (size, pixel spacing): each may be a lost slice. Assembly refuses
+    # the series or, when configured, leaves them out and names them.
+    damaged_files: list[SkippedFile] = field(default_factory=list, repr=False)
 
     @property
     def short_key(self) -> str:
@@ -162,6 +168,7 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
     for key, grouping, members in _group(headers, base, result):
         result.series.extend(_series_from_group(key, grouping, members, base))
     _make_keys_unique(result.series)
+    _attach_damaged_files(result)
     result.series.sort(key=lambda s: (s.folder, s.series_number if s.series_number is not None else 1 << 30,
                                       s.key))
     return result
@@ -194,7 +201,25 @@ def _read_one(path: Path):
     try:
         return read_header(path)
     except SkipFile as exc:
-        return SkippedFile(path, str(exc))
+        return SkippedFile(path, str(exc), exc.damaged)
+    except Exception as exc:  # noqa: BLE001 - one unreadable file must never end the scan
+        return SkippedFile(path, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+
+
+def _attach_damaged_files(result: ScanResult) -> None:
+    """A damaged file in the folder of an image series may be one of its slices: the series must know."""
+    damaged_by_folder: dict[Path, list[SkippedFile]] = defaultdict(list)
+    for skipped in result.skipped:
+        if skipped.damaged:
+            damaged_by_folder[skipped.path.parent].append(skipped)
+    if not damaged_by_folder:
+        return
+    for info in result.series:
+        if not info.is_image:
+            continue
+        folders = {path.parent for path in info.files}
+        for folder in sorted(folders):
+            info.damaged_files.extend(damaged_by_folder.get(folder, []))
 
 
 def _drop_repeated_instances(headers: list[FileHeader], result: ScanResult) -> list[FileHeader]:
@@ -269,12 +294,15 @@ def _series_from_group(key: str, grouping: str, headers: list[FileHeader], base:
     for header in images:
         by_class[header.sop_class_uid].extend(header.slices)
     clusters = [c for sop_class in sorted(by_class) for c in _geometry_clusters(by_class[sop_class])]
+    clusters, stray = _absorb_stray_images(clusters)
     by_path = {h.path: h for h in images}
 
     def make(part_key: str, piece: list[SliceRef], part: int, reason: str) -> SeriesInfo:
         part_headers = [by_path[p] for p in dict.fromkeys(s.path for s in piece)]
         info = _make_series(part_key, grouping, part_headers, piece, base)
         info.part, info.split_reason = part, reason
+        if stray and piece and piece[0] in stray[0]:
+            info.damaged_files.extend(stray[1])
         return info
 
     if grouping == "fallback":  # without UIDs, each geometry is its own series, not a split one
@@ -296,6 +324,56 @@ def _series_from_group(key: str, grouping: str, headers: list[FileHeader], base:
         else:
             series.append(make(f"{key}#part{number}", piece, number, reason))
     return series
+
+
+STRAY_FRACTION = 0.1  # a geometry cluster this small (or of ≤ 2 images) inside a larger one is damage
+
+
+def _absorb_stray_images(clusters: list[list[SliceRef]]):
+    """Images that sit among a series' slices but disagree with them in size or pixel spacing are damaged.
+
+    A genuine second geometry in one series (a localizer, a reformat) has its own orientation or its
+    own extent; one or two images with the series' orientation, inside its slice range, whose Rows,
+    Columns or PixelSpacing differ are a corrupted header. They are taken out of the clusters and
+    returned as (set of the main cluster's slices, [SkippedFile]) so the series names them.
+    """
+    if len(clusters) < 2:
+        return clusters, None
+    main = max(clusters, key=len)
+    along = _positions_along_normal(main)
+    if along is None or len(main) < 3:
+        return clusters, None
+    normal = slice_normal(main[0].orientation)
+    steps = np.diff(np.sort(along))
+    steps = steps[steps >= DUPLICATE_POSITION_MM]
+    step = float(np.median(steps)) if len(steps) else 0.0
+    low, high = float(along.min()) - step, float(along.max()) + step
+    limit = max(2, int(len(main) * STRAY_FRACTION))
+    kept, damaged = [main], []
+    for cluster in clusters:
+        if cluster is main:
+            continue
+        inside = len(cluster) <= limit and all(
+            s.position is not None and _same_orientation(s, main[0])
+            and low <= float(np.dot(s.position, normal)) <= high for s in cluster)
+        if not inside:
+            kept.append(cluster)
+            continue
+        reference = main[0]
+        for s in cluster:
+            what = []
+            if (s.pixel.rows, s.pixel.columns) != (reference.pixel.rows, reference.pixel.columns):
+                what.append(f"Rows/Columns {s.pixel.rows}/{s.pixel.columns} (series: {reference.pixel.rows}/"
+                            f"{reference.pixel.columns})")
+            if s.pixel_spacing != reference.pixel_spacing:
+                what.append(f"PixelSpacing {s.pixel_spacing} (series: {reference.pixel_spacing})")
+            damaged.append(SkippedFile(s.path, f"damaged: {' and '.join(what) or 'geometry'} differ from the rest "
+                                               f"of the series although the image lies among its slices"))
+    if not damaged:
+        return clusters, None
+    order = {id(c): i for i, c in enumerate(clusters)}
+    kept.sort(key=lambda c: order[id(c)])
+    return kept, (set(main), damaged)
 
 
 def _geometry_signature(slice_ref: SliceRef) -> str:
@@ -344,8 +422,15 @@ def _describe_split(clusters: list[list[SliceRef]], sop_classes: int) -> str:
             differences.add("orientations")
         else:
             differences.add("pixel spacings")
-    sizes = ", ".join(f"{len(c)} images {_geometry_label(c[0])}" for c in clusters)
+    sizes = ", ".join(f"{len(c)} images {_geometry_label(c[0])}{_few_names(c)}" for c in clusters)
     return f"series mixes {' and '.join(sorted(differences))} ({sizes}); split into {len(clusters)} parts"
+
+
+def _few_names(cluster: list[SliceRef]) -> str:
+    """The file names of a small part, so that a warning about a split names the odd files out."""
+    if len(cluster) > 3:
+        return ""
+    return " [" + ", ".join(dict.fromkeys(s.path.name for s in cluster)) + "]"
 
 
 def _same_orientation(a: SliceRef, b: SliceRef) -> bool:
