@@ -158,7 +158,8 @@ def dispatch(args) -> int:
     else:  # pragma: no cover - argparse rejects unknown verbs
         return EXIT_USAGE
     _summarise(report)
-    return EXIT_PARTIAL if report.get("status") == "failed" and verb == "predict" else (
+    # ingest with some failed cases completed the others (each failure is in report.json): exit 3 as predict
+    return EXIT_PARTIAL if report.get("status") == "failed" and verb in ("predict", "ingest") else (
         EXIT_RUNTIME if report.get("status") == "failed" else EXIT_OK)
 
 
