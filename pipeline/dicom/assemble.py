@@ -509,7 +509,9 @@ def _even_along(stack: np.ndarray, along: np.ndarray, series: SeriesInfo, option
     count = int(round((along[-1] - along[0]) / nominal)) + 1
     targets = np.linspace(along[0], along[-1], count)
     # the files whose positions are off the regular grid of the median spacing (named in the warning)
-    grid = along[0] + nominal * np.round((along - along[0]) / nominal)
+    index = np.round((along - along[0]) / nominal)
+    anchor = float(np.median(along - nominal * index))  # the grid most slices sit on, whichever slice moved
+    grid = anchor + nominal * index
     off = [_frame_name(slices[i]) for i in np.flatnonzero(np.abs(along - grid) > tolerance(nominal))]
     missing = int(round(float(np.sum(np.maximum(np.round(gaps / nominal) - 1, 0)))))
     stack = _interpolate_slices(stack, along, targets)

@@ -312,6 +312,8 @@ def _file_header(path: Path, dataset, media_class: str, pixel_location) -> FileH
     has_pixels = pixel_location is not None or ("Rows" in dataset and _is_deflated(syntax))
     if not has_pixels and header.sop_class_uid in IMAGE_SOP_CLASSES:
         raise SkipFile("image object without pixel data (truncated or incomplete file)")
+    if pixel_location is not None and ("Rows" not in dataset or "Columns" not in dataset):
+        raise SkipFile("damaged pixel module: pixel data without Rows and Columns")
     if "Rows" in dataset and "Columns" in dataset:
         if not has_pixels:
             raise SkipFile("image header without pixel data")

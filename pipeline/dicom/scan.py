@@ -169,6 +169,7 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
         result.series.extend(_series_from_group(key, grouping, members, base))
     _make_keys_unique(result.series)
     _attach_damaged_files(result)
+    _attach_stray_series(result)
     result.series.sort(key=lambda s: (s.folder, s.series_number if s.series_number is not None else 1 << 30,
                                       s.key))
     return result
@@ -354,7 +355,7 @@ def _absorb_stray_images(clusters: list[list[SliceRef]]):
         if cluster is main:
             continue
         inside = len(cluster) <= limit and all(
-            s.position is not None and _same_orientation(s, main[0])
+            s.position is not None and (_same_orientation(s, main[0]) or not _valid_orientation(s.orientation))
             and low <= float(np.dot(s.position, normal)) <= high for s in cluster)
         if not inside:
             kept.append(cluster)
@@ -367,6 +368,10 @@ def _absorb_stray_images(clusters: list[list[SliceRef]]):
                             f"{reference.pixel.columns})")
             if s.pixel_spacing != reference.pixel_spacing:
                 what.append(f"PixelSpacing {s.pixel_spacing} (series: {reference.pixel_spacing})")
+            if not _same_orientation(s, reference):
+                what.append(f"ImageOrientationPatient {s.orientation} (series: {reference.orientation})")
+            if not what:
+                what.append("SOPClassUID")
             damaged.append(SkippedFile(s.path, f"damaged: {' and '.join(what) or 'geometry'} differ from the rest "
                                                f"of the series although the image lies among its slices"))
     if not damaged:
@@ -374,6 +379,60 @@ def _absorb_stray_images(clusters: list[list[SliceRef]]):
     order = {id(c): i for i, c in enumerate(clusters)}
     kept.sort(key=lambda c: order[id(c)])
     return kept, (set(main), damaged)
+
+
+def _valid_orientation(orientation) -> bool:
+    """Unit, perpendicular row and column cosines (a damaged ImageOrientationPatient rarely is)."""
+    if orientation is None:
+        return False
+    values = np.asarray(orientation, dtype=np.float64)
+    return bool(abs(np.linalg.norm(values[:3]) - 1) <= 1e-3 and abs(np.linalg.norm(values[3:6]) - 1) <= 1e-3
+                and abs(float(values[:3] @ values[3:6])) <= 1e-3)
+
+
+STRAY_SERIES_IMAGES = 2  # a "series" of at most this many images lying among another's slices is damage
+
+
+def _attach_stray_series(result: ScanResult) -> None:
+    """One or two images beside a series, among its slices, that form a series of their own are damaged.
+
+    A damaged SeriesInstanceUID, StudyInstanceUID, PatientID or SOP class moves a slice of a series
+    into a "series" of its own; the series would silently lose it. Such images (same orientation, or
+    none valid; inside the series' slice range along its normal) are named as damaged files of it.
+    """
+    images = [s for s in result.series if s.is_image]
+    for info in images:
+        if info.slice_count < 3 or info.orientation is None:
+            continue
+        along = _positions_along_normal(info.slices)
+        if along is None:
+            continue
+        step = float(info.slice_spacing or 0.0)
+        low, high = float(along.min()) - 2 * step, float(along.max()) + 2 * step
+        normal = slice_normal(info.orientation)
+        folders = {path.parent for path in info.files}
+        for other in images:
+            if other is info or other.slice_count > STRAY_SERIES_IMAGES or other.slice_count >= info.slice_count:
+                continue
+            if not {path.parent for path in other.files} <= folders:
+                continue
+            # same Study/Series UIDs but kept apart because PatientID differs: a damaged PatientID
+            patient_split = bool(other.series_uid) and other.series_uid == info.series_uid and \
+                other.study_uid == info.study_uid and "#patient-" in other.key
+            if not patient_split and not all(
+                    s.position is not None and (_same_orientation(s, info.slices[0])
+                                                or not _valid_orientation(s.orientation))
+                    and low <= float(np.dot(s.position, normal)) <= high for s in other.slices):
+                continue
+            differing = [name for name, a, b in (
+                ("StudyInstanceUID", other.study_uid, info.study_uid), ("SeriesInstanceUID", other.series_uid,
+                                                                        info.series_uid),
+                ("PatientID", other.patient_id, info.patient_id), ("SOPClassUID", other.sop_class_uid,
+                                                                   info.sop_class_uid),
+                ("Modality", other.modality, info.modality)) if a != b] or ["its grouping attributes"]
+            for path in other.files:
+                info.damaged_files.append(SkippedFile(path, f"damaged: lies among the series' slices with the same "
+                                                            f"geometry but differs in {', '.join(differing)}"))
 
 
 def _geometry_signature(slice_ref: SliceRef) -> str:
@@ -487,10 +546,14 @@ def _natural(value: str):
 def _make_series(key: str, grouping: str, headers: list[FileHeader], slices: list[SliceRef],
                  base: Path) -> SeriesInfo:
     first = headers[0]
+    # attributes that decide selection are the series' majority, so that one damaged header (often the
+    # first file) cannot change what the series is
     info = SeriesInfo(
-        key=key, grouping=grouping, modality=first.modality, sop_class_uid=first.sop_class_uid,
-        image_type=first.image_type, series_description=first.series_description,
-        series_number=first.series_number, convolution_kernel=first.convolution_kernel,
+        key=key, grouping=grouping, modality=_majority(h.modality for h in headers), sop_class_uid=first.sop_class_uid,
+        image_type=_majority(h.image_type for h in headers),
+        series_description=_majority(h.series_description for h in headers),
+        series_number=_majority(h.series_number for h in headers),
+        convolution_kernel=_majority(h.convolution_kernel for h in headers),
         slice_thickness=first.slice_thickness, study_uid=first.study_uid, series_uid=first.series_uid,
         frame_of_reference_uid=first.frame_of_reference_uid, patient_id=first.patient_id,
         manufacturer=first.manufacturer, folder=_relative_folder(first.path, base),
@@ -502,6 +565,14 @@ def _make_series(key: str, grouping: str, headers: list[FileHeader], slices: lis
     if slices:
         _describe_geometry(info, first)
     return info
+
+
+def _majority(values: Iterable):
+    """The most common value (the first one seen among equally common values)."""
+    counts: dict = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return max(counts, key=counts.get)
 
 
 def _merge(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
