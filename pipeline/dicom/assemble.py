@@ -351,15 +351,9 @@ def _check_size(slices: list[SliceRef], series: SeriesInfo, options: AssemblyOpt
     extents = {"along rows (i)": columns * column_spacing + span(orientation[:3]),
                "along columns (j)": rows * row_spacing + span(orientation[3:6]),
                "along the slice normal (k)": span(slice_normal(orientation))}
-    for axis, extent in extents.items():
-        if extent > options.max_extent_mm:
-            raise InputError(f"{series.name} must fit a grid of at most {options.max_extent_mm:g} mm per axis, got "
-                             f"{extent:.0f} mm {axis} (Rows {rows}, Columns {columns}, PixelSpacing "
-                             f"{series.pixel_spacing}, slice positions from {_position_text(slices[0])} to "
-                             f"{_position_text(slices[-1])}). A position or spacing is corrupted: re-export the "
-                             f"series, or raise ingest.assembly.max_extent_mm.")
     # the stack, plus one resampled copy (tilt or spacing correction) and the stored copy written to disk
-    in_plane_growth = (1 + span(orientation[:3]) / max(columns * column_spacing, 1e-6)) *         (1 + span(orientation[3:6]) / max(rows * row_spacing, 1e-6))
+    in_plane_growth = (1 + span(orientation[:3]) / max(columns * column_spacing, 1e-6)) * (
+        1 + span(orientation[3:6]) / max(rows * row_spacing, 1e-6))
     needed = len(slices) * rows * columns * np.dtype(dtype).itemsize * (2 + in_plane_growth)
     budget = memory_budget_bytes(options)
     if needed > budget:
@@ -367,6 +361,13 @@ def _check_size(slices: list[SliceRef], series: SeriesInfo, options: AssemblyOpt
                          f"{needed / 2**20:.0f} MB ({len(slices)} slices of {columns}x{rows} pixels, from the "
                          f"headers). Raise ingest.assembly.memory_budget_mb on a machine with more memory, or check "
                          f"Rows/Columns in the files.")
+    for axis, extent in extents.items():
+        if extent > options.max_extent_mm:
+            raise InputError(f"{series.name} must fit a grid of at most {options.max_extent_mm:g} mm per axis, got "
+                             f"{extent:.0f} mm {axis} (Rows {rows}, Columns {columns}, PixelSpacing "
+                             f"{series.pixel_spacing}, slice positions from {_position_text(slices[0])} to "
+                             f"{_position_text(slices[-1])}). A position or spacing is corrupted: re-export the "
+                             f"series, or raise ingest.assembly.max_extent_mm.")
 
 
 def memory_budget_bytes(options: AssemblyOptions) -> float:
