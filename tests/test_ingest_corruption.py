@@ -315,3 +315,17 @@ def test_real_series_campaign_every_kind(shared_data, tmp_path, on_damaged):
                            list(DAMAGE) + list(RANDOM_DAMAGE), AssemblyOptions(on_damaged=on_damaged, workers=1),
                            seeds=range(8))
     print(f"sts_ct STS_002 on_damaged={on_damaged}: {sum(results.values())} trials: {dict(results)}")
+
+
+def test_duplicate_copy_is_unaffected_when_identical_and_refused_when_different(phantom_series, tmp_path):
+    clean = ingest_folder(phantom_series, AssemblyOptions(workers=1))
+    files = sorted(phantom_series.glob("*.dcm"))
+    damaged = _trial_folder(phantom_series, tmp_path / "same", files[5])
+    shutil.copyfile(damaged, damaged.with_name("copy_of_slice.dcm"))
+    assert classify(clean, ingest_folder(tmp_path / "same", AssemblyOptions(workers=1)), "copy") == "unaffected"
+    damaged = _trial_folder(phantom_series, tmp_path / "different", files[5])
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0xFF  # one pixel of the copy differs: which of the two is right is unknown
+    damaged.with_name("copy_of_slice.dcm").write_bytes(bytes(data))
+    outcome = ingest_folder(tmp_path / "different", AssemblyOptions(workers=1))
+    assert outcome.status == "refused" and "copy_of_slice.dcm" in outcome.text and "different content" in outcome.text

@@ -232,12 +232,23 @@ def _drop_repeated_instances(headers: list[FileHeader], result: ScanResult) -> l
         if uid:
             owner = (header.series_uid, uid)
             if owner in first_path:
-                result.skipped.append(SkippedFile(header.path, f"duplicate of {first_path[owner].name} "
-                                                               f"(same SOPInstanceUID)"))
+                # an identical copy is harmless; a copy that differs means one of the two is damaged
+                same = _same_bytes(header.path, first_path[owner])
+                result.skipped.append(SkippedFile(
+                    header.path, f"duplicate of {first_path[owner].name} (same SOPInstanceUID"
+                                 f"{', identical bytes' if same else ', but different content: one of them is damaged'})",
+                    damaged=not same))
                 continue
             first_path[owner] = header.path
         kept.append(header)
     return kept
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def _patient_hash(patient_id: str) -> str:

@@ -127,7 +127,7 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
     if run.skipped_up_to_date:
         log.info("ingest: %s is up to date (config and inputs unchanged); nothing to do", out)
         return {"stage": "ingest", "status": "up_to_date", "folder": str(out)}
-    privacy = PathPrivacy([source, dataset_root, dataset.path.parent if dataset is not None else None],
+    privacy = PathPrivacy([source, dataset_root, Path(dataset.path).parent if dataset is not None else None],
                           cfg.ingest.full_paths)
     run.redact = privacy.redact
 
