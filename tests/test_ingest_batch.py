@@ -157,3 +157,14 @@ def test_output_inside_the_input_is_refused(tmp_path):
     result = ctseg("ingest", export, "--output", export / "ingest")
     assert result.returncode == 2 and "must be outside the input folder" in result.stderr
     assert not (export / "ingest").exists()
+
+
+def test_traceback_on_stderr_only_with_debug(tmp_path):
+    export = tmp_path / "export"
+    _good(export / "good", 1)
+    write_ct_strip(export / "wide")
+    quiet = ctseg("ingest", export, "--output", tmp_path / "quiet")
+    loud = ctseg("ingest", export, "--output", tmp_path / "loud", "--debug")
+    assert quiet.returncode == loud.returncode == 3
+    assert "unexpected HeaderDataError" in quiet.stderr and "Traceback" not in quiet.stderr
+    assert "Traceback" in loud.stderr and "HeaderDataError" in loud.stderr
