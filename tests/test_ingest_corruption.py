@@ -329,3 +329,14 @@ def test_duplicate_copy_is_unaffected_when_identical_and_refused_when_different(
     damaged.with_name("copy_of_slice.dcm").write_bytes(bytes(data))
     outcome = ingest_folder(tmp_path / "different", AssemblyOptions(workers=1))
     assert outcome.status == "refused" and "copy_of_slice.dcm" in outcome.text and "different content" in outcome.text
+
+
+def test_key_image_saved_as_its_own_series_leaves_the_series_alone(phantom_series, tmp_path):
+    """A copy of one slice saved as a new series (a PACS key image) is not a lost slice: unaffected."""
+    clean = ingest_folder(phantom_series, AssemblyOptions(workers=1))
+    files = sorted(phantom_series.glob("*.dcm"))
+    _trial_folder(phantom_series, tmp_path / "t", files[0])
+    key = pydicom.dcmread(files[6])
+    key.SeriesInstanceUID, key.SOPInstanceUID = "1.2.3.4.5.6.9", "1.2.3.4.5.6.10"
+    key.save_as(tmp_path / "t" / "key_image.dcm")
+    assert classify(clean, ingest_folder(tmp_path / "t", AssemblyOptions(workers=1)), "key_image") == "unaffected"

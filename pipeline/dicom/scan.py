@@ -409,7 +409,9 @@ def _attach_stray_series(result: ScanResult) -> None:
 
     A damaged SeriesInstanceUID, StudyInstanceUID, PatientID or SOP class moves a slice of a series
     into a "series" of its own; the series would silently lose it. Such images (same orientation, or
-    none valid; inside the series' slice range along its normal) are named as damaged files of it.
+    none valid; inside the series' slice range along its normal, at a position the series does not
+    already cover) are named as damaged files of it. Images at positions the series covers (key
+    images saved as a series of their own) leave it complete and are left alone.
     """
     images = [s for s in result.series if s.is_image]
     for info in images:
@@ -434,6 +436,11 @@ def _attach_stray_series(result: ScanResult) -> None:
                     s.position is not None and (_same_orientation(s, info.slices[0])
                                                 or not _valid_orientation(s.orientation))
                     and low <= float(np.dot(s.position, normal)) <= high for s in other.slices):
+                continue
+            # an image at a position the series already covers (a key image, a saved copy) takes
+            # nothing from it: only one that fills a hole or extends an end can be a lost slice
+            if not patient_split and all(float(np.min(np.abs(along - float(np.dot(s.position, normal)))))
+                                         <= 0.25 * step for s in other.slices):
                 continue
             differing = [name for name, a, b in (
                 ("StudyInstanceUID", other.study_uid, info.study_uid), ("SeriesInstanceUID", other.series_uid,
