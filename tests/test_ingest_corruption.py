@@ -43,13 +43,16 @@ class Outcome:
     status: str                      # "ok" or "refused"
     volumes: list = field(default_factory=list)
     text: str = ""                   # every reason and warning, for the "named" check
+    skipped: list = field(default_factory=list)  # the scan's skipped files with their reasons
 
 
 def ingest_folder(folder: Path, options: AssemblyOptions) -> Outcome:
     """What ``ctseg ingest`` does with a folder, case by case, without writing files."""
     scan = scan_export(folder, workers=1)
     decisions = select_series(scan.series, SelectionRules())
-    texts = [d.reason for d in decisions] + [s.reason for s in scan.skipped] + scan.warnings
+    # what a case says: selection reasons, refusals and warnings (the scan's list of skipped files is not
+    # the case's warning, so it does not count as naming a file)
+    texts = [d.reason for d in decisions] + scan.warnings
     volumes = []
     for decision in decisions:
         if not decision.selected:
@@ -62,7 +65,8 @@ def ingest_folder(folder: Path, options: AssemblyOptions) -> Outcome:
             texts += warnings
         except InputError as exc:
             texts.append(str(exc))
-    return Outcome("ok" if volumes else "refused", volumes, "\n".join(texts))
+    return Outcome("ok" if volumes else "refused", volumes, "\n".join(texts),
+                   [f"{s.path.name}: {s.reason}" for s in scan.skipped])
 
 
 def classify(clean, outcome: Outcome, damaged_name: str) -> str:
@@ -340,3 +344,19 @@ def test_key_image_saved_as_its_own_series_leaves_the_series_alone(phantom_serie
     key.SeriesInstanceUID, key.SOPInstanceUID = "1.2.3.4.5.6.9", "1.2.3.4.5.6.10"
     key.save_as(tmp_path / "t" / "key_image.dcm")
     assert classify(clean, ingest_folder(tmp_path / "t", AssemblyOptions(workers=1)), "key_image") == "unaffected"
+
+
+def test_damaged_file_of_another_known_series_does_not_refuse_this_one(phantom_series, tmp_path):
+    """A truncated file of another series in the same folder is that series' loss: this one is unaffected."""
+    clean = ingest_folder(phantom_series, AssemblyOptions(workers=1))
+    files = sorted(phantom_series.glob("*.dcm"))
+    _trial_folder(phantom_series, tmp_path / "t", files[0])
+    other = write_phantom(tmp_path / "other", phantom_volume(shape=(40, 36, 3)), series_uid="1.2.3.4.77",
+                          series_number=9, file_prefix="OT")
+    for path in other[:2]:
+        shutil.copyfile(path, tmp_path / "t" / path.name)
+    truncated = tmp_path / "t" / other[2].name
+    truncated.write_bytes(other[2].read_bytes()[:-500])
+    outcome = ingest_folder(tmp_path / "t", AssemblyOptions(workers=1))
+    assert classify(clean, outcome, truncated.name) == "unaffected"
+    assert any(line.startswith(f"{truncated.name}: truncated") for line in outcome.skipped)  # listed, with reason

@@ -69,6 +69,7 @@ class SkipFile(Exception):
     def __init__(self, reason: str, damaged: bool = True):
         super().__init__(reason)
         self.damaged = damaged
+        self.series_uid = ""  # SeriesInstanceUID when the header could be read that far (attribution)
 
 
 @dataclass(frozen=True)
@@ -161,17 +162,28 @@ def read_header(path: Path) -> FileHeader:
         handle = open(path, "rb")
     except OSError as exc:
         raise SkipFile(f"unreadable ({exc.strerror or exc})") from exc
+    dataset = None
     try:
         with handle:
             dataset = _read_dataset(handle)
             _skip_directory(dataset)
             _check_complete(dataset, handle.tell(), size)
             pixel_location = _pixel_data_location(handle, size, dataset)
-    except SkipFile:
+        return _file_header(path, dataset, _media_class(dataset), pixel_location)
+    except SkipFile as exc:
+        exc.series_uid = _series_uid(dataset)
         raise
     except Exception as exc:  # pydicom raises many types for damaged headers
-        raise SkipFile(f"truncated or corrupt DICOM header ({type(exc).__name__}: {_short(exc)})") from exc
-    return _file_header(path, dataset, _media_class(dataset), pixel_location)
+        skip = SkipFile(f"truncated or corrupt DICOM header ({type(exc).__name__}: {_short(exc)})")
+        skip.series_uid = _series_uid(dataset)
+        raise skip from exc
+
+
+def _series_uid(dataset) -> str:
+    try:
+        return _text(dataset, "SeriesInstanceUID") if dataset is not None else ""
+    except Exception:  # noqa: BLE001 - a damaged data set: no attribution
+        return ""
 
 
 def _media_class(dataset) -> str:

@@ -49,6 +49,7 @@ class SkippedFile:
     path: Path
     reason: str
     damaged: bool = True  # looks like a cut or corrupted DICOM object (maybe a lost slice), see SkipFile
+    series_uid: str = ""  # its SeriesInstanceUID when the header could be read that far
 
 
 
@@ -202,7 +203,7 @@ def _read_one(path: Path):
     try:
         return read_header(path)
     except SkipFile as exc:
-        return SkippedFile(path, str(exc), exc.damaged)
+        return SkippedFile(path, str(exc), exc.damaged, exc.series_uid)
     except Exception as exc:  # noqa: BLE001 - one unreadable file must never end the scan
         return SkippedFile(path, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
 
@@ -215,12 +216,17 @@ def _attach_damaged_files(result: ScanResult) -> None:
             damaged_by_folder[skipped.path.parent].append(skipped)
     if not damaged_by_folder:
         return
+    # a damaged file that names another series found in the export (an RTSTRUCT, another CT) is that
+    # series' loss, not this one's; a damaged or unknown SeriesInstanceUID may be this series'
+    known = {s.series_uid for s in result.series if s.series_uid}
     for info in result.series:
         if not info.is_image:
             continue
         folders = {path.parent for path in info.files}
         for folder in sorted(folders):
-            info.damaged_files.extend(damaged_by_folder.get(folder, []))
+            info.damaged_files.extend(
+                f for f in damaged_by_folder.get(folder, [])
+                if not (f.series_uid and f.series_uid != info.series_uid and f.series_uid in known))
 
 
 def _drop_repeated_instances(headers: list[FileHeader], result: ScanResult) -> list[FileHeader]:
