@@ -163,6 +163,7 @@ DAMAGE = {
     "photometric_monochrome1": _set(PhotometricInterpretation="MONOCHROME1"),
     "position_10m_sideways": _move(0, 10_000.0), "position_100m_sideways": _move(0, 100_000.0),
     "position_1000m_sideways": _move(0, 1_000_000.0), "position_off_line": _move(1, 0.7),
+    "position_slightly_off_line": _move(1, 0.2),
     "position_nudged_along": _move(2, 0.3), "position_10m_along": _move(2, 10_000.0),
     "position_text": _set(ImagePositionPatient="abc\\0\\0"),
     "orientation_damaged": _set(ImageOrientationPatient=[0.9, 0, 0, 0, 1, 0]),
@@ -240,15 +241,31 @@ def phantom_series(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("on_damaged", ["refuse", "exclude"])
-def test_synthetic_campaign_is_never_silently_different(phantom_series, tmp_path, on_damaged):
-    results = run_campaign(phantom_series, tmp_path, list(DAMAGE) + list(RANDOM_DAMAGE),
-                           AssemblyOptions(on_damaged=on_damaged, workers=1), seeds=range(6))
+def _oblique_feet_first() -> np.ndarray:
+    angle = np.radians(20.0)
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    return rotation @ np.diag([-1.0, -1.0, -1.0])  # k runs feet-wards, tilted 20° about x
+
+
+@pytest.fixture(scope="module")
+def oblique_series(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clean_oblique") / "series"
+    write_phantom(folder, phantom_volume(shape=SHAPE, direction=_oblique_feet_first()), patient_position="FFS")
+    return folder
+
+
+@pytest.mark.parametrize("geometry,on_damaged", [("axial", "refuse"), ("axial", "exclude"),
+                                                 ("oblique_feet_first", "refuse")])
+def test_synthetic_campaign_is_never_silently_different(phantom_series, oblique_series, tmp_path, geometry,
+                                                         on_damaged):
+    source = phantom_series if geometry == "axial" else oblique_series
+    results = run_campaign(source, tmp_path, list(DAMAGE) + list(RANDOM_DAMAGE),
+                           AssemblyOptions(on_damaged=on_damaged, workers=1), seeds=range(10))
     trials = sum(results.values())
-    assert trials == 3 * len(DAMAGE) + 3 * 6 * len(RANDOM_DAMAGE)
+    assert trials == 3 * len(DAMAGE) + 3 * 10 * len(RANDOM_DAMAGE)
     # the damage that changes HU or loses a slice is never "unaffected": it is refused or named
     assert results["refused"] + results["corrected"] >= 3 * 30, results
-    print(f"on_damaged={on_damaged}: {trials} trials: {dict(results)}")
+    print(f"{geometry} on_damaged={on_damaged}: {trials} trials: {dict(results)}")
 
 
 def test_default_refuses_the_issue_findings_naming_file_and_tag(phantom_series, tmp_path):

@@ -284,15 +284,11 @@ def _position_outliers(slices: list[SliceRef], series: SeriesInfo, options: Asse
     spacing = float(np.median(steps[valid]))
     tolerance = max(options.off_line_tolerance * spacing, options.spacing_tolerance_mm)
     damaged = []
-    for axis_name, axis in (("row", row), ("column", column)):
-        u = positions @ axis
-        slope = float(np.median(np.diff(u)[valid] / steps[valid]))  # tilt: in-plane drift per mm along normal
-        intercept = float(np.median(u - slope * w))
-        residual = np.abs(u - (intercept + slope * w))
-        for index in np.flatnonzero(residual > tolerance):
-            damaged.append(_Damaged(slices[index].path, f"ImagePositionPatient {_position_text(slices[index])} lies "
-                                                        f"{residual[index]:.1f} mm off the line of the other slices "
-                                                        f"(tolerance {tolerance:.2f} mm)"))
+    residual = _line_residuals(positions, row, column, w, steps, valid)
+    for index in np.flatnonzero(residual > tolerance):
+        damaged.append(_Damaged(slices[index].path, f"ImagePositionPatient {_position_text(slices[index])} lies "
+                                                    f"{residual[index]:.1f} mm off the line of the other slices "
+                                                    f"(tolerance {tolerance:.2f} mm)"))
     # an end slice separated from the rest by more than the gap rules allow is misplaced, not a gap
     limit = options.max_gap_slices * spacing + max(options.spacing_tolerance * spacing, options.spacing_tolerance_mm)
     if options.max_gap_mm > 0:
@@ -306,6 +302,33 @@ def _position_outliers(slices: list[SliceRef], series: SeriesInfo, options: Asse
     for item in damaged:
         unique.setdefault(item.path, item)
     return list(unique.values())
+
+
+def _line_residuals(positions: np.ndarray, row: np.ndarray, column: np.ndarray, w: np.ndarray, steps: np.ndarray,
+                    valid: np.ndarray) -> np.ndarray:
+    """In-plane distance (mm) of each position from the robust line through all of them (tilt allowed)."""
+    squared = np.zeros(len(positions))
+    for axis in (row, column):
+        u = positions @ axis
+        slope = float(np.median(np.diff(u)[valid] / steps[valid]))  # tilt: in-plane drift per mm along normal
+        intercept = float(np.median(u - slope * w))
+        squared += (u - (intercept + slope * w)) ** 2
+    return np.sqrt(squared)
+
+
+def _off_line_files(slices: list[SliceRef], orientation: np.ndarray, tolerance_mm: float) -> list[str]:
+    """Names of the slices whose positions lie off the robust line of the others by more than tolerance_mm."""
+    if len(slices) < 3:
+        return []
+    row, column = orientation[:3], orientation[3:6]
+    positions = np.array([s.position for s in slices], dtype=np.float64)
+    w = positions @ slice_normal(orientation)
+    steps = np.diff(w)
+    valid = steps >= DUPLICATE_POSITION_MM
+    if not valid.any():
+        return []
+    residual = _line_residuals(positions, row, column, w, steps, valid)
+    return [_frame_name(slices[i]) for i in np.flatnonzero(residual > tolerance_mm)]
 
 
 def _position_text(slice_ref: SliceRef) -> str:
@@ -458,8 +481,10 @@ def _regular_grid(stack: np.ndarray, slices: list[SliceRef], series: SeriesInfo,
                         max_position_residual_mm=_residual(along))
         return stack, affine, geometry
 
-    reason = (f"gantry tilt {tilt:.2f}°" if tilt > options.tilt_tolerance_deg
-              else f"slice positions {wander_mm:.3f} mm off a straight line")
+    off_files = _off_line_files(slices, orientation, tolerance(np.linalg.norm(step)))
+    named = f" ({', '.join(off_files[:5])}{', …' if len(off_files) > 5 else ''})" if off_files else ""
+    reason = (f"gantry tilt {tilt:.2f}°{named}" if tilt > options.tilt_tolerance_deg
+              else f"slice positions {wander_mm:.3f} mm off a straight line{named}")
     if options.tilt == "refuse":
         raise InputError(f"{series.name} must have slices stacked along their normal, got {reason} (measured from "
                          f"ImagePositionPatient and ImageOrientationPatient). Set tilt to 'correct' to resample it "
@@ -473,7 +498,7 @@ def _regular_grid(stack: np.ndarray, slices: list[SliceRef], series: SeriesInfo,
                         "max_shift_columns": round(float(np.abs(shift_i).max()), 3),
                         "rows_added": int(stack.shape[1] - series.rows),
                         "columns_added": int(stack.shape[2] - series.columns),
-                        "fill_hu": fill, "interpolation": "linear within each slice"})
+                        "fill_hu": fill, "interpolation": "linear within each slice", "off_line_files": off_files})
     warnings.append(f"{series.name}: corrected {reason} by shifting each slice within its plane onto an "
                     f"orthogonal grid ({stack.shape[2]}x{stack.shape[1]} pixels)")
     along = offsets @ normal
