@@ -112,6 +112,14 @@ def _move(axis: int, by):
     return _set(ImagePositionPatient=position)
 
 
+def _add_padding_value(path: Path, rng) -> None:
+    """PixelPaddingValue on one slice only, equal to its lowest stored value (that pixel would become air)."""
+    dataset = pydicom.dcmread(path)
+    vr = "SS" if dataset.PixelRepresentation else "US"
+    dataset.add_new("PixelPaddingValue", vr, int(dataset.pixel_array.min()))
+    dataset.save_as(path)
+
+
 def _truncate(fraction=None, size=None):
     def apply(path: Path, rng) -> None:
         data = path.read_bytes()
@@ -161,6 +169,7 @@ DAMAGE = {
     "pixel_representation_flipped": _set(PixelRepresentation=lambda d: 1 - d.PixelRepresentation),
     "samples_per_pixel_3": _set(SamplesPerPixel=3), "photometric_rgb": _set(PhotometricInterpretation="RGB"),
     "photometric_monochrome1": _set(PhotometricInterpretation="MONOCHROME1"),
+    "padding_value_added": _add_padding_value,
     "position_10m_sideways": _move(0, 10_000.0), "position_100m_sideways": _move(0, 100_000.0),
     "position_1000m_sideways": _move(0, 1_000_000.0), "position_off_line": _move(1, 0.7),
     "position_slightly_off_line": _move(1, 0.2),

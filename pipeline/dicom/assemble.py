@@ -241,10 +241,11 @@ def _frame_name(slice_ref: SliceRef) -> str:
 
 
 PIXEL_MODULE = ("rows", "columns", "bits_allocated", "bits_stored", "pixel_representation", "samples_per_pixel",
-                "photometric")
+                "photometric", "padding_value", "padding_range_limit")
 _PIXEL_KEYWORDS = {"rows": "Rows", "columns": "Columns", "bits_allocated": "BitsAllocated",
                    "bits_stored": "BitsStored", "pixel_representation": "PixelRepresentation",
-                   "samples_per_pixel": "SamplesPerPixel", "photometric": "PhotometricInterpretation"}
+                   "samples_per_pixel": "SamplesPerPixel", "photometric": "PhotometricInterpretation",
+                   "padding_value": "PixelPaddingValue", "padding_range_limit": "PixelPaddingRangeLimit"}
 
 
 def _pixel_module_outliers(slices: list[SliceRef]) -> list[_Damaged]:
