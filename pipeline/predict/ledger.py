@@ -1,7 +1,7 @@
 """The batch ledger: one SQLite row per case in ``<OUT>/ledger.sqlite``, shared safely by several processes.
 
 Columns: case id, input, status (``pending``, ``running``, ``done``, ``failed``), error message,
-timings, output files with their SHA-256, shard, attempt count, the owning process (host, pid,
+the traceback of an unexpected error, timings, output files with their SHA-256, shard, attempt count, the owning process (host, pid,
 process start time, run id), the settings hash and the update time. The database runs in WAL
 mode with a busy timeout; every change is one short transaction, and a case is claimed with
 ``BEGIN IMMEDIATE`` so two processes never take the same case.
@@ -11,7 +11,8 @@ when it was made with other settings (model or config hash), when it failed and 
 is set, or when it is ``running`` but its owner is gone: on this host the owner's pid no longer
 exists or now belongs to another process (start time differs); on another host its run has not
 reported a heartbeat for ``stale_minutes``. Each live run refreshes its heartbeat from a
-background thread.
+background thread, and at its start sets cases whose owner is gone back to ``pending``
+(:meth:`Ledger.reset_abandoned`), so that ``running`` always means a live process holds the case.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ CREATE TABLE IF NOT EXISTS cases (
     case_id TEXT PRIMARY KEY, input TEXT NOT NULL, status TEXT NOT NULL, error TEXT, shard TEXT,
     attempts INTEGER NOT NULL DEFAULT 0, settings_hash TEXT, run_id TEXT, host TEXT, pid INTEGER,
     proc_start TEXT, started REAL, updated REAL NOT NULL, seconds REAL, timings TEXT, outputs TEXT,
-    warnings TEXT, summary TEXT);
+    warnings TEXT, summary TEXT, traceback TEXT);
 """
+_ADDED_COLUMNS = {"traceback": "TEXT"}  # columns newer than the first schema: added to older ledgers
 
 
 def sha256_file(path: Path) -> str:
@@ -91,6 +93,7 @@ class CaseRow:
     outputs: dict
     warnings: list
     summary: dict
+    traceback: Optional[str] = None
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> "CaseRow":
@@ -115,6 +118,7 @@ class Ledger:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._connection = self._connect()
         self._connection.executescript(_SCHEMA)
+        self._add_columns()
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
@@ -130,6 +134,16 @@ class Ledger:
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")
         return connection
+
+    def _add_columns(self) -> None:
+        have = {row["name"] for row in self._connection.execute("PRAGMA table_info(cases)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in have:
+                try:
+                    self._connection.execute(f"ALTER TABLE cases ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @contextmanager
     def _transaction(self, connection: Optional[sqlite3.Connection] = None) -> Iterator[sqlite3.Connection]:
@@ -155,11 +169,16 @@ class Ledger:
             connection.close()
 
     def close(self) -> None:
+        """Mark this run finished (if the disk still allows it) and close; never raises for a full disk."""
         self._stop.set()
-        with self._transaction() as db:
-            db.execute("UPDATE runs SET finished = ?, heartbeat = ? WHERE run_id = ?",
-                       (time.time(), time.time(), self.run_id))
-        self._connection.close()
+        try:
+            with self._transaction() as db:
+                db.execute("UPDATE runs SET finished = ?, heartbeat = ? WHERE run_id = ?",
+                           (time.time(), time.time(), self.run_id))
+        except sqlite3.Error:  # disk full: the run is then seen as gone once this process exits
+            pass
+        finally:
+            self._connection.close()
 
     # -- liveness ------------------------------------------------------------------------------
     def owner_alive(self, host: Optional[str], pid: Optional[int], proc_start: Optional[str],
@@ -185,6 +204,23 @@ class Ledger:
         rows = self._connection.execute("SELECT case_id, host, pid, proc_start, run_id FROM cases "
                                         "WHERE status = 'running' AND run_id != ?", (self.run_id,)).fetchall()
         return {r["case_id"] for r in rows if self.owner_alive(r["host"], r["pid"], r["proc_start"], r["run_id"])}
+
+    def reset_abandoned(self) -> int:
+        """Set cases left ``running`` by a process that is gone back to ``pending``; returns how many.
+
+        So the ledger says "running" only for a case some live process is working on.
+        """
+        rows = self._connection.execute("SELECT case_id, host, pid, proc_start, run_id FROM cases "
+                                        "WHERE status = 'running' AND run_id != ?", (self.run_id,)).fetchall()
+        gone = [(r["case_id"], r["run_id"]) for r in rows
+                if not self.owner_alive(r["host"], r["pid"], r["proc_start"], r["run_id"])]
+        if gone:
+            with self._transaction() as db:
+                db.executemany("UPDATE cases SET status = 'pending', error = 'interrupted (its process ended before "
+                               "the case finished); redone on the next run', updated = ? WHERE case_id = ? AND "
+                               "status = 'running' AND run_id IS ?",
+                               [(time.time(), case_id, run_id) for case_id, run_id in gone])
+        return len(gone)
 
     # -- cases ---------------------------------------------------------------------------------
     def register(self, cases: list[tuple[str, str]]) -> None:
@@ -246,7 +282,7 @@ class Ledger:
             now = time.time()
             db.execute("INSERT OR IGNORE INTO cases (case_id, input, status, updated) VALUES (?, ?, 'pending', ?)",
                        (case_id, source, now))
-            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, shard = ?, "
+            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, traceback = NULL, shard = ?, "
                        "attempts = attempts + 1, settings_hash = ?, run_id = ?, host = ?, pid = ?, proc_start = ?, "
                        "started = ?, updated = ? WHERE case_id = ?",
                        (source, self.shard, settings_hash, self.run_id, self.host, self.pid, self.proc_start, now, now,
@@ -255,13 +291,13 @@ class Ledger:
 
     def finish(self, case_id: str, status: str, *, error: Optional[str] = None, seconds: float = 0.0,
                timings: Optional[dict] = None, outputs: Optional[dict] = None, warnings: Optional[list] = None,
-               summary: Optional[dict] = None) -> None:
+               summary: Optional[dict] = None, traceback: Optional[str] = None) -> None:
         with self._transaction() as db:
             db.execute("UPDATE cases SET status = ?, error = ?, seconds = ?, timings = ?, outputs = ?, warnings = ?, "
-                       "summary = ?, updated = ? WHERE case_id = ? AND run_id = ?",
+                       "summary = ?, traceback = ?, updated = ? WHERE case_id = ? AND run_id = ?",
                        (status, error, round(seconds, 3), json.dumps(timings or {}), json.dumps(outputs or {}),
-                        json.dumps(warnings or []), json.dumps(summary or {}, default=str), time.time(), case_id,
-                        self.run_id))
+                        json.dumps(warnings or []), json.dumps(summary or {}, default=str), traceback, time.time(),
+                        case_id, self.run_id))
 
     def release(self, case_id: str) -> None:
         """Put a case this process was working on back to pending (interrupted by the user)."""
