@@ -42,9 +42,9 @@ CREATE TABLE IF NOT EXISTS cases (
     case_id TEXT PRIMARY KEY, input TEXT NOT NULL, status TEXT NOT NULL, error TEXT, shard TEXT,
     attempts INTEGER NOT NULL DEFAULT 0, settings_hash TEXT, run_id TEXT, host TEXT, pid INTEGER,
     proc_start TEXT, started REAL, updated REAL NOT NULL, seconds REAL, timings TEXT, outputs TEXT,
-    warnings TEXT, summary TEXT, traceback TEXT);
+    warnings TEXT, summary TEXT, traceback TEXT, retryable INTEGER NOT NULL DEFAULT 0);
 """
-_ADDED_COLUMNS = {"traceback": "TEXT"}  # columns newer than the first schema: added to older ledgers
+_ADDED_COLUMNS = {"traceback": "TEXT", "retryable": "INTEGER NOT NULL DEFAULT 0"}  # columns newer than the first schema: added to older ledgers
 
 
 def sha256_file(path: Path) -> str:
@@ -94,6 +94,7 @@ class CaseRow:
     warnings: list
     summary: dict
     traceback: Optional[str] = None
+    retryable: int = 0  # failed for a reason outside the input (disk full): a plain rerun tries again
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> "CaseRow":
@@ -272,9 +273,12 @@ class Ledger:
                             return False, "done (outputs verified)"
                         why = f"done, but {problem}: redoing"
                 elif current.status == "failed":
-                    if not retry_failed:
+                    if current.retryable:
+                        why = "retrying: failed earlier for a reason outside the input (disk full)"
+                    elif not retry_failed:
                         return False, "failed earlier (use --retry-failed to try again)"
-                    why = "retrying a failed case"
+                    else:
+                        why = "retrying a failed case"
                 elif current.status == "running":
                     why = "left running by a process that is gone: redoing"
                 else:
@@ -282,7 +286,7 @@ class Ledger:
             now = time.time()
             db.execute("INSERT OR IGNORE INTO cases (case_id, input, status, updated) VALUES (?, ?, 'pending', ?)",
                        (case_id, source, now))
-            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, traceback = NULL, shard = ?, "
+            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, traceback = NULL, retryable = 0, shard = ?, "
                        "attempts = attempts + 1, settings_hash = ?, run_id = ?, host = ?, pid = ?, proc_start = ?, "
                        "started = ?, updated = ? WHERE case_id = ?",
                        (source, self.shard, settings_hash, self.run_id, self.host, self.pid, self.proc_start, now, now,
@@ -291,13 +295,13 @@ class Ledger:
 
     def finish(self, case_id: str, status: str, *, error: Optional[str] = None, seconds: float = 0.0,
                timings: Optional[dict] = None, outputs: Optional[dict] = None, warnings: Optional[list] = None,
-               summary: Optional[dict] = None, traceback: Optional[str] = None) -> None:
+               summary: Optional[dict] = None, traceback: Optional[str] = None, retryable: bool = False) -> None:
         with self._transaction() as db:
             db.execute("UPDATE cases SET status = ?, error = ?, seconds = ?, timings = ?, outputs = ?, warnings = ?, "
-                       "summary = ?, traceback = ?, updated = ? WHERE case_id = ? AND run_id = ?",
+                       "summary = ?, traceback = ?, retryable = ?, updated = ? WHERE case_id = ? AND run_id = ?",
                        (status, error, round(seconds, 3), json.dumps(timings or {}), json.dumps(outputs or {}),
-                        json.dumps(warnings or []), json.dumps(summary or {}, default=str), traceback, time.time(),
-                        case_id, self.run_id))
+                        json.dumps(warnings or []), json.dumps(summary or {}, default=str), traceback, int(retryable),
+                        time.time(), case_id, self.run_id))
 
     def release(self, case_id: str) -> None:
         """Put a case this process was working on back to pending (interrupted by the user)."""

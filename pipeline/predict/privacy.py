@@ -39,8 +39,9 @@ class Redactor:
         self._pattern = re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
         return self
 
-    def merged(self, other: "Redactor") -> "Redactor":
-        return Redactor({**self._pairs, **other._pairs}, enabled=self.enabled and other.enabled)
+    def absorb(self, other: "Redactor") -> "Redactor":
+        """Add another redactor's replacements (a batch's log filter learns every case's folders)."""
+        return self.add(other._pairs) if self.enabled else self
 
     def __call__(self, text):
         if not self.enabled or self._pattern is None or not isinstance(text, str):
@@ -102,13 +103,22 @@ def case_redactor(case, root: Path, enabled: bool = True) -> Redactor:
             for part in relative.parts:
                 pairs[os.sep + part + os.sep] = f"{os.sep}<folder>{os.sep}"
                 pairs[part + os.sep] = f"<folder>{os.sep}"
-        if relative is None:  # outside the root (an absolute list entry): hide its parents as well
-            for parent in list(Path(os.path.abspath(folder)).parents)[:-1]:
-                pairs.update(path_replacements(parent, "<input>/"))
+        if relative is None:  # outside the root (an absolute list entry): hide its nearest parents as well
+            for parent in list(Path(os.path.abspath(folder)).parents)[:2]:
+                if parent.parent != parent:
+                    pairs.update(path_replacements(parent, "<input>/"))
     for entry in getattr(case, "private", []):
         pairs[entry] = "<list entry>"
-        pairs.update(path_replacements(Path(entry).parent, "") if Path(entry).parent != Path(".") else {})
-    pairs.update(path_replacements(root_folder, "<input>/"))
+        if Path(entry).parent != Path("."):
+            pairs.update(path_replacements(Path(entry).parent, ""))
+    return Redactor(pairs, enabled).absorb(input_redactor(root, enabled))
+
+
+def input_redactor(root: Path, enabled: bool = True) -> Redactor:
+    """Replacements for the input root (a folder, a volume file or a list file): ``<input>``."""
+    root = Path(root)
+    root_folder = root if root.is_dir() else root.parent
+    pairs = path_replacements(root_folder, "<input>/")
     if root.is_file():
         for form in _forms(root):
             pairs[form] = f"<input>/{root.name}"

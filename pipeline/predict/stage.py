@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import sqlite3
 import tempfile
 import time
@@ -51,7 +52,7 @@ from pipeline.predict import privacy
 from pipeline.predict import report as reporting
 from pipeline.predict import writers
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
-from pipeline.predict.ledger import Ledger, sha256_file
+from pipeline.predict.ledger import Ledger, process_start_time, sha256_file
 from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
@@ -107,14 +108,13 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     device = resolve_device(cfg.predict.device)
     hide = not cfg.predict.full_paths
     check_output_folder(output_dir, [input_path] if input_path.is_dir() else [])
-    batch_redactor = privacy.case_redactor(case_io.Case("", str(input_path)), input_path, hide) if hide else \
-        privacy.Redactor(enabled=False)
+    batch_redactor = privacy.input_redactor(input_path, hide)
     with _RunLog(batch_redactor) as run_log:
         discovery = case_io.discover_cases(input_path, cfg.ingest, cfg.workers)
         check_output_folder(output_dir, discovery.folders)  # list entries are input folders too
         redactors = {case.case_id: privacy.case_redactor(case, input_path, hide) for case in discovery.cases}
         for redactor in redactors.values():
-            batch_redactor.add(redactor._pairs) if hide else None
+            batch_redactor.absorb(redactor)
         sources = {case.case_id: privacy.public_source(case, hide) for case in discovery.cases}
         output_dir.mkdir(parents=True, exist_ok=True)
         run_log.open_file(output_dir / LOG_FILE)
@@ -124,6 +124,7 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
                 "skipped_inputs": discovery.skipped})
         ledger = Ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
                         stale_minutes=cfg.predict.stale_minutes)
+        batch = None
         try:
             reset = ledger.reset_abandoned()
             if reset:
@@ -156,6 +157,8 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
             _write_reports(output_dir, report, rows, summary, label_names)
         finally:
             ledger.close()
+            if batch is not None:
+                batch.reserve.release()
     exit_code = EXIT_SOME_FAILED if failed or batch.stopped else EXIT_OK
     report["exit_code"] = exit_code
     log.info("predict: %d case(s) in this shard, %d failed; report in %s", len(mine), len(failed),
@@ -184,6 +187,15 @@ def _write_reports(output_dir: Path, report: dict, rows, summary: dict, label_na
               ("report.html", lambda: reporting.write_html(output_dir / "report.html", output_dir, rows, summary,
                                                            label_names)))
     for name, write in writes:
+        try:
+            write()
+            continue
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+        # an earlier run's report must not stand in for this one: drop the old ones, then try again
+        for old, _ in writes[list(dict(writes)).index(name):]:
+            (output_dir / old).unlink(missing_ok=True)
         try:
             write()
         except OSError as exc:
@@ -272,6 +284,34 @@ def withdraw(folder: Path, case_id: str, staging: Optional[Path]) -> None:
             pass
 
 
+class _Reserve:
+    """A small file kept free for the ledger: released on a full disk so the case's failure can still be recorded."""
+
+    SIZE = 256 * 1024
+    PREFIX = ".ctseg-reserve-"
+
+    def __init__(self, folder: Path):
+        host = socket.gethostname()
+        for stale in folder.glob(f"{self.PREFIX}{host}-*"):  # left by a killed run on this host
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and process_start_time(int(pid)) is None:
+                stale.unlink(missing_ok=True)
+        self.path: Optional[Path] = folder / f"{self.PREFIX}{host}-{os.getpid()}"
+        try:
+            with open(self.path, "wb") as handle:
+                handle.write(b"\0" * self.SIZE)
+        except OSError:
+            self.release()
+
+    def release(self) -> bool:
+        """Free the reserve; False when there was none left to free."""
+        if self.path is None:
+            return False
+        self.path.unlink(missing_ok=True)
+        self.path = None
+        return True
+
+
 class _QuietFileHandler(logging.FileHandler):
     """A log file that never disturbs the batch: a full disk drops log lines instead of raising."""
 
@@ -315,7 +355,10 @@ class _RunLog:
             handler.removeFilter(self.filter)
         if self.handler is not None:
             logging.getLogger("ctseg").removeHandler(self.handler)
-            self.handler.close()
+            try:
+                self.handler.close()
+            except OSError:  # a full disk: the last lines are lost, the batch's outcome is not
+                pass
 
 
 class _Batch:
@@ -333,7 +376,8 @@ class _Batch:
         self.predictor: Optional[Predictor] = None
         self.window_predictor: Optional[WindowPredictor] = None
         self.model_seconds = 0.0
-        self.stopped: Optional[str] = None  # why the batch stopped early (the ledger itself cannot be written)
+        self.stopped: Optional[str] = None  # why the batch stopped early (disk full)
+        self.reserve = _Reserve(output_dir)
 
     def _load(self) -> None:
         start = time.perf_counter()
@@ -358,7 +402,7 @@ class _Batch:
         source = case.source if source is None else source
         redact = redact or privacy.Redactor(enabled=False)
         try:
-            taken, why = self.ledger.claim(case.case_id, source, self.run_hash, retry_failed)
+            taken, why = self._ledger_write(self.ledger.claim, case.case_id, source, self.run_hash, retry_failed)
         except sqlite3.Error as exc:
             if not disk_full(exc):
                 raise
@@ -382,7 +426,7 @@ class _Batch:
                     case, self.predictor, self.window_predictor, self.cfg, staging, self.run_hash,
                     image=image, load_seconds=read_seconds, source=source, redact=redact)
                 publish(staging, self.output_dir, case.case_id)
-                self.ledger.finish(case.case_id, "done", seconds=time.perf_counter() - start, timings=timings,
+                self._ledger_write(self.ledger.finish, case.case_id, "done", seconds=time.perf_counter() - start, timings=timings,
                                    outputs=outputs, warnings=warnings, summary=summary)
             except Exception as exc:  # one bad case must not end the night; the error is recorded
                 withdraw(self.output_dir, case.case_id, staging)
@@ -410,8 +454,11 @@ class _Batch:
         log.error("predict: %s failed: %s", case.case_id, message)
         if trace and self.run_log is not None:
             self.run_log.traceback(case.case_id, trace)
+        if full:  # later cases would fail the same way: they stay pending for a plain rerun
+            self.stopped = f"stopped after case {case.case_id}: {disk_full_message(self.output_dir)}"
         try:
-            self.ledger.finish(case.case_id, "failed", error=message, seconds=seconds, traceback=trace)
+            self._ledger_write(self.ledger.finish, case.case_id, "failed", error=message, seconds=seconds,
+                               traceback=trace, retryable=full)
         except sqlite3.Error as ledger_exc:
             if not disk_full(ledger_exc):
                 raise
@@ -422,6 +469,16 @@ class _Batch:
             self.stopped = f"the ledger cannot be written: {disk_full_message(self.output_dir)}"
             log.error("predict: stopping the batch: %s", self.stopped)
         return "failed"
+
+    def _ledger_write(self, write, *args, **kwargs):
+        """A ledger change; on a full disk the reserve is freed and the change tried once more."""
+        try:
+            return write(*args, **kwargs)
+        except sqlite3.Error as exc:
+            if not disk_full(exc) or not self.reserve.release():
+                raise
+            log.warning("predict: output disk full; released the ledger's reserve to record the outcome")
+            return write(*args, **kwargs)
 
     def _read_while_loading(self, case: case_io.Case):
         """Read the case; the first time, load the model meanwhile in a second thread (both mostly release the GIL)."""
