@@ -88,8 +88,9 @@ def _files_outside_private(out: Path) -> list[Path]:
 
 def test_a_batch_with_a_third_broken_finishes_every_good_case_and_names_each_bad_one(tmp_path: Path, model_dir,
                                                                                       capfd):
-    """14 cases from a list file, 5 broken (a missing list line, a truncated file, a 65 TB header, NaN voxels,
-    one slice for a 3D model), all under a folder named after the patient; exit 3, report.json, no name leaks."""
+    """15 cases from a list file (NIfTI files and a DICOM series), 5 broken (a missing list line, a truncated file, a
+    65 TB header, NaN voxels, one slice for a 3D model), all under a folder named after the patient; exit 3,
+    report.json, no name leaks."""
     scans = tmp_path / "exports" / PATIENT / "nifti"
     scans.mkdir(parents=True)
     good = [write_phantom_nifti(scans / f"case{n:02d}.nii.gz", seed=n) for n in range(9)]
@@ -100,8 +101,14 @@ def test_a_batch_with_a_third_broken_finishes_every_good_case_and_names_each_bad
     single = tmp_path / "exports" / PATIENT / "single"
     single.mkdir()
     _one_slice(single / "oneslice.nii.gz", seed=21)
+    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+
+    phantom = make_phantom(22, PhantomOptions(shape=48, slices=16, noise_hu=5.0))
+    write_ct_series(phantom.image, tmp_path / "exports" / PATIENT / "dicom" / f"CT_{PATIENT}",
+                    SeriesWriteOptions(patient_name="DOE^JOHN", patient_id="12345"))
     listing = tmp_path / "exports" / "tonight.txt"
-    listing.write_text(f"{PATIENT}/nifti\n{PATIENT}/missing_{PATIENT}.nii.gz\n{PATIENT}/single/oneslice.nii.gz\n")
+    listing.write_text(f"{PATIENT}/nifti\n{PATIENT}/missing_{PATIENT}.nii.gz\n{PATIENT}/single/oneslice.nii.gz\n"
+                       f"{PATIENT}/dicom\n")
     out = tmp_path / "out"
 
     code = cli_main(["predict", "--model", str(model_dir), "--input", str(listing), "--output", str(out),
@@ -110,7 +117,8 @@ def test_a_batch_with_a_third_broken_finishes_every_good_case_and_names_each_bad
     assert code == EXIT_SOME_FAILED == 3
     report = json.loads((out / "report.json").read_text())
     cases = {c["id"]: c for c in report["cases"]}
-    assert len(cases) == 14 and report["counts"]["ok"] == 9 and report["counts"]["failed"] == 5
+    assert len(cases) == 15 and report["counts"]["ok"] == 10 and report["counts"]["failed"] == 5
+    assert [c["status"] for cid, c in cases.items() if cid.startswith("ct-")] == ["ok"]
     for n in range(9):
         assert cases[f"case{n:02d}"]["status"] == "ok"
         label = nib.load(str(out / f"case{n:02d}.nii.gz"))

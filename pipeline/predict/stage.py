@@ -149,8 +149,8 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
             report = _report(cfg, spec, model_dir, input_path if not hide else "<input> (see private/inputs.json)",
                              output_dir, shard, device, rows, mine_ids, outcomes, skipped, batch, started,
                              time.perf_counter() - wall, run_hash)
-            if batch.stopped:
-                report["stopped"] = batch.stopped
+            if batch.stopped:  # disk full: the cases not started stay pending for a plain rerun
+                report.update(stopped=batch.stopped, status="failed", exit_code=EXIT_SOME_FAILED)
             label_names = [label["name"] for label in spec.get("labels", [])] if batch.predictor is None else \
                 [info.name for info in batch.predictor.labels]
             summary = reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, skipped)
@@ -159,8 +159,7 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
             ledger.close()
             if batch is not None:
                 batch.reserve.release()
-    exit_code = EXIT_SOME_FAILED if failed or batch.stopped else EXIT_OK
-    report["exit_code"] = exit_code
+    exit_code = report["exit_code"]
     log.info("predict: %d case(s) in this shard, %d failed; report in %s", len(mine), len(failed),
              output_dir / "report.html")
     return PredictResult(report=report, exit_code=exit_code)
