@@ -188,18 +188,43 @@ def validate_spec(spec: dict, where: Path) -> None:
         _refuse(where, "training", "a mapping", spec["training"])
 
 
-def network_memory_bytes(spec: dict, window: Sequence[int]) -> tuple[int, Optional[int]]:
+# layer outputs per resolution level, as a multiple of (voxels x channels) of that level: an upper bound of
+# what MONAI's UNet (3.4), ClassicUNet (13), DynUNet (15) and SegResNet (18) produce (measured on the meta device)
+_OUTPUTS_PER_LEVEL = 20
+
+
+def level_channels(spec: dict) -> Optional[list[int]]:
+    """Feature widths per resolution level of a network spec, or None when the spec does not say."""
+    kwargs = spec.get("kwargs") or {}
+    for key in ("channels", "filters", "features"):
+        if isinstance(kwargs.get(key), (list, tuple)) and kwargs[key]:
+            return [int(c) for c in kwargs[key]]
+    if spec.get("name") == "SegResNet":
+        levels = len(kwargs.get("blocks_down") or (1, 2, 2, 4))
+        return [int(kwargs.get("init_filters", 8)) * 2 ** level for level in range(levels)]
+    return None
+
+
+def network_memory_bytes(spec: dict, window: Sequence[int], exact: bool = False) -> tuple[int, Optional[int]]:
     """(bytes of the network's fp32 weights, bytes of the activations of one window or None if unknown).
 
-    The network is built on the ``meta`` device (shapes only, nothing allocated) and run on a meta
-    tensor of the window's shape; activations are the sum of every layer's output, an upper bound
-    of what inference holds at once.
+    The network is built on the ``meta`` device (shapes only, nothing allocated). Activations are
+    bounded from the widths per level (:data:`_OUTPUTS_PER_LEVEL`); with ``exact`` (or when the spec
+    has no widths) the network is run on a meta tensor and every layer's output summed instead (an
+    upper bound of what inference holds at once; the first meta run costs seconds, so it is done
+    only when the bound comes near the budget).
     """
     import torch
 
     with torch.device("meta"):
         network = build_network(spec)
     weights = sum(p.numel() * 4 for p in network.parameters()) + sum(b.numel() * 4 for b in network.buffers())
+    channels = level_channels(spec)
+    if channels and not exact:
+        voxels = math.prod(int(w) for w in window)
+        shrink = 2 ** len(window)
+        bound = sum(voxels / shrink ** level * width for level, width in enumerate(channels))
+        return int(weights), int(bound * _OUTPUTS_PER_LEVEL * 4)
     total = [0]
 
     def count(_module, _inputs, output) -> None:
@@ -226,6 +251,9 @@ def check_network_size(spec: dict, folds: int, budget_bytes: Optional[int], wher
     weights, activations = network_memory_bytes(spec["network"], window)
     # the weights of every fold, a copy while each is rewritten for inference, and one window's activations
     need = weights * (folds + 1) + (activations or 0)
+    if budget_bytes is not None and need > budget_bytes / 2 and weights * (folds + 1) <= budget_bytes:
+        weights, activations = network_memory_bytes(spec["network"], window, exact=True)  # near the budget: measure
+        need = weights * (folds + 1) + (activations or 0)
     estimate = {"weights_bytes": weights, "activation_bytes": activations, "needed_bytes": need,
                 "budget_bytes": budget_bytes}
     if budget_bytes is not None and need > budget_bytes:
