@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -19,7 +20,7 @@ import pytest
 from pipeline import atomic
 from pipeline.cli import main as cli_main
 from pipeline.config import Config
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError, CtsegError, InputError
 from pipeline.geometry import Volume
 from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict import stage as predict_stage
@@ -355,3 +356,20 @@ def test_disk_full_fails_the_case_leaves_no_orphans_and_a_rerun_completes(tmp_pa
     assert {row["status"] for row in _ledger(out).values()} == {"done"}
     for n in range(4):
         assert nib.load(str(out / f"case{n}.nii.gz")).shape == nib.load(str(inputs / f"case{n}.nii.gz")).shape
+
+    # a disk already full when the batch starts: one clear line (not a raw OperationalError), or, where SQLite
+    # can still reuse its write-ahead log, the new case fails with the same message; the done cases stay done
+    write_phantom_nifti(inputs / "case9.nii.gz", seed=49)
+    filler = _fill(small_disk, leave_bytes=0)
+    try:
+        late = run_predict(_config(), model_dir, inputs, out)
+    except CtsegError as exc:
+        assert re.search(r"output disk full \(\d+ MB free\); free space and rerun", str(exc)), exc
+    else:
+        assert late.exit_code == 3
+        assert "output disk full" in {c["id"]: c for c in late.report["cases"]}["case9"]["error"]
+    filler.unlink()
+    rows = _ledger(out)
+    assert all(rows[f"case{n}"]["status"] == "done" for n in range(4)) and "running" not in {
+        row["status"] for row in rows.values()}
+    assert not predict_stage.case_outputs(out, "case9")

@@ -110,7 +110,10 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     check_output_folder(output_dir, [input_path] if input_path.is_dir() else [])
     batch_redactor = privacy.input_redactor(input_path, hide)
     with _RunLog(batch_redactor) as run_log:
-        discovery = case_io.discover_cases(input_path, cfg.ingest, cfg.workers)
+        try:
+            discovery = case_io.discover_cases(input_path, cfg.ingest, cfg.workers)
+        except InputError as exc:  # stderr and overnight logs get the message without the folder names
+            raise InputError(batch_redactor(str(exc))) from (exc if not hide else None)
         check_output_folder(output_dir, discovery.folders)  # list entries are input folders too
         redactors = {case.case_id: privacy.case_redactor(case, input_path, hide) for case in discovery.cases}
         for redactor in redactors.values():
@@ -118,12 +121,17 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
         sources = {case.case_id: privacy.public_source(case, hide) for case in discovery.cases}
         output_dir.mkdir(parents=True, exist_ok=True)
         run_log.open_file(output_dir / LOG_FILE)
-        if hide:
-            privacy.write_private(output_dir, privacy.INPUTS_FILE, {
-                "input": str(input_path), "cases": {case.case_id: case.source for case in discovery.cases},
-                "skipped_inputs": discovery.skipped})
-        ledger = Ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
-                        stale_minutes=cfg.predict.stale_minutes)
+        try:
+            if hide:
+                privacy.write_private(output_dir, privacy.INPUTS_FILE, {
+                    "input": str(input_path), "cases": {case.case_id: case.source for case in discovery.cases},
+                    "skipped_inputs": discovery.skipped})
+            ledger = Ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
+                            stale_minutes=cfg.predict.stale_minutes)
+        except (OSError, sqlite3.Error) as exc:  # nothing can be recorded: one line, not a raw OperationalError
+            if not disk_full(exc):
+                raise
+            raise CtsegError(f"predict: {disk_full_message(output_dir)} (nothing was started)") from None
         batch = None
         try:
             reset = ledger.reset_abandoned()
@@ -175,8 +183,9 @@ def check_output_folder(output_dir: Path, input_folders: list[Path]) -> None:
     for folder in input_folders:
         inside = Path(os.path.abspath(folder)).resolve()
         if out == inside or inside in out.parents:
-            raise ConfigError(f"--output must be a folder outside the input, got {'the input folder itself' if out == inside else 'a folder inside an input folder'} "
-                              f"({'<input>' if out == inside else out.name}). Choose an output folder elsewhere.")
+            got = "the input folder itself" if out == inside else f"a folder inside an input folder ({out.name})"
+            raise ConfigError(f"--output must be a folder outside the input, got {got}: its outputs would be read "
+                              f"as new inputs. Choose an output folder elsewhere.")
 
 
 def _write_reports(output_dir: Path, report: dict, rows, summary: dict, label_names: list[str]) -> None:
