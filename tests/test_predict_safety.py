@@ -373,3 +373,20 @@ def test_disk_full_fails_the_case_leaves_no_orphans_and_a_rerun_completes(tmp_pa
     assert all(rows[f"case{n}"]["status"] == "done" for n in range(4)) and "running" not in {
         row["status"] for row in rows.values()}
     assert not predict_stage.case_outputs(out, "case9")
+
+
+def test_redaction_hides_folder_names_but_leaves_ordinary_words(tmp_path: Path):
+    from pipeline.predict import privacy
+    from pipeline.predict.cases import Case
+
+    root = tmp_path / "exports"
+    (root / PATIENT / "in").mkdir(parents=True)
+    case = Case("c1", str(root / PATIENT / "in" / "ct.nii.gz"), path=root / PATIENT / "in" / "ct.nii.gz")
+    redact = privacy.case_redactor(case, root)
+    text = (f"{root}/{PATIENT}/in/ct.nii.gz could not be read; skipped {PATIENT}/in/x.dcm; folder {PATIENT} "
+            f"loaded in 2 s; {root}/other.nii.gz")
+    cleaned = redact(text)
+    assert PATIENT not in cleaned and str(root) not in cleaned
+    assert cleaned.startswith("ct.nii.gz could not be read; skipped x.dcm;") and "loaded in 2 s" in cleaned
+    assert "<input>/other.nii.gz" in cleaned
+    assert privacy.Redactor(enabled=False)(text) == text

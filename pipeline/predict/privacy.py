@@ -25,28 +25,39 @@ INPUTS_FILE = "inputs.json"
 class Redactor:
     """Replaces known private texts in messages; the identity when ``enabled`` is False."""
 
-    def __init__(self, replacements: Optional[dict[str, str]] = None, enabled: bool = True):
+    def __init__(self, replacements: Optional[dict[str, str]] = None, enabled: bool = True,
+                 words: Optional[dict[str, str]] = None):
         self.enabled = enabled
         self._pairs: dict[str, str] = {}
+        self._words: dict[str, str] = {}  # replaced only as whole words (a folder name without a slash)
         self._pattern: Optional[re.Pattern] = None
-        self.add(replacements or {})
+        self.add(replacements or {}, words)
 
-    def add(self, replacements: dict[str, str]) -> "Redactor":
+    def add(self, replacements: dict[str, str], words: Optional[dict[str, str]] = None) -> "Redactor":
         for text, replacement in replacements.items():
             if text and text not in self._pairs:
                 self._pairs[text] = replacement
-        ordered = sorted(self._pairs, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
+        for text, replacement in (words or {}).items():
+            if text and text not in self._words:
+                self._words[text] = replacement
+        texts = [re.escape(t) for t in sorted(self._pairs, key=len, reverse=True)]
+        texts += [rf"(?<![A-Za-z0-9]){re.escape(t)}(?![A-Za-z0-9])" for t in sorted(self._words, key=len,
+                                                                                    reverse=True)]
+        self._pattern = re.compile("|".join(texts)) if texts else None
         return self
+
+    def _replacement(self, match: re.Match) -> str:
+        text = match.group(0)
+        return self._pairs[text] if text in self._pairs else self._words[text]
 
     def absorb(self, other: "Redactor") -> "Redactor":
         """Add another redactor's replacements (a batch's log filter learns every case's folders)."""
-        return self.add(other._pairs) if self.enabled else self
+        return self.add(other._pairs, other._words) if self.enabled else self
 
     def __call__(self, text):
         if not self.enabled or self._pattern is None or not isinstance(text, str):
             return text
-        return self._pattern.sub(lambda match: self._pairs[match.group(0)], text)
+        return self._pattern.sub(self._replacement, text)
 
     def all(self, texts: Iterable[str]) -> list[str]:
         return [self(text) for text in texts]
@@ -85,9 +96,16 @@ def case_folder(case) -> Optional[Path]:
     return None
 
 
+def looks_like_a_name(part: str) -> bool:
+    """A folder name worth hiding even without a slash: 4+ characters with a capital, digit or underscore
+    (``DOE_JOHN_12345``, ``SMITH``), not a plain word such as ``data`` or ``in`` that messages also use."""
+    return len(part) >= 4 and bool(re.search(r"[A-Z0-9_]", part))
+
+
 def case_redactor(case, root: Path, enabled: bool = True) -> Redactor:
     """Replacements for one case's messages: its folder, the folders up to the input root, its list entry."""
     pairs: dict[str, str] = {}
+    words: dict[str, str] = {}
     folder = case_folder(case)
     root = Path(root)
     root_folder = root if root.is_dir() else root.parent
@@ -99,10 +117,13 @@ def case_redactor(case, root: Path, enabled: bool = True) -> Redactor:
             relative = None
         if relative is not None and str(relative) != ".":
             pairs[str(relative) + os.sep] = ""
-            pairs[str(relative)] = "<folder>"
+            if len(relative.parts) > 1:
+                pairs[str(relative)] = "<folder>"
             for part in relative.parts:
                 pairs[os.sep + part + os.sep] = f"{os.sep}<folder>{os.sep}"
                 pairs[part + os.sep] = f"<folder>{os.sep}"
+                if looks_like_a_name(part):
+                    words[part] = "<folder>"
         if relative is None:  # outside the root (an absolute list entry): hide its nearest parents as well
             for parent in list(Path(os.path.abspath(folder)).parents)[:2]:
                 if parent.parent != parent:
@@ -111,7 +132,7 @@ def case_redactor(case, root: Path, enabled: bool = True) -> Redactor:
         pairs[entry] = "<list entry>"
         if Path(entry).parent != Path("."):
             pairs.update(path_replacements(Path(entry).parent, ""))
-    return Redactor(pairs, enabled).absorb(input_redactor(root, enabled))
+    return Redactor(pairs, enabled, words).absorb(input_redactor(root, enabled))
 
 
 def input_redactor(root: Path, enabled: bool = True) -> Redactor:
