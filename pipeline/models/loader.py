@@ -257,10 +257,11 @@ def check_network_size(spec: dict, folds: int, budget_bytes: Optional[int], wher
     estimate = {"weights_bytes": weights, "activation_bytes": activations, "needed_bytes": need,
                 "budget_bytes": budget_bytes}
     if budget_bytes is not None and need > budget_bytes:
+        window_part = f", {activations / 1e9:.1f} GB of activations for one {window} window" if activations else ""
         raise InputError(f"{where}: the network must fit the memory budget of {budget_bytes / 1e9:.1f} GB, got an "
                          f"estimated {need / 1e9:.1f} GB ({weights / 4:.3g} parameters per fold x {folds} fold(s)"
-                         f"{f', {activations / 1e9:.1f} GB of activations for one {window} window' if activations else ''}"
-                         f"). Check network.kwargs in model.json, use fewer folds (predict.folds), or raise "
+                         f"{window_part}). Check network.kwargs in model.json, use fewer folds (predict.folds), "
+                         f"or raise "
                          f"predict.memory.network_budget_gb on a larger machine.")
     return estimate
 

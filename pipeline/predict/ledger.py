@@ -1,7 +1,8 @@
 """The batch ledger: one SQLite row per case in ``<OUT>/ledger.sqlite``, shared safely by several processes.
 
 Columns: case id, input, status (``pending``, ``running``, ``done``, ``failed``), error message,
-the traceback of an unexpected error, timings, output files with their SHA-256, shard, attempt count, the owning process (host, pid,
+the traceback of an unexpected error, whether a plain rerun retries a failure (disk full), timings,
+output files with their SHA-256, shard, attempt count, the owning process (host, pid,
 process start time, run id), the settings hash and the update time. The database runs in WAL
 mode with a busy timeout; every change is one short transaction, and a case is claimed with
 ``BEGIN IMMEDIATE`` so two processes never take the same case.
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS cases (
     proc_start TEXT, started REAL, updated REAL NOT NULL, seconds REAL, timings TEXT, outputs TEXT,
     warnings TEXT, summary TEXT, traceback TEXT, retryable INTEGER NOT NULL DEFAULT 0);
 """
-_ADDED_COLUMNS = {"traceback": "TEXT", "retryable": "INTEGER NOT NULL DEFAULT 0"}  # columns newer than the first schema: added to older ledgers
+# columns newer than the first schema: added to older ledgers when they are opened
+_ADDED_COLUMNS = {"traceback": "TEXT", "retryable": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def sha256_file(path: Path) -> str:
@@ -286,7 +288,8 @@ class Ledger:
             now = time.time()
             db.execute("INSERT OR IGNORE INTO cases (case_id, input, status, updated) VALUES (?, ?, 'pending', ?)",
                        (case_id, source, now))
-            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, traceback = NULL, retryable = 0, shard = ?, "
+            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, traceback = NULL, retryable = 0, "
+                       "shard = ?, "
                        "attempts = attempts + 1, settings_hash = ?, run_id = ?, host = ?, pid = ?, proc_start = ?, "
                        "started = ?, updated = ? WHERE case_id = ?",
                        (source, self.shard, settings_hash, self.run_id, self.host, self.pid, self.proc_start, now, now,

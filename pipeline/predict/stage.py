@@ -434,7 +434,8 @@ class _Batch:
                     case, self.predictor, self.window_predictor, self.cfg, staging, self.run_hash,
                     image=image, load_seconds=read_seconds, source=source, redact=redact)
                 publish(staging, self.output_dir, case.case_id)
-                self._ledger_write(self.ledger.finish, case.case_id, "done", seconds=time.perf_counter() - start, timings=timings,
+                self._ledger_write(self.ledger.finish, case.case_id, "done", seconds=time.perf_counter() - start,
+                                   timings=timings,
                                    outputs=outputs, warnings=warnings, summary=summary)
             except Exception as exc:  # one bad case must not end the night; the error is recorded
                 withdraw(self.output_dir, case.case_id, staging)

@@ -2,7 +2,8 @@
 
 ``checkpoint_last.pt`` holds the full state (network, optimiser, scheduler, grad scaler, step,
 python/numpy/torch RNG states and the curve history) and is written at every validation, every
-``train.checkpoint_minutes`` of training and when a run stops early; ``checkpoint_best.pt`` the same at the best validation. Both load with
+``train.checkpoint_minutes`` of training and when a run stops early; ``checkpoint_best.pt`` the same
+at the best validation. Both load with
 ``torch.load(weights_only=True)``. Because training patches are a function of the step (see
 :mod:`pipeline.train.data`), a resumed run continues with exactly the batches, random states and
 optimiser moments of an uninterrupted one.

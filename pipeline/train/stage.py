@@ -34,7 +34,8 @@ from pipeline.train.splits import make_splits
 
 log = logging.getLogger("ctseg")
 
-RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile", "checkpoint_minutes")  # how or when, not what, is trained
+# how or when, not what, is trained
+RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile", "checkpoint_minutes")
 
 
 def train_hash(cfg: Config) -> str:
