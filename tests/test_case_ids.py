@@ -82,3 +82,36 @@ def test_case_id_scheme_is_documented_once_and_anonymous():
     assert series_case_id(Series()) == case_id
     assert series_case_id(Series(), anonymise=False) == "DOE_123_7"
     assert np.all([c.isalnum() or c in "_-" for c in case_id])
+
+
+def test_train_without_a_dataset_says_so_first(tmp_path, capsys):
+    from pipeline.cli import main
+
+    for verb in ("train", "preprocess"):
+        assert main([verb, "--set", f"output_root={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert "no dataset is configured" in err and "--set dataset=" in err and "dataset.suggested.yaml" in err
+        assert "Run 'ctseg preprocess'" not in err and err.count("ctseg: error") == 1
+
+
+def test_evaluate_reads_class_names_from_the_colour_table(tmp_path):
+    from pipeline.evaluate.stage import class_names
+
+    (tmp_path / "labels.ctbl").write_text("# Color table file written by ctseg predict\n0 background 0 0 0 0\n"
+                                          "1 liver 221 130 101 255\n3 GTV_Mass 255 0 0 255\n")
+    assert class_names(load_config([], []), tmp_path) == {1: "liver", 3: "GTV_Mass"}
+
+
+def test_all_cases_failing_prints_each_reason_once(tmp_path, capsys, caplog):
+    from pipeline.cli import main
+
+    phantom = make_phantom(1, PhantomOptions(shape=32, slices=12, noise_hu=0.0))
+    phantom.image.array[:] = 200  # no air anywhere: not plausible CT, refused below
+    write_ct_series(phantom.image, tmp_path / "export" / "P1", SeriesWriteOptions(patient_id="P1"))
+    code = main(["ingest", str(tmp_path / "export"), "--output", str(tmp_path / "out"),
+                 "--set", f"output_root={tmp_path}", "--set", "ingest.plausibility.refuse=true"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no case could be ingested" in err
+    reason = "must look like a CT volume in HU"
+    assert reason not in err  # the final error does not repeat the case's reason ...
+    assert sum(reason in record.getMessage() for record in caplog.records) == 1  # ... logged once for the case
