@@ -49,6 +49,7 @@ from pipeline.predict.ledger import Ledger, sha256_file
 from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
+from pipeline.progress import Progress
 from pipeline.stage import REPORT_FILE, versions
 
 log = logging.getLogger("ctseg.predict")
@@ -107,8 +108,11 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
         run_hash = settings_hash(sha256_file(model_dir / MODEL_FILE), cfg)
         batch = _Batch(cfg, model_dir, output_dir, device, run_hash, ledger)
         outcomes = {}
-        for case in mine:
-            outcomes[case.case_id] = batch.run_case(case, retry_failed)
+        with Progress(len(mine), "predict", unit="case") as progress:
+            batch.progress = progress
+            for case in mine:
+                outcomes[case.case_id] = batch.run_case(case, retry_failed)
+                progress.update()
         rows = ledger.rows([case.case_id for case in discovery.cases])
         mine_ids = {case.case_id for case in mine}
         failed = [row.case_id for row in rows if row.case_id in mine_ids and row.status == "failed"]
@@ -163,6 +167,10 @@ class _Batch:
         self.predictor: Optional[Predictor] = None
         self.window_predictor: Optional[WindowPredictor] = None
         self.model_seconds = 0.0
+        self.progress: Optional[Progress] = None  # the batch's k/N display, set by run_predict
+
+    def _at(self) -> str:
+        return f"{self.progress.prefix()} " if self.progress is not None else ""
 
     def _load(self) -> None:
         start = time.perf_counter()
@@ -184,9 +192,10 @@ class _Batch:
     def run_case(self, case: case_io.Case, retry_failed: bool) -> str:
         taken, why = self.ledger.claim(case.case_id, case.source, self.run_hash, retry_failed)
         if not taken:
-            log.info("predict: %s skipped: %s", case.case_id, why)
+            log.info("%s%s: skipped, %s", self._at(), case.case_id, why)
             return why
-        log.info("predict: %s started (%s)", case.case_id, why)
+        if why not in ("new", "pending"):  # a first try needs no explanation; a redo does
+            log.info("%s%s: %s", self._at(), case.case_id, why)
         start = time.perf_counter()
         try:
             image, read_error, read_seconds = self._read_while_loading(case)
@@ -198,7 +207,7 @@ class _Batch:
                     image=image, load_seconds=read_seconds)
             except Exception as exc:  # one bad case must not end the night; the error is recorded
                 message = _describe_failure(case, exc)
-                log.error("predict: %s failed: %s", case.case_id, message)
+                log.error("%s%s: failed: %s", self._at(), case.case_id, message)
                 if not isinstance(exc, (CtsegError, torch.OutOfMemoryError, MemoryError)):
                     log.debug("%s", "".join(traceback.format_exception(exc)))
                 if self.device.type == "cuda":
@@ -210,8 +219,9 @@ class _Batch:
             raise
         self.ledger.finish(case.case_id, "done", seconds=time.perf_counter() - start, timings=timings,
                            outputs=outputs, warnings=warnings, summary=summary)
-        log.info("predict: %s done in %.1f s%s", case.case_id, time.perf_counter() - start,
-                 f" ({len(warnings)} warning(s))" if warnings else "")
+        count = len(warnings)
+        log.info("%s%s: done in %.1f s%s", self._at(), case.case_id, time.perf_counter() - start,
+                 f" ({count} warning{'s' if count != 1 else ''})" if count else "")
         return "done"
 
     def _read_while_loading(self, case: case_io.Case):
