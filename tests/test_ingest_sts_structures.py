@@ -59,3 +59,27 @@ def test_sts_export_without_dataset_inventories_gtv_masks_equal_the_ibsi_referen
     suggested = (out / "dataset.suggested.yaml").read_text()
     assert "GTV_Mass_CT" in suggested
     assert "no case could be ingested" not in capsys.readouterr().err
+
+
+@pytest.mark.shared_data
+def test_dicom_seg_segments_are_inventoried_with_masks(shared_data, tmp_path):
+    """The dcmqi liver SEG on its 3-slice feet-first CT: the segment's mask equals dcmqi's own NRRD label."""
+    from pipeline import api
+    from pipeline.config import load_config
+
+    folder = shared_data / "dcmqi"
+    out = tmp_path / "ingest"
+    cfg = load_config([], [f"output_root={tmp_path}", "ingest.select.min_slices=1",
+                           "ingest.plausibility.min_slices=1"])
+    report = api.ingest(cfg, source=folder, output=out)
+    assert report["counts"]["ok"] == 1
+    with open(out / "structures.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["kind"], r["number"], r["name"]) for r in rows] == [("SEG", "1", "Liver")]
+    row = rows[0]
+    assert row["interpreted_type"] and len(row["color"].split()) == 3 and row["empty"] == "False"
+    mask = load_volume(out / row["mask"])
+    expected = load_volume(folder / "liver_seg.nrrd")
+    ref = resample_to_grid(expected.array.astype(np.uint8), expected.grid, mask.grid, order=0)
+    np.testing.assert_array_equal(mask.array != 0, ref != 0)
+    assert int(row["voxels"]) == int((expected.array != 0).sum())

@@ -50,6 +50,7 @@ from pipeline.volume_io import is_volume_file, load_volume, save_nifti, strip_vo
 log = logging.getLogger("ctseg")
 
 MANIFEST = "manifest.json"
+NO_LABEL_OBJECTS = "no RTSTRUCT or DICOM SEG in the export references this image series"
 NOT_MAPPED = "not mapped: no dataset description given (see dataset.suggested.yaml)"
 
 
@@ -96,7 +97,8 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
     manifest_cases, inventory = [], []
     with Progress(len(cases), "ingest: cases", unit="case") as progress:
         for case in cases:
-            inputs = {"image": str(case.image_path), "label": str(case.label_path) if case.label_path else None}
+            inputs = {"image": str(case.image_path), "label": str(case.label_path) if case.label_path else None,
+                      "label_objects": [o.object_id for o in case.label_objects]}
             with run.case(case.id, inputs) as record:
                 if record is None:  # done in an earlier, interrupted run
                     entry = run.records[case.id].extra["manifest"]
@@ -341,6 +343,8 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
             write_case_inventory_rows(out, case.id, rows)
         elif case.label_path:
             label = _read_label(cfg, dataset, case, image)
+        elif dataset is not None and case.series is not None and case.role == "train":
+            left_out = NO_LABEL_OBJECTS
     except CtsegError as exc:
         raise CaseError(case.id, str(exc)) from exc
     except (OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
@@ -383,6 +387,8 @@ def relabel_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSour
         if rows and dataset is not None:
             masks = [load_mask(out, row, grid) for row in rows]
             label, left_out, warnings = label_from_structures(rows, masks, dataset)
+        elif dataset is not None and case.role == "train":
+            left_out = NO_LABEL_OBJECTS
         if rows:
             write_case_inventory_rows(out, case.id, rows)
     except CtsegError as exc:

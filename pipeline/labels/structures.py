@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.errors import CtsegError, InputError
-from pipeline.geometry import Grid, Volume
+from pipeline.geometry import Grid, Volume, voxel_volume_ml
 
 log = logging.getLogger("ctseg")
 
@@ -82,7 +82,7 @@ def read_structures(case_id: str, objects: list[LabelObject], grid: Grid) -> tup
     """
     found: list[tuple[Structure, np.ndarray]] = []
     warnings: list[str] = []
-    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    voxel_ml = voxel_volume_ml(grid)
     for obj in objects:
         try:
             items = _read_object(obj, grid)
