@@ -34,6 +34,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -327,15 +328,15 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
         from pipeline.dicom.plausibility import check_plausibility
 
         warnings += check_plausibility(image, f"case {case.id}", cfg.ingest.plausibility)
+        image_warnings = warnings  # what reading the image and its structures found (not the label mapping)
         objects = case.label_objects or _dicom_label_objects(case.label_path)
         label = None
         if objects:
-            found, object_warnings = read_structures(case.id, objects, image.grid)
-            warnings += object_warnings
-            masks = [mask for _, mask in found]
-            rows = write_case_structures(out, case.id, found, image.affine, cfg.ingest.compresslevel)
+            found = read_structures(case.id, objects, image.grid, warnings)
+            rows, masks = write_case_structures(out, case.id, found, image.grid, cfg.ingest.compresslevel)
             if dataset is not None:
-                label, left_out, mapping_warnings = label_from_structures(rows, masks, dataset)
+                image_warnings = list(warnings)
+                label, left_out, mapping_warnings = label_from_structures(rows, masks, image.grid.shape, dataset)
                 warnings += mapping_warnings
             else:
                 for row in rows:
@@ -360,7 +361,7 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
                   "label_objects": [o.object_id for o in objects],
                   "selected_because": case.selection_reason or "listed in the dataset description",
                   "structures": _structure_summary(rows), "left_out_of_training": left_out,
-                  "warnings": warnings}
+                  "image_warnings": image_warnings, "warnings": warnings}
     provenance_rel = f"provenance/{case.id}.json"
     atomic.write_json(out / provenance_rel, provenance)
     entry = {"id": case.id, "role": case.role, "image": image_rel, "label": label_rel,
@@ -385,8 +386,8 @@ def relabel_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSour
             row.label, row.note = "", row.problem or ("" if dataset is not None else NOT_MAPPED)
         label, left_out, warnings = None, None, []
         if rows and dataset is not None:
-            masks = [load_mask(out, row, grid) for row in rows]
-            label, left_out, warnings = label_from_structures(rows, masks, dataset)
+            label, left_out, warnings = label_from_structures(rows, lambda i: load_mask(out, rows[i], grid),
+                                                              grid.shape, dataset)
         elif dataset is not None and case.role == "train":
             left_out = NO_LABEL_OBJECTS
         if rows:
@@ -406,13 +407,13 @@ def relabel_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSour
         (out / old_label).unlink()
     provenance_path = out / previous["provenance"]
     provenance = json.loads(provenance_path.read_text(encoding="utf-8")) if provenance_path.is_file() else {}
-    kept = [w for w in provenance.get("image_warnings", provenance.get("warnings", []))]
+    kept = list(provenance.get("image_warnings", []))
     provenance.update({"role": case.role, "structures": _structure_summary(rows), "left_out_of_training": left_out,
                        "image_warnings": kept, "warnings": kept + warnings,
                        "relabelled": "from the structure masks of the earlier run; no DICOM read"})
     atomic.write_json(provenance_path, provenance)
     entry = {**previous, "role": case.role, "image": image_rel, "label": label_rel, "left_out": left_out}
-    _record(record, out, entry, warnings, rows)
+    _record(record, out, entry, kept + warnings, rows)
     return entry, rows
 
 
@@ -454,10 +455,11 @@ def write_case_inventory_rows(out: Path, case_id: str, rows: list[Structure]) ->
     write_case_inventory(out, case_id, rows)
 
 
-def label_from_structures(rows: list[Structure], masks: list[np.ndarray], dataset: DatasetDescription
-                          ) -> tuple[np.ndarray | None, str | None, list[str]]:
-    """The case's label map from its structure masks (None when the case is left out), the reason, warnings.
+def label_from_structures(rows: list[Structure], mask_of: Callable[[int], np.ndarray], shape: tuple[int, ...],
+                          dataset: DatasetDescription) -> tuple[np.ndarray | None, str | None, list[str]]:
+    """The case's label map (None when the case is left out), the reason it is left out, and warnings.
 
+    ``mask_of(i)`` gives the boolean mask of ``rows[i]`` (only mapped structures are asked for).
     Fills each row's ``label`` / ``note``. Where mapped structures overlap, the smaller one wins.
     """
     from pipeline.labels.names import map_structures
@@ -473,11 +475,11 @@ def label_from_structures(rows: list[Structure], masks: list[np.ndarray], datase
     if mapping.left_out is not None:
         return None, mapping.left_out, warnings
     high = max((s.value for s in specs), default=0)
-    label = np.zeros(masks[0].shape if masks else (0, 0, 0), dtype=np.uint8 if high <= 255 else np.uint16)
+    label = np.zeros(shape, dtype=np.uint8 if high <= 255 else np.uint16)
     by_size = sorted(mapping.chosen.items(), key=lambda item: -rows[item[1]].voxels)  # larger first, smaller win
     names = {s.value: s.name for s in specs}
     for value, index in by_size:
-        mask = masks[index]
+        mask = mask_of(index)
         overlap = int(np.count_nonzero(mask & (label != 0)))
         if overlap:
             below = sorted({names[int(v)] for v in np.unique(label[mask & (label != 0)])})

@@ -23,6 +23,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -73,15 +74,14 @@ class Structure:
 COLUMNS = [f.name for f in fields(Structure)]
 
 
-def read_structures(case_id: str, objects: list[LabelObject], grid: Grid) -> tuple[list[tuple[Structure, np.ndarray]],
-                                                                                    list[str]]:
-    """Every structure of ``objects`` rasterised on ``grid``, and warnings for objects that could not be read.
+def read_structures(case_id: str, objects: list[LabelObject], grid: Grid, warnings: list[str]
+                    ) -> Iterator[tuple[Structure, np.ndarray]]:
+    """Every structure of ``objects`` rasterised on ``grid``, one at a time (a structure set may hold 60 ROIs).
 
     A label object that cannot be read, or a structure that cannot be placed on the image, becomes
-    a row with an empty mask and the reason in ``note`` (and a warning): the image is still ingested.
+    a row with an empty mask and the reason in ``problem`` (and in ``warnings``): the image is still
+    ingested.
     """
-    found: list[tuple[Structure, np.ndarray]] = []
-    warnings: list[str] = []
     voxel_ml = voxel_volume_ml(grid)
     for obj in objects:
         try:
@@ -89,8 +89,8 @@ def read_structures(case_id: str, objects: list[LabelObject], grid: Grid) -> tup
         except (CtsegError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
             reason = f"{obj.object_id} could not be read ({exc})"
             warnings.append(f"{reason}; its structures are not in the inventory")
-            found.append((Structure(case_id, obj.object_id, obj.modality, 0, "", note=reason, problem=reason),
-                          np.zeros(grid.shape, dtype=bool)))
+            yield (Structure(case_id, obj.object_id, obj.modality, 0, "", note=reason, problem=reason),
+                   np.zeros(grid.shape, dtype=bool))
             continue
         for number, name, kind_type, color, mask, problem in items:
             voxels = int(np.count_nonzero(mask))
@@ -99,30 +99,46 @@ def read_structures(case_id: str, objects: list[LabelObject], grid: Grid) -> tup
                             round(voxels * voxel_ml, 4), voxels == 0, note=problem, problem=problem)
             if problem:
                 warnings.append(f"{obj.object_id} structure '{name}': {problem}")
-            found.append((row, mask))
-    return found, warnings
+            yield row, mask
+
+
+class PackedMasks:
+    """The masks of a case kept bit-packed in memory (8 voxels a byte) until the label map needs them."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.packed: list[np.ndarray] = []
+
+    def add(self, mask: np.ndarray) -> None:
+        self.packed.append(np.packbits(np.asarray(mask, dtype=bool).ravel()))
+
+    def __call__(self, index: int) -> np.ndarray:
+        count = int(np.prod(self.shape))
+        return np.unpackbits(self.packed[index], count=count).astype(bool).reshape(self.shape)
 
 
 def _read_object(obj: LabelObject, grid: Grid):
     if obj.modality == "RTSTRUCT":
         from pipeline.labels.rtstruct import rasterise_contours, read_rtstruct
 
-        items = []
-        for roi in read_rtstruct(obj.path):  # parsed once; each ROI rasterised once
-            problem = ""
-            try:
-                mask = rasterise_contours(roi.contours, grid, f"{obj.object_id} ROI '{roi.name}'")
-            except InputError as exc:
-                mask, problem = np.zeros(grid.shape, dtype=bool), f"could not be placed on the image: {exc}"
-            if not roi.contours and not problem:
-                problem = "has no closed contours"
-            items.append((roi.number, roi.name, roi.interpreted_type, roi.color, mask, problem))
-        return items
+        return _rtstruct_items(read_rtstruct(obj.path), obj, grid, rasterise_contours)  # parsed once
     if obj.modality == "SEG":
         from pipeline.labels.seg import read_seg_segments
 
         return [(s.number, s.label, s.property_type, s.color, s.mask, "") for s in read_seg_segments(obj.path, grid)]
     raise InputError(f"{obj.object_id} must be an RTSTRUCT or a DICOM SEG, got modality '{obj.modality}'.")
+
+
+def _rtstruct_items(rois, obj: LabelObject, grid: Grid, rasterise):
+    for roi in rois:  # each ROI rasterised once, when the caller asks for it
+        problem = ""
+        try:
+            mask = rasterise(roi.contours, grid, f"{obj.object_id} ROI '{roi.name}'")
+        except InputError as exc:
+            mask, problem = np.zeros(grid.shape, dtype=bool), f"could not be placed on the image: {exc}"
+        if not roi.contours and not problem:
+            problem = "has no closed contours"
+        yield roi.number, roi.name, roi.interpreted_type, roi.color, mask, problem
 
 
 def mask_name(structure: Structure, index: int) -> str:
@@ -131,21 +147,21 @@ def mask_name(structure: Structure, index: int) -> str:
     return f"{index:02d}_{structure.number}_{safe_name(structure.name, 40)}.nii.gz"
 
 
-def write_case_structures(out: Path, case_id: str, found: list[tuple[Structure, np.ndarray]], affine: np.ndarray,
-                          compresslevel: int = 1) -> list[Structure]:
-    """Write each structure's mask and the case's inventory file; returns the rows with their mask paths."""
-    folder = Path(out) / FOLDER / case_id
-    rows = []
+def write_case_structures(out: Path, case_id: str, found: Iterable[tuple[Structure, np.ndarray]], grid: Grid,
+                          compresslevel: int = 1) -> tuple[list[Structure], PackedMasks]:
+    """Write each structure's mask as it comes and the case's inventory; returns the rows and their masks."""
+    from pipeline.volume_io import save_nifti
+
+    rows, masks = [], PackedMasks(grid.shape)
     for index, (row, mask) in enumerate(found, start=1):
         if row.name or row.number:
             relative = f"{FOLDER}/{case_id}/{mask_name(row, index)}"
-            from pipeline.volume_io import save_nifti
-
-            save_nifti(Volume(mask.astype(np.uint8), affine), Path(out) / relative, compresslevel=compresslevel)
+            save_nifti(Volume(mask.astype(np.uint8), grid.affine), Path(out) / relative, compresslevel=compresslevel)
             row.mask = relative
         rows.append(row)
+        masks.add(mask)
     write_case_inventory(out, case_id, rows)
-    return rows
+    return rows, masks
 
 
 def write_case_inventory(out: Path, case_id: str, rows: list[Structure]) -> Path:
