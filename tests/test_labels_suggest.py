@@ -64,3 +64,12 @@ def test_mapping_reasons_missing_empty_ambiguous_and_optional():
     assert optional.left_out is None and optional.chosen == {1: 0} and "optional" in optional.warnings[0]
     excluded = map_structures(["GTV", "ptv_eval"], [False, False], specs, exclude=["eval$"])
     assert excluded.notes[1] == "excluded by 'eval$'" and 2 not in excluded.chosen
+
+
+def test_a_standard_name_that_another_group_uses_is_not_taken(tmp_path):
+    from pipeline.dataset import load_dataset
+
+    path = write_suggested(tmp_path, _rows({"a": ["Cord", "SpinalCord"], "b": ["Cord"]}), 2, tmp_path)
+    specs = load_dataset(path).foreground()
+    assert [s.name for s in specs] == ["Cord", "SpinalCord"]  # 'Cord' does not become SpinalCord
+    assert map_structures(["Cord", "SpinalCord"], [False, False], specs).left_out is None

@@ -106,13 +106,17 @@ def write_suggested(out: Path, rows, case_count: int, source: Path | None) -> Pa
         lines.append(f"source: {json.dumps(str(Path(source).resolve()))}")
     lines += ["labels:", "  - {name: background, value: 0, color: [0, 0, 0]}"]
     used = set()
+    found_keys = {normalise_name(name): group.key for group in groups for name in group.names}
     for value, group in enumerate(groups, start=1):
         names = [name for name, _ in sorted(group.names.items(), key=lambda item: (-item[1], item[0]))]
         standard = standard_name(names)
+        if standard and (normalise_name(standard) in used or
+                         found_keys.get(normalise_name(standard), group.key) != group.key):
+            standard = None  # another group holds that name: a label name must not match its structures
         label_name = standard or names[0]
-        if label_name in used:
+        if normalise_name(label_name) in used:
             label_name = f"{label_name}_{value}"
-        used.add(label_name)
+        used.add(normalise_name(label_name))
         synonyms = [n for n in names if n != label_name]
         color = _color(group, value)
         counts = ", ".join(f"{n} ×{group.names[n]}" for n in names)
