@@ -192,6 +192,9 @@ def test_rt_export_without_dataset_then_relabel_from_masks(tmp_path, rt_export):
     assert rows[(cases["RT001"], "z_help")]["note"] == "excluded by '^z_'"
     assert "left out" in rows[(cases["RT004"], "PTV")]["note"]
     assert "empty" in rows[(cases["RT003"], "GTV Primary")]["note"]
+    records = {c["id"]: c for c in report["cases"]}
+    assert records[cases["RT002"]]["extra"]["labels"] == {"GTV": "gtv_1", "PTV": "PTV", "External": "BODY"}
+    assert "no structure matches" in records[cases["RT004"]]["extra"]["left_out"]
     manifest = json.loads((out / "manifest.json").read_text())
     trainable = [c["id"] for c in manifest["cases"] if c["label"]]
     assert sorted(trainable) == sorted([cases["RT001"], cases["RT002"]])

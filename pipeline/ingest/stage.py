@@ -423,6 +423,9 @@ def _record(record, out: Path, entry: dict, warnings: list[str], rows: list[Stru
                "structures": [str(out / r.mask) for r in rows if r.mask]}
     record.outputs = {k: v for k, v in outputs.items() if v}
     record.warnings = warnings
+    mapped = {row.label: row.name for row in rows if row.label}
+    if mapped:
+        record.extra["labels"] = mapped  # which structure became which label, per case
     if entry.get("left_out"):
         record.extra["left_out"] = entry["left_out"]
     for warning in warnings:
