@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import numpy as np
 import yaml
@@ -21,7 +22,7 @@ def _ingest_ids(out) -> dict[str, str]:
         return {row["patient_id"]: row["case_id"] for row in csv.DictReader(handle)}
 
 
-def test_predict_from_dicom_then_evaluate_pairs_with_ingested_labels(tmp_path):
+def test_predict_from_dicom_then_evaluate_pairs_with_ingested_labels(tmp_path, caplog):
     export = tmp_path / "export"
     write_rt_export(export)
     dataset = tmp_path / "dataset.yaml"
@@ -39,8 +40,13 @@ def test_predict_from_dicom_then_evaluate_pairs_with_ingested_labels(tmp_path):
 
     model = write_small_model(tmp_path / "model")
     plain = load_config([], [f"output_root={tmp_path / 'outputs'}"])  # standalone: no dataset configured
-    result = run_predict(plain, model, export, tmp_path / "pred")
+    with caplog.at_level("INFO", logger="ctseg"):
+        result = run_predict(plain, model, export, tmp_path / "pred")
     assert result.exit_code == 0
+    lines = [r.getMessage() for r in caplog.records if re.match(r"\[\d/4\] case_", r.getMessage())]
+    assert len(lines) == 4 and all(re.fullmatch(r"\[[1-4]/4\] case_[0-9a-f]{12}: done in \d+\.\d s"
+                                                r"( \(\d+ warnings?\))?", line) for line in lines), lines
+    assert not any("pending" in r.getMessage() for r in caplog.records)
     assert {c["id"] for c in result.report["cases"]} == set(ingested.values())
     report = api.evaluate(plain, pred_dir=tmp_path / "pred", ref_dir=ingest_dir / "labelsTr",
                           output=tmp_path / "evaluate")

@@ -2,7 +2,8 @@
 
 TG-263 (AAPM Task Group 263, "Standardizing nomenclatures in radiation oncology", 2018) is the
 nomenclature planning systems and registries use. This table holds only the report's primary names
-for common targets and organs at risk, written here from the published list; it covers:
+for common targets and organs at risk, typed in here by hand from the published list (not generated
+from or checked against a machine-readable copy, so verify a name before relying on it); it covers:
 
 - targets GTV, GTVp, GTVn, CTV, ITV, PTV (dose or number suffixes are not standardised here);
 - the body outline External;
