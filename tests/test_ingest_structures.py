@@ -243,3 +243,25 @@ def test_exclude_that_removes_a_label_is_refused(tmp_path):
                                                                               "regex": ["(unclosed"]}]}))
     with pytest.raises(ConfigError, match="valid regular expression"):
         load_dataset(path)
+
+
+def test_a_changed_export_is_read_again(tmp_path, rt_export):
+    import shutil
+
+    source, _ = rt_export
+    export = tmp_path / "export"
+    shutil.copytree(source / "RT001", export / "RT001", copy_function=shutil.copy2)
+    out = tmp_path / "ingest"
+    api.ingest(load_config([], [f"output_root={tmp_path}"]), source=export, output=out)
+    dataset = tmp_path / "dataset.yaml"
+    dataset.write_text(yaml.safe_dump({"name": "rt", "source": str(export),
+                                       "labels": [{"name": "GTV", "value": 1}]}))
+    rs = export / "RT001" / "rs" / "RS.dcm"
+    os.utime(rs, ns=(rs.stat().st_atime_ns, rs.stat().st_mtime_ns + 10**9))  # re-exported: a new time
+    report = api.ingest(load_config([], [f"output_root={tmp_path}", f"dataset={dataset}"]), source=export,
+                        output=out)
+    assert "reused" not in report["scan"] and report["scan"]["series"] >= 2  # scanned again
+    assert report["counts"]["ok"] == 1 and not report["left_out"]
+    again = api.ingest(load_config([], [f"output_root={tmp_path}", "ingest.compresslevel=3", f"dataset={dataset}"]),
+                       source=export, output=out)
+    assert "reused" not in again["scan"]  # other ingest settings: images are made again
