@@ -37,6 +37,7 @@ FOLDER = "structures"
 CASE_FILE = "structures.json"
 CSV_FILE = "structures.csv"
 JSON_FILE = "structures.json"
+FORMAT = "ctseg-structures/1"
 
 
 @dataclass
@@ -166,7 +167,7 @@ def write_case_structures(out: Path, case_id: str, found: Iterable[tuple[Structu
 
 def write_case_inventory(out: Path, case_id: str, rows: list[Structure]) -> Path:
     path = Path(out) / FOLDER / case_id / CASE_FILE
-    atomic.write_json(path, {"format": "ctseg-structures/1", "case": case_id, "structures": [r.to_json() for r in rows]})
+    atomic.write_json(path, {"format": FORMAT, "case": case_id, "structures": [r.to_json() for r in rows]})
     return path
 
 
@@ -208,4 +209,4 @@ def write_inventory(out: Path, rows: list[Structure]) -> None:
     for row in rows:
         writer.writerow(row.to_json())
     atomic.write_text(Path(out) / CSV_FILE, buffer.getvalue())
-    atomic.write_json(Path(out) / JSON_FILE, {"format": "ctseg-structures/1", "structures": [r.to_json() for r in rows]})
+    atomic.write_json(Path(out) / JSON_FILE, {"format": FORMAT, "structures": [r.to_json() for r in rows]})

@@ -171,7 +171,8 @@ def _expand_dicom(root: Path, discovery: Discovery, ingest_cfg, workers: int) ->
     for decision in decisions:
         series = decision.series
         if decision.selected:
-            discovery.cases.append(Case(case_id=dicom_case_id(series, ingest_cfg), source=f"{root} [series {series.short_key}]",
+            discovery.cases.append(Case(case_id=dicom_case_id(series, ingest_cfg),
+                                        source=f"{root} [series {series.short_key}]",
                                         series=series))
         else:
             discovery.skipped.append(f"{root}: {series.name} not selected: {decision.reason}")
