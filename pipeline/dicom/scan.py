@@ -156,8 +156,14 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
         raise InputError(f"{root} does not exist. Point ingest at the folder (or file) of the DICOM export.")
     paths = _list_files(root)
     result = ScanResult(root=root)
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        outcomes = list(pool.map(_read_one, paths))
+    from pipeline.progress import Progress
+
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool, \
+            Progress(len(paths), "scanning DICOM headers", unit="file") as progress:
+        outcomes = []
+        for outcome in pool.map(_read_one, paths):
+            outcomes.append(outcome)
+            progress.update()
     headers = []
     for path, outcome in zip(paths, outcomes):
         if isinstance(outcome, SkippedFile):

@@ -8,9 +8,9 @@ PATH may be:
 - a text file (``.txt`` / ``.lst``) listing inputs, one path per line, relative to the text file;
   blank lines and ``#`` comments are ignored; each entry is expanded like PATH itself;
 - anything else (a folder of DICOM files, a DICOMDIR, one DICOM file): a DICOM export, scanned and
-  filtered with the ingest selection rules; each selected CT series is a case whose id is
-  ``ct-`` + a hash of its Study and Series Instance UIDs, so no patient name or ID reaches a file
-  name or a log.
+  filtered with the ingest selection rules (``ingest.select``); each selected CT series is a case
+  whose id is :func:`pipeline.case_ids.series_case_id`, the same id ``ctseg ingest`` gives it, so
+  no patient name or ID reaches a file name or a log and predictions pair with ingested labels.
 
 Case ids contain only ``[A-Za-z0-9_-]`` (no dots: ``<case>.`` prefixes every output file). The
 list is sorted by case id; shards are ``cases[k]`` with ``k mod n == i`` (``shard_by: index``) or
@@ -186,12 +186,13 @@ def _expand_dicom(root: Path, discovery: Discovery, ingest_cfg, workers: int) ->
     from pipeline.dicom.select import SelectionRules, select_series
 
     scan = scan_export(root, workers=workers)
-    rules = getattr(ingest_cfg, "selection", None) or SelectionRules()
+    rules = getattr(ingest_cfg, "select", None) or SelectionRules()
     decisions = select_series(scan.series, rules)
     for decision in decisions:
         series = decision.series
         if decision.selected:
-            discovery.cases.append(Case(case_id=dicom_case_id(series), source=f"{root} [series {series.short_key}]",
+            discovery.cases.append(Case(case_id=dicom_case_id(series, ingest_cfg),
+                                        source=f"{root} [series {series.short_key}]",
                                         series=series))
         else:
             discovery.skipped.append(f"{root}: {series.name} not selected: {decision.reason}")
@@ -204,15 +205,11 @@ def _expand_dicom(root: Path, discovery: Discovery, ingest_cfg, workers: int) ->
                          f"{' (' + decisions[0].reason + ')' if decisions else ''}. Check the path or the rules.")
 
 
-def dicom_case_id(series) -> str:
-    """Anonymous, stable case id of a DICOM series: a hash of its Study and Series Instance UIDs."""
-    if series.study_uid and series.series_uid:
-        basis = f"{series.study_uid}/{series.series_uid}"
-        if getattr(series, "part", 0):
-            basis += f"#part{series.part}"
-    else:  # blank UIDs: the scanner's fallback key (folder, patient hash, geometry) is still stable
-        basis = series.key
-    return "ct-" + hashlib.sha256(basis.encode("utf-8")).hexdigest()[:12]
+def dicom_case_id(series, ingest_cfg: Any = None) -> str:
+    """The case id of a DICOM series: the one ingest gives it (:func:`pipeline.case_ids.series_case_id`)."""
+    from pipeline.case_ids import series_case_id
+
+    return series_case_id(series, anonymise=getattr(ingest_cfg, "anonymise_case_ids", True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from pipeline.predict.ledger import Ledger, open_ledger, process_start_time, sha
 from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
+from pipeline.progress import Progress
 from pipeline.stage import REPORT_FILE, versions
 
 log = logging.getLogger("ctseg.predict")
@@ -149,11 +150,14 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
             run_hash = settings_hash(sha256_file(model_dir / MODEL_FILE), cfg)
             batch = _Batch(cfg, model_dir, output_dir, device, run_hash, ledger, run_log)
             outcomes = {}
-            for case in mine:
-                outcomes[case.case_id] = batch.run_case(case, retry_failed, sources[case.case_id],
-                                                        redactors[case.case_id])
-                if batch.stopped:
-                    break
+            with Progress(len(mine), "predict", unit="case") as progress:
+                batch.progress = progress
+                for case in mine:
+                    outcomes[case.case_id] = batch.run_case(case, retry_failed, sources[case.case_id],
+                                                            redactors[case.case_id])
+                    progress.update()
+                    if batch.stopped:
+                        break
             rows = ledger.rows([case.case_id for case in discovery.cases])
             mine_ids = {case.case_id for case in mine}
             failed = [row.case_id for row in rows if row.case_id in mine_ids and row.status == "failed"]
@@ -402,6 +406,10 @@ class _Batch:
         self.model_seconds = 0.0
         self.stopped: Optional[str] = None  # why the batch stopped early (disk full)
         self.reserve = _Reserve(output_dir)
+        self.progress: Optional[Progress] = None  # the batch's k/N display, set by run_predict
+
+    def _at(self) -> str:
+        return f"{self.progress.prefix()} " if self.progress is not None else ""
 
     def _load(self) -> None:
         start = time.perf_counter()
@@ -435,9 +443,10 @@ class _Batch:
             log.error("predict: %s", self.stopped)
             return "not started"
         if not taken:
-            log.info("predict: %s skipped: %s", case.case_id, why)
+            log.info("%s%s: skipped, %s", self._at(), case.case_id, why)
             return why
-        log.info("predict: %s started (%s)", case.case_id, why)
+        if why not in ("new", "pending"):  # a first try needs no explanation; a redo does
+            log.info("%s%s: %s", self._at(), case.case_id, why)
         start = time.perf_counter()
         staging: Optional[Path] = None
         try:
@@ -466,8 +475,9 @@ class _Batch:
             except sqlite3.Error:
                 pass
             raise
-        log.info("predict: %s done in %.1f s%s", case.case_id, time.perf_counter() - start,
-                 f" ({len(warnings)} warning(s))" if warnings else "")
+        count = len(warnings)
+        log.info("%s%s: done in %.1f s%s", self._at(), case.case_id, time.perf_counter() - start,
+                 f" ({count} warning{'s' if count != 1 else ''})" if count else "")
         return "done"
 
     def _fail(self, case: case_io.Case, exc: Exception, redact: privacy.Redactor, seconds: float) -> str:
@@ -477,7 +487,7 @@ class _Batch:
         trace = None
         if full or not isinstance(exc, CtsegError):  # an unexpected error leaves its traceback behind
             trace = redact("".join(traceback.format_exception(exc)))
-        log.error("predict: %s failed: %s", case.case_id, message)
+        log.error("%s%s: failed: %s", self._at(), case.case_id, message)
         if trace and self.run_log is not None:
             self.run_log.traceback(case.case_id, trace)
         if full:  # later cases would fail the same way: they stay pending for a plain rerun

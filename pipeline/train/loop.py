@@ -386,8 +386,9 @@ class FoldTrainer:
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, description: str):
+    """The fold's step counter (pipeline.progress): validation lines print above the bar, not into it."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from pipeline.progress import Progress
 
-    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return Progress(total, f"train {description}", unit="step", initial=initial)
