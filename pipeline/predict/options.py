@@ -85,8 +85,9 @@ class PredictConfig:
                 "report.json and each provenance). auto: fp32 on every CPU, so that every CPU writes the same "
                 "labels; bf16 on CUDA GPUs with native bf16, fp16 on older GPUs. bf16 on a CPU with AVX512-BF16/AMX "
                 "is opt-in: measured per-class Dice agreement with fp32 >= 0.9977 on the demo model (0.0026% of "
-                "voxels changed), about 2x faster for a spleen-size UNet at 96^3 but slower for the small demo "
-                "network (bench/README.md, Precision); emulated elsewhere and many times slower."})
+                "voxels changed); its speed against fp32 measured 0.8-1.4x on the small demo network and 1.6-2.5x "
+                "on a spleen-size UNet at 96^3 (bench/README.md, Precision). Emulated on other CPUs: many times "
+                "slower."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto uses CUDA when present, else the CPU."})
     optimize_network: bool = field(default=True, metadata={
