@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.config import build_dataclass
 from pipeline.errors import ConfigError
+from pipeline.labels.codes import codes_json
 from pipeline.labels.names import LabelSpec
 
 
@@ -66,8 +67,8 @@ class DatasetDescription:
         return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
 
     def label_json(self) -> list[dict]:
-        return [{"name": s.name, "value": s.value, "color": list(s.color), "synonyms": list(s.synonyms)}
-                for s in self.labels]
+        return [{"name": s.name, "value": s.value, "color": list(s.color), "synonyms": list(s.synonyms),
+                 **codes_json(s)} for s in self.labels]
 
 
 def load_dataset(path: str | Path) -> DatasetDescription:
