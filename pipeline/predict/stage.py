@@ -318,18 +318,31 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     paths["labels"] = writers.write_label_nifti(labels, source_grid, Path(f"{base}.nii.gz"), outputs.compresslevel)
     if outputs.seg_nrrd:
         paths["slicer"] = writers.write_seg_nrrd(labels, source_grid, predictor.labels, Path(f"{base}.seg.nrrd"),
-                                                 outputs.compresslevel)
+                                                 outputs.compresslevel, outputs.seg_nrrd_closed_surface)
     dicom_seg = None
     if outputs.dicom_seg and case.is_dicom:
         try:
             dicom_seg = writers.write_dicom_seg(labels, source_grid, predictor.labels, case.series,
-                                                Path(f"{base}.seg.dcm"), case.case_id, _ctseg_version())
+                                                Path(f"{base}.seg.dcm"), case.case_id, _ctseg_version(),
+                                                outputs.dicom_seg_type)
             if dicom_seg.get("written"):
                 paths["dicom_seg"] = Path(f"{base}.seg.dcm")
         except CtsegError as exc:
             warnings.append(f"DICOM SEG not written: {exc}")
     elif outputs.dicom_seg:
         dicom_seg = {"written": False, "reason": "input is not DICOM"}
+    rtstruct = None
+    if outputs.rtstruct and case.is_dicom:
+        try:
+            rtstruct = writers.write_case_rtstruct(labels, source_grid, predictor.labels, case.series,
+                                                   Path(f"{base}.rtstruct.dcm"), case.case_id, _ctseg_version())
+            if rtstruct.get("written"):
+                paths["rtstruct"] = Path(f"{base}.rtstruct.dcm")
+        except CtsegError as exc:
+            rtstruct = {"written": False, "reason": str(exc)}
+            warnings.append(f"RTSTRUCT not written: {exc}")
+    elif outputs.rtstruct:
+        rtstruct = {"written": False, "reason": "input is not DICOM"}
     if need_probabilities:
         probabilities, grid = result.probabilities, prepared.grid
         if outputs.probabilities_grid == "source":
@@ -369,6 +382,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         "timings_s": timings,
         "postprocess": notes,
         "dicom_seg": dicom_seg,
+        "rtstruct": rtstruct,
         "warnings": warnings,
         "outputs": relative,
     }
