@@ -78,7 +78,7 @@ def test_rtstruct_references_the_series(tmp_path):
     headers = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
     first = next(iter(headers.values()))
     assert rs.Modality == "RTSTRUCT" and rs.SOPClassUID == pydicom.uid.RTStructureSetStorage
-    assert rs.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert rs.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian  # 4-byte lengths: big contours fit
     assert rs.StudyInstanceUID == first.StudyInstanceUID and rs.FrameOfReferenceUID == first.FrameOfReferenceUID
     frame = rs.ReferencedFrameOfReferenceSequence[0]
     series = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]

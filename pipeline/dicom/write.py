@@ -487,9 +487,9 @@ class _SeriesSlice:
 def write_rtstruct(label: Volume, series_files: list[Path], path: Path, roi_names: dict[int, str]) -> Path:
     """Write an RTSTRUCT with one ROI per label value, contouring ``label`` (on the series' grid) slice by slice.
 
-    The contours are those of the product writer (:mod:`pipeline.labels.rtstruct_write`: voxel edges,
-    holes as separate CLOSED_PLANAR contours); a fixture may also contour slices the series lacks
-    (dropped on export), whose contours then reference no image.
+    The contours are those of the product writer (:mod:`pipeline.labels.rtstruct_write`: voxel edges)
+    with holes as separate CLOSED_PLANAR contours, as planning systems export them; a fixture may also
+    contour slices the series lacks (dropped on export), whose contours then reference no image.
     """
     from pipeline.labels.rtstruct_write import ImageRef, Roi, SourceSeries, rtstruct_dataset, save_rtstruct
 
@@ -506,7 +506,7 @@ def write_rtstruct(label: Volume, series_files: list[Path], path: Path, roi_name
     rois = [Roi(value, name, tuple(ROI_COLOURS[(n - 1) % len(ROI_COLOURS)]))
             for n, (value, name) in enumerate(sorted(roi_names.items()), start=1)]
     dataset, _ = rtstruct_dataset(np.asarray(label.array), label.grid, rois, source,
-                                  series_description="ctseg RTSTRUCT", label="CTSEG")
+                                  series_description="ctseg RTSTRUCT", label="CTSEG", holes="separate")
     return save_rtstruct(dataset, path)
 
 

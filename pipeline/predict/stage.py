@@ -327,6 +327,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
                                                 outputs.dicom_seg_type)
             if dicom_seg.get("written"):
                 paths["dicom_seg"] = Path(f"{base}.seg.dcm")
+            warnings.extend(f"DICOM SEG: {note}" for note in dicom_seg.get("corrected", []))
         except CtsegError as exc:
             warnings.append(f"DICOM SEG not written: {exc}")
     elif outputs.dicom_seg:
@@ -335,9 +336,11 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     if outputs.rtstruct and case.is_dicom:
         try:
             rtstruct = writers.write_case_rtstruct(labels, source_grid, predictor.labels, case.series,
-                                                   Path(f"{base}.rtstruct.dcm"), case.case_id, _ctseg_version())
+                                                   Path(f"{base}.rtstruct.dcm"), case.case_id, _ctseg_version(),
+                                                   outputs.rtstruct_holes)
             if rtstruct.get("written"):
                 paths["rtstruct"] = Path(f"{base}.rtstruct.dcm")
+            warnings.extend(f"RTSTRUCT: {note}" for note in rtstruct.get("corrected", []))
         except CtsegError as exc:
             rtstruct = {"written": False, "reason": str(exc)}
             warnings.append(f"RTSTRUCT not written: {exc}")

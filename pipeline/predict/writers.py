@@ -283,6 +283,8 @@ def write_dicom_seg(labels: np.ndarray, grid: Grid, label_infos, series, path: P
     import pydicom
     from pydicom.sr.codedict import codes
 
+    from pipeline.labels.rtstruct_write import copy_study_attributes
+
     order = _single_frame_order(series, grid, case_id, "DICOM SEG")
     present = [info for info in label_infos if np.any(labels == info.value)]
     if not present:
@@ -319,10 +321,14 @@ def write_dicom_seg(labels: np.ndarray, grid: Grid, label_infos, series, path: P
         pydicom_log.setLevel(level)
     for warning in caught:
         log.debug("DICOM SEG of %s: %s", case_id, warning.message)
+    corrected = copy_study_attributes(seg, seg)  # highdicom copies over-long source values as they are
+    if corrected:
+        buffer = io.BytesIO()
+        seg.save_as(buffer)
     atomic.write_bytes(path, buffer.getvalue())
     return {"written": True, "type": seg_type, "segments": [info.name for info in present],
             "source_images": len(datasets), "series_instance_uid": str(seg.SeriesInstanceUID),
-            "source_format_warnings": len(caught)}
+            "source_format_warnings": len(caught), "corrected": corrected}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +336,7 @@ def write_dicom_seg(labels: np.ndarray, grid: Grid, label_infos, series, path: P
 # ---------------------------------------------------------------------------------------------
 
 def write_case_rtstruct(labels: np.ndarray, grid: Grid, label_infos, series, path: Path, case_id: str,
-                        software_version: str) -> dict:
+                        software_version: str, holes: str = "keyhole") -> dict:
     """An RTSTRUCT of the present labels on the source series (pipeline.labels.rtstruct_write); a summary.
 
     Raises CaseError, as the SEG does, when the label grid is not a one-to-one stack of the source
@@ -356,11 +362,12 @@ def write_case_rtstruct(labels: np.ndarray, grid: Grid, label_infos, series, pat
         image_of_slice.setdefault(k, image)
     rois = [Roi(info.value, info.name, tuple(info.color), info.concept) for info in present]
     dataset, summary = rtstruct_dataset(labels, grid, rois, SourceSeries(header, images, image_of_slice),
-                                        software_version=software_version)
+                                        software_version=software_version, holes=holes)
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     atomic.write_bytes(path, buffer.getvalue())
-    return {"written": True, "rois": summary["rois"], "contours": summary["contours"], "points": summary["points"],
+    return {"written": True, "holes": holes, "rois": summary["rois"], "contours": summary["contours"],
+            "points": summary["points"], "corrected": summary["corrected"],
             "source_images": len(images), "series_instance_uid": summary["series_instance_uid"]}
 
 
