@@ -107,6 +107,13 @@ def _check(description: DatasetDescription, path: Path) -> None:
     if not description.source and not description.cases:
         raise ConfigError(f"dataset description {path} must give 'source' (an export folder) or 'cases' "
                           f"(a list of id/image/label). Add one of them.")
+    for spec in description.labels:
+        for key in ("category", "type", "modifier"):
+            code = getattr(spec, key, None)
+            if code is not None and not (code.value.strip() and code.meaning.strip() and code.scheme.strip()):
+                raise ConfigError(f"dataset description {path}: label '{spec.name}' {key} must give value, meaning "
+                                  f"and scheme, got {code}. Example: {{value: '10200004', meaning: Liver}} "
+                                  f"(scheme defaults to SCT).")
     ids = [case.id for case in description.cases]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"dataset description {path}: case ids must be unique.")
