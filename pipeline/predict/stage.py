@@ -114,12 +114,14 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
         failed = [row.case_id for row in rows if row.case_id in mine_ids and row.status == "failed"]
         report = _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, mine_ids, outcomes,
                          discovery, batch, started, time.perf_counter() - wall, run_hash)
-        label_names = [label["name"] for label in spec.get("labels", [])] if batch.predictor is None else \
-            [info.name for info in batch.predictor.labels]
+        legend = [(label["name"], label.get("color")) for label in spec.get("labels", [])] \
+            if batch.predictor is None else [(info.name, info.color) for info in batch.predictor.labels]
+        label_names = [name for name, _ in legend]
         atomic.write_json(output_dir / REPORT_FILE, report)
         reporting.write_csv(output_dir / "report.csv", rows, label_names)
         summary = reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, discovery.skipped)
-        reporting.write_html(output_dir / "report.html", output_dir, rows, summary, label_names)
+        reporting.write_html(output_dir / "report.html", output_dir, rows, summary, label_names,
+                             [color for _, color in legend])
     finally:
         ledger.close()
     exit_code = EXIT_SOME_FAILED if failed else EXIT_OK

@@ -216,7 +216,7 @@ def write_probabilities(probabilities: np.ndarray, grid: Grid, class_names: list
 # DICOM SEG
 # ---------------------------------------------------------------------------------------------
 
-def source_image_order(series, grid: Grid, case_id: str) -> list[tuple[object, int]]:
+def source_image_order(series, grid: Grid, case_id: str, what: str = "DICOM SEG") -> list[tuple[object, int]]:
     """(SliceRef, k) for every source image: the slice k of the volume that holds that image's pixels.
 
     Raises CaseError when the volume is not a one-to-one stack of the source images (tilt
@@ -225,13 +225,13 @@ def source_image_order(series, grid: Grid, case_id: str) -> list[tuple[object, i
     order = []
     for slice_ref in series.slices:
         if slice_ref.position is None:
-            raise CaseError(case_id, "a DICOM SEG needs ImagePositionPatient on every source image, got an image "
-                                     "without it. Turn outputs.dicom_seg off for this export.")
+            raise CaseError(case_id, f"a {what} needs ImagePositionPatient on every source image, got an image "
+                                     f"without it. Use the .seg.nrrd or NIfTI output for this export.")
         ras = lps_to_ras(np.r_[np.asarray(slice_ref.position, dtype=float), 1.0].reshape(1, 4).T).T[0, :3]
         index = world_to_index(grid, ras[None, :])[0]
         k = int(round(index[2]))
         if np.abs(index - [0, 0, k]).max() > 1e-2 or not 0 <= k < grid.shape[2]:
-            raise CaseError(case_id, f"a DICOM SEG needs every source image to be one slice of the volume, got an "
+            raise CaseError(case_id, f"a {what} needs every source image to be one slice of the volume, got an "
                                      f"image at voxel index {np.round(index, 3).tolist()} (the series was resampled, "
                                      f"e.g. for gantry tilt or missing slices). Use the .seg.nrrd or NIfTI output.")
         order.append((slice_ref, k))
@@ -239,7 +239,7 @@ def source_image_order(series, grid: Grid, case_id: str) -> list[tuple[object, i
 
 
 def _single_frame_order(series, grid: Grid, case_id: str, what: str) -> list[tuple[object, int]]:
-    order = source_image_order(series, grid, case_id)
+    order = source_image_order(series, grid, case_id, what)
     if any(getattr(s, "frame", None) is not None for s, _ in order):
         raise CaseError(case_id, f"a {what} is written for single-frame source images only, got a multi-frame "
                                  f"series. Use the .seg.nrrd or NIfTI output.")
