@@ -312,10 +312,12 @@ def _case_section(folder: Path, row, label_names: list[str], colors: list) -> st
             for name, color in zip(label_names, colors)) + "</table>")
     notes = [f"<div class='failed'>{html.escape(row.error)}</div>"] if row.error else []
     notes += [f"<div class='warn'>{html.escape(w)}</div>" for w in row.warnings]
+    if not notes and row.status == "done":
+        notes.append("<div class='ok'>no warnings</div>")
     files = sorted(entry["path"] for entry in (row.outputs or {}).values())
     if files:
         notes.append(f"<div class='files'>files: {html.escape(', '.join(files))}</div>")
-    lines.append(f"<div class='notes'>{''.join(notes) or 'no warnings'}</div>")
+    lines.append(f"<div class='notes'>{''.join(notes)}</div>")
     lines.append("</div>")
     lines.append(_thumbnail_tag(folder, row))
     lines.append("</section>")
