@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.config import build_dataclass
 from pipeline.errors import ConfigError
+from pipeline.labels.codes import codes_json
 from pipeline.labels.names import LabelSpec
 
 
@@ -69,8 +70,8 @@ class DatasetDescription:
         return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
 
     def label_json(self) -> list[dict]:
-        return [{"name": s.name, "value": s.value, "color": list(s.color), "synonyms": list(s.synonyms)}
-                for s in self.labels]
+        return [{"name": s.name, "value": s.value, "color": list(s.color), "synonyms": list(s.synonyms),
+                 **codes_json(s)} for s in self.labels]
 
 
 def load_dataset(path: str | Path) -> DatasetDescription:
@@ -110,6 +111,13 @@ def _check(description: DatasetDescription, path: Path) -> None:
         raise ConfigError(f"dataset description {path} must give 'source' (an export folder) or 'cases' "
                           f"(a list of id/image/label). Add one of them.")
     _check_patterns(description, path)
+    for spec in description.labels:
+        for key in ("category", "type", "modifier"):
+            code = getattr(spec, key, None)
+            if code is not None and not (code.value.strip() and code.meaning.strip() and code.scheme.strip()):
+                raise ConfigError(f"dataset description {path}: label '{spec.name}' {key} must give value, meaning "
+                                  f"and scheme, got {code}. Example: {{value: '10200004', meaning: Liver}} "
+                                  f"(scheme defaults to SCT).")
     ids = [case.id for case in description.cases]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"dataset description {path}: case ids must be unique.")

@@ -8,7 +8,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.dicom.write import SeriesWriteOptions, label_contours, write_ct_series, write_rtstruct
+from pipeline.dicom.write import SeriesWriteOptions, write_ct_series, write_rtstruct
+from pipeline.labels.rtstruct_write import voxel_edge_contours as label_contours
 from pipeline.errors import InputError
 from pipeline.geometry import Volume, affine_from_parts, resample_to_grid
 from pipeline.labels.rtstruct import fill_even_odd, rasterise_rtstruct, read_rtstruct
@@ -77,7 +78,7 @@ def test_rtstruct_references_the_series(tmp_path):
     headers = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
     first = next(iter(headers.values()))
     assert rs.Modality == "RTSTRUCT" and rs.SOPClassUID == pydicom.uid.RTStructureSetStorage
-    assert rs.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert rs.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian  # 4-byte lengths: big contours fit
     assert rs.StudyInstanceUID == first.StudyInstanceUID and rs.FrameOfReferenceUID == first.FrameOfReferenceUID
     frame = rs.ReferencedFrameOfReferenceSequence[0]
     series = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]

@@ -65,6 +65,46 @@ def test_seg_nrrd_reads_back_with_names_values_and_the_source_grid(tmp_path: Pat
     assert image.GetMetaData("Segment0_Name") in {"liver", "spleen", "kidneys"}
 
 
+def test_seg_nrrd_reads_back_in_slicerio_with_terminology_geometry_and_non_ascii_names(tmp_path: Path):
+    """slicerio (the Slicer project's reader) and ITK (Slicer's NRRD reader) see names, colours, values, codes."""
+    import gzip
+
+    import SimpleITK as sitk
+    import slicerio
+
+    phantom = make_phantom(4, OBLIQUE_FEET_FIRST)
+    infos = [LabelInfo(1, "Rückenmark", (240, 200, 40)), LabelInfo(2, "Ösophagus", (60, 160, 220)),
+             LabelInfo(3, "GTV_Mass", (255, 0, 0), {"rt_type": "GTV"})]
+    path = write_seg_nrrd(phantom.label.array, phantom.label.grid, infos, tmp_path / "case.seg.nrrd",
+                          closed_surface=True)
+    raw = path.read_bytes()
+    header, _, data = raw.partition(b"\n\n")
+    assert "Segment0_Name:=Rückenmark".encode("utf-8") in header  # UTF-8, not pynrrd's ASCII
+    voxels = np.frombuffer(gzip.decompress(data), dtype=np.uint8).reshape(phantom.label.array.shape, order="F")
+    np.testing.assert_array_equal(voxels, phantom.label.array)  # one standard gzip stream (parallel_gzip)
+
+    segmentation = slicerio.read_segmentation(str(path))
+    np.testing.assert_array_equal(segmentation["voxels"], phantom.label.array)
+    np.testing.assert_allclose(segmentation["ijkToLPS"], lps_to_ras(phantom.label.affine), atol=1e-9)
+    assert segmentation["containedRepresentationNames"] == ["Binary labelmap", "Closed surface"]
+    parameters = {p["name"]: p["value"] for p in segmentation["conversionParameters"]}
+    geometry = [float(v) for v in parameters["Reference image geometry"].rstrip(";").split(";")]
+    np.testing.assert_allclose(np.reshape(geometry[:16], (4, 4)), phantom.label.affine, atol=1e-9)  # IJK→RAS
+    assert geometry[16:] == [0, 47, 0, 47, 0, 19]
+    segments = segmentation["segments"]
+    assert [s["labelValue"] for s in segments] == [1, 2, 3]
+    for segment, info in zip(segments, infos):
+        np.testing.assert_allclose(segment["color"], np.asarray(info.color) / 255.0, atol=1e-5)
+    assert segments[0]["terminology"]["type"] == ["SCT", "2748008", "Spinal cord"]
+    assert segments[1]["terminology"]["type"] == ["SCT", "32849002", "Esophagus"]
+    assert segments[2]["terminology"]["category"] == ["SCT", "49755003", "Morphologically Abnormal Structure"]
+    assert segments[2]["name"] == "GTV_Mass"
+    # slicerio reads the header through pynrrd, which drops non-ASCII bytes ("Rckenmark"); ITK, the reader
+    # Slicer itself uses for .seg.nrrd, keeps them
+    image = sitk.ReadImage(str(path))
+    assert [image.GetMetaData(f"Segment{n}_Name") for n in range(3)] == ["Rückenmark", "Ösophagus", "GTV_Mass"]
+
+
 def test_color_table_lists_every_label(tmp_path: Path):
     text = write_color_table(INFOS, tmp_path / "labels.ctbl").read_text().splitlines()
     rows = [line.split() for line in text if not line.startswith("#")]

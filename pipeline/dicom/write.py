@@ -20,14 +20,14 @@ from typing import Literal, Optional
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLosslessSV1, JPEGLSLossless, PYDICOM_IMPLEMENTATION_UID, RLELossless,
-                         RTStructureSetStorage, generate_uid)
+                         generate_uid)
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Grid, Volume, lps_to_ras
+from pipeline.labels.rtstruct_write import ds_text
 
 TRANSFER_SYNTAXES = {
     "explicit_little": ExplicitVRLittleEndian,
@@ -255,16 +255,6 @@ def _base_dataset(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     return dataset
 
 
-def _ds(value: float) -> str:
-    """Format a number for a DS element: as precise as fits in 16 characters."""
-    value = float(value) + 0.0  # turns -0.0 into 0.0
-    for digits in range(12, 3, -1):
-        text = f"{value:.{digits}g}"
-        if len(text) <= 16:
-            return text
-    raise ValueError(f"{value} cannot be written as a DICOM decimal string")
-
-
 def _ct_slice_dataset(pixels: np.ndarray, k: int, geometry: _SliceGeometry, uids: _SeriesUids,
                       instance_number: int, options: SeriesWriteOptions) -> Dataset:
     syntax = TRANSFER_SYNTAXES[options.transfer_syntax]
@@ -285,11 +275,11 @@ def _ct_slice_dataset(pixels: np.ndarray, k: int, geometry: _SliceGeometry, uids
     dataset.PatientID = options.patient_id
     dataset.PatientBirthDate = ""
     dataset.PatientSex = "O"
-    dataset.SliceThickness = _ds(geometry.slice_spacing)
-    dataset.SpacingBetweenSlices = _ds(geometry.slice_spacing)
+    dataset.SliceThickness = ds_text(geometry.slice_spacing)
+    dataset.SpacingBetweenSlices = ds_text(geometry.slice_spacing)
     dataset.KVP = "120"
     dataset.ConvolutionKernel = options.convolution_kernel
-    dataset.GantryDetectorTilt = _ds(geometry.tilt_deg)
+    dataset.GantryDetectorTilt = ds_text(geometry.tilt_deg)
     dataset.PatientPosition = options.patient_position
     dataset.StudyInstanceUID = uids.study
     dataset.SeriesInstanceUID = uids.series
@@ -298,16 +288,16 @@ def _ct_slice_dataset(pixels: np.ndarray, k: int, geometry: _SliceGeometry, uids
     dataset.AcquisitionNumber = 1
     dataset.InstanceNumber = instance_number
     position = geometry.positions[k]
-    dataset.ImagePositionPatient = [_ds(v) for v in position]
-    dataset.ImageOrientationPatient = [_ds(v) for v in np.r_[geometry.row_cosine, geometry.column_cosine]]
+    dataset.ImagePositionPatient = [ds_text(v) for v in position]
+    dataset.ImageOrientationPatient = [ds_text(v) for v in np.r_[geometry.row_cosine, geometry.column_cosine]]
     dataset.FrameOfReferenceUID = uids.frame_of_reference
     dataset.PositionReferenceIndicator = ""
     normal = np.cross(geometry.row_cosine, geometry.column_cosine)
-    dataset.SliceLocation = _ds(float(position @ normal))
+    dataset.SliceLocation = ds_text(float(position @ normal))
     dataset.SamplesPerPixel = 1
     dataset.PhotometricInterpretation = "MONOCHROME2"
     dataset.Rows, dataset.Columns = int(pixels.shape[0]), int(pixels.shape[1])
-    dataset.PixelSpacing = [_ds(v) for v in geometry.pixel_spacing]
+    dataset.PixelSpacing = [ds_text(v) for v in geometry.pixel_spacing]
     dataset.BitsAllocated = 16
     dataset.BitsStored = options.bits_stored
     dataset.HighBit = options.bits_stored - 1
@@ -316,8 +306,8 @@ def _ct_slice_dataset(pixels: np.ndarray, k: int, geometry: _SliceGeometry, uids
         dataset.add_new(0x00280120, "US" if options.unsigned else "SS", int(options.pixel_padding_value))
     dataset.WindowCenter = "40"
     dataset.WindowWidth = "400"
-    dataset.RescaleIntercept = _ds(options.rescale_intercept)
-    dataset.RescaleSlope = _ds(options.rescale_slope)
+    dataset.RescaleIntercept = ds_text(options.rescale_intercept)
+    dataset.RescaleSlope = ds_text(options.rescale_slope)
     dataset.RescaleType = "HU"
     _set_pixel_data(dataset, np.ascontiguousarray(pixels), options)
     return dataset
@@ -497,121 +487,27 @@ class _SeriesSlice:
 def write_rtstruct(label: Volume, series_files: list[Path], path: Path, roi_names: dict[int, str]) -> Path:
     """Write an RTSTRUCT with one ROI per label value, contouring ``label`` (on the series' grid) slice by slice.
 
-    Each connected region and each hole becomes one CLOSED_PLANAR contour whose points lie on the
-    boundary half-way between inside and outside pixel centres, so even-odd filling at pixel
-    centres gives the label map back exactly. Contours reference the CT slice they lie on.
+    The contours are those of the product writer (:mod:`pipeline.labels.rtstruct_write`: voxel edges)
+    with holes as separate CLOSED_PLANAR contours, as planning systems export them; a fixture may also
+    contour slices the series lacks (dropped on export), whose contours then reference no image.
     """
+    from pipeline.labels.rtstruct_write import ImageRef, Roi, SourceSeries, rtstruct_dataset, save_rtstruct
+
     path = Path(path)
     slices, reference = _read_series_headers(series_files)
-    labels = np.asarray(label.array)
-    affine_lps = lps_to_ras(label.affine)
     _check_label_matches_series(label, reference, path)
     slice_for_k = _match_slices(label.grid, slices, path)
 
-    dataset = _base_dataset(RTStructureSetStorage, generate_uid(), ExplicitVRLittleEndian)
-    now = _dt.datetime.now()
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription"):
-        setattr(dataset, keyword, reference.get(keyword, ""))
-    dataset.Modality = "RTSTRUCT"
-    dataset.Manufacturer = "ctseg"
-    dataset.SeriesInstanceUID = generate_uid()
-    dataset.SeriesNumber = int(reference.get("SeriesNumber", 0) or 0) + 100
-    dataset.SeriesDescription = "ctseg RTSTRUCT"
-    dataset.InstanceNumber = 1
-    dataset.FrameOfReferenceUID = reference.FrameOfReferenceUID
-    dataset.PositionReferenceIndicator = ""
-    dataset.StructureSetLabel = "CTSEG"
-    dataset.StructureSetDate = now.strftime("%Y%m%d")
-    dataset.StructureSetTime = now.strftime("%H%M%S")
+    def image(item: _SeriesSlice) -> ImageRef:
+        return ImageRef(item.sop_class_uid, item.sop_instance_uid)
 
-    contour_images = []
-    for item in {s.sop_instance_uid: s for s in slices}.values():
-        contour_images.append(_referenced_image(item))
-    series_item = Dataset()
-    series_item.SeriesInstanceUID = reference.SeriesInstanceUID
-    series_item.ContourImageSequence = Sequence(contour_images)
-    study_item = Dataset()
-    study_item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as TPSs write
-    study_item.ReferencedSOPInstanceUID = reference.StudyInstanceUID
-    study_item.RTReferencedSeriesSequence = Sequence([series_item])
-    frame_item = Dataset()
-    frame_item.FrameOfReferenceUID = reference.FrameOfReferenceUID
-    frame_item.RTReferencedStudySequence = Sequence([study_item])
-    dataset.ReferencedFrameOfReferenceSequence = Sequence([frame_item])
-
-    roi_items, contour_items, observation_items = [], [], []
-    for number, (value, name) in enumerate(sorted(roi_names.items()), start=1):
-        roi = Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = reference.FrameOfReferenceUID
-        roi.ROIName = name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi_items.append(roi)
-        roi_contour = Dataset()
-        roi_contour.ROIDisplayColor = ROI_COLOURS[(number - 1) % len(ROI_COLOURS)]
-        roi_contour.ReferencedROINumber = number
-        contours = []
-        for k in range(labels.shape[2]):
-            plane = labels[:, :, k] == value
-            if not plane.any():
-                continue
-            for points_ij in label_contours(plane):
-                index = np.c_[points_ij, np.full(len(points_ij), k), np.ones(len(points_ij))]
-                points_lps = (affine_lps @ index.T).T[:, :3]
-                contour = Dataset()
-                if k in slice_for_k:
-                    contour.ContourImageSequence = Sequence([_referenced_image(slice_for_k[k])])
-                contour.ContourGeometricType = "CLOSED_PLANAR"
-                contour.NumberOfContourPoints = len(points_lps)
-                contour.ContourData = [_ds(round(float(v), 4)) for v in points_lps.ravel()]
-                contours.append(contour)
-        roi_contour.ContourSequence = Sequence(contours)
-        contour_items.append(roi_contour)
-        observation = Dataset()
-        observation.ObservationNumber = number
-        observation.ReferencedROINumber = number
-        observation.RTROIInterpretedType = "ORGAN"
-        observation.ROIInterpreter = ""
-        observation_items.append(observation)
-    dataset.StructureSetROISequence = Sequence(roi_items)
-    dataset.ROIContourSequence = Sequence(contour_items)
-    dataset.RTROIObservationsSequence = Sequence(observation_items)
-    _save(dataset, path)
-    return path
-
-
-def label_contours(plane: np.ndarray) -> list[np.ndarray]:
-    """Closed boundary polygons of a 2D boolean mask indexed [i, j], as (n, 2) arrays of (i, j) indices.
-
-    The polygons are marching-squares iso-lines at 0.5, so they pass half-way between pixel centres;
-    outer boundaries and holes are separate polygons (fill them with the even-odd rule).
-    """
-    import contourpy
-
-    padded = np.pad(plane.astype(np.float64), 1).T  # contourpy wants z[y, x]: x = i, y = j
-    generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
-    polygons = []
-    for line in generator.lines(0.5):
-        points = np.asarray(line)[:-1] - 1.0  # drop the repeated closing point, undo the padding
-        polygons.append(_drop_collinear(points))
-    return polygons
-
-
-def _drop_collinear(points: np.ndarray) -> np.ndarray:
-    before = np.roll(points, 1, axis=0)
-    after = np.roll(points, -1, axis=0)
-    cross = (points[:, 0] - before[:, 0]) * (after[:, 1] - points[:, 1]) - \
-            (points[:, 1] - before[:, 1]) * (after[:, 0] - points[:, 0])
-    keep = np.abs(cross) > 1e-9
-    return points[keep] if keep.sum() >= 3 else points
-
-
-def _referenced_image(item: _SeriesSlice) -> Dataset:
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = item.sop_class_uid
-    reference.ReferencedSOPInstanceUID = item.sop_instance_uid
-    return reference
+    source = SourceSeries(header=reference, images=[image(s) for s in {s.sop_instance_uid: s for s in slices}.values()],
+                          image_of_slice={k: image(s) for k, s in slice_for_k.items()})
+    rois = [Roi(value, name, tuple(ROI_COLOURS[(n - 1) % len(ROI_COLOURS)]))
+            for n, (value, name) in enumerate(sorted(roi_names.items()), start=1)]
+    dataset, _ = rtstruct_dataset(np.asarray(label.array), label.grid, rois, source,
+                                  series_description="ctseg RTSTRUCT", label="CTSEG", holes="separate")
+    return save_rtstruct(dataset, path)
 
 
 def _read_series_headers(series_files: list[Path]) -> tuple[list[_SeriesSlice], Dataset]:

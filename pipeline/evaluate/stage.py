@@ -143,12 +143,19 @@ def run_evaluate(cfg: Config, pred_dir: Path, ref_dir: Path, output: Path) -> di
         run.finish(complete=False)
         raise CtsegError(f"no case in {pred_dir} could be evaluated; see {output / 'report.json'}.")
     summary = summarise(rows)
-    images = {}
+    images, without_ct = {}, []
     for case in worst_cases(rows, 5):
         pred_path, ref_path = thumbnails[case]
         pred, ref = load_volume(pred_path), load_volume(ref_path)
         ref_array = _reference_on_grid(cfg, pred, ref, pred_path, ref_path, None)
-        images[case] = overlay_thumbnails(None, pred.array, ref_array, tuple(pred.grid.spacing), affine=pred.affine)
+        ct = case_image_on_grid(case, pred_path, ref_path, pred.grid)
+        if ct is None:
+            without_ct.append(case)
+        images[case] = overlay_thumbnails(ct, pred.array, ref_array, tuple(pred.grid.spacing), affine=pred.affine)
+    if without_ct:
+        notes.append(f"Worst-case thumbnails drawn without the CT for {', '.join(without_ct)}: no image found (looked "
+                     f"for predict's input in <case>.provenance.json and for images*/<case>_0000.* beside the "
+                     f"reference folder).")
     write_metrics_csv(rows, output / "metrics.csv")
     write_summary_json(summary, output / "summary.json")
     write_evaluation_html(rows, summary, images, output / "evaluation.html", notes)
@@ -158,6 +165,41 @@ def run_evaluate(cfg: Config, pred_dir: Path, ref_dir: Path, output: Path) -> di
                                                   "summary": str(output / "summary.json"),
                                                   "html": str(output / "evaluation.html")}})
     return run.finish()
+
+
+def find_case_image(case: str, pred_path: Path, ref_path: Path) -> Path | None:
+    """The CT a prediction was made from: predict's recorded input when it is a volume file, else the
+    nnU-Net-style image beside the reference (``labelsTs/<case>.nii.gz`` → ``imagesTs/<case>_0000.nii.gz``)."""
+    provenance = pred_path.parent / f"{case}.provenance.json"
+    try:
+        source = Path(json.loads(provenance.read_text(encoding="utf-8")).get("input", ""))
+        if source.is_file() and is_volume_file(source):
+            return source
+    except (OSError, ValueError, TypeError):
+        pass
+    folder = ref_path.parent
+    if folder.name.lower().startswith("labels"):
+        images = folder.parent / ("images" + folder.name[len("labels"):])
+        for stem in (f"{case}_0000", case):
+            for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+                if (images / f"{stem}{suffix}").is_file():
+                    return images / f"{stem}{suffix}"
+    return None
+
+
+def case_image_on_grid(case: str, pred_path: Path, ref_path: Path, grid) -> np.ndarray | None:
+    """The case's CT on the prediction's grid (linearly resampled when its grid differs), or None."""
+    path = find_case_image(case, pred_path, ref_path)
+    if path is None:
+        return None
+    try:
+        image = load_volume(path)
+    except CtsegError as exc:
+        log.warning("evaluate: thumbnails of %s without the CT: %s", case, exc)
+        return None
+    if image.grid.difference(grid) is None:
+        return np.asarray(image.array, dtype=np.float32)
+    return resample_to_grid(np.asarray(image.array, dtype=np.float32), image.grid, grid, order=1, fill=-1024.0)
 
 
 def _reference_on_grid(cfg: Config, pred, ref, pred_path: Path, ref_path: Path, record) -> np.ndarray:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.labels.codes import CodeSpec, RtRoiType
 
 log = logging.getLogger("ctseg.labels")
 
@@ -29,6 +31,15 @@ class LabelSpec:
         "help": "A case whose structure for this label is missing, empty or ambiguous is left out of training "
                 "(with the reason in structures.csv). false: such a case is kept and the label is left out "
                 "of its label map (its voxels count as background)."})
+    # coded concepts (pipeline.labels.codes): unset parts come from its default table by name
+    category: Optional[CodeSpec] = field(default=None, metadata={
+        "help": "SNOMED CT segmented property category, e.g. {value: '91723000', meaning: Anatomical Structure}."})
+    type: Optional[CodeSpec] = field(default=None, metadata={
+        "help": "SNOMED CT segmented property type, e.g. {value: '10200004', meaning: Liver}."})
+    modifier: Optional[CodeSpec] = field(default=None, metadata={
+        "help": "Optional type modifier, e.g. {value: '7771000', meaning: Left}."})
+    rt_type: Optional[RtRoiType] = field(default=None, metadata={
+        "help": "RT ROI Interpreted Type of the RTSTRUCT output: ORGAN, GTV, CTV, PTV, AVOIDANCE, EXTERNAL, ..."})
 
 
 def normalise_name(name: str) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline import devices
 from pipeline.errors import InputError
+from pipeline.labels.codes import codes_json
 from pipeline.predict.ledger import sha256_file
 
 log = logging.getLogger("ctseg.predict")
@@ -28,11 +29,19 @@ log = logging.getLogger("ctseg.predict")
 
 @dataclass
 class LabelInfo:
-    """One output label: voxel value, name and colour (RGB 0-255)."""
+    """One output label: voxel value, name, colour (RGB 0-255) and what it is (coded concepts)."""
 
     value: int
     name: str
     color: tuple[int, int, int]
+    codes: dict = field(default_factory=dict)  # category/type/modifier/rt_type given in the dataset description
+
+    @property
+    def concept(self):
+        """The label's :class:`pipeline.labels.codes.Concept` (given codes, the rest from the default table)."""
+        from pipeline.labels.codes import label_concept
+
+        return label_concept(self.name, self.codes)
 
 
 @dataclass
@@ -143,7 +152,8 @@ def _labels(spec: dict, values: list[int]) -> list[LabelInfo]:
         label = by_value.get(int(value), {})
         color = label.get("color") or _default_color(value)
         color = tuple(int(round(c * 255)) if isinstance(c, float) and max(color) <= 1.0 else int(c) for c in color)
-        labels.append(LabelInfo(int(value), str(label.get("name") or f"label_{value}"), color[:3]))
+        labels.append(LabelInfo(int(value), str(label.get("name") or f"label_{value}"), color[:3],
+                                codes_json(label)))
     return labels
 
 

@@ -45,10 +45,23 @@ class OutputOptions:
     """Which files each case gets besides the label NIfTI."""
 
     seg_nrrd: bool = field(default=True, metadata={
-        "help": "Write <case>.seg.nrrd, a 3D Slicer segmentation with segment names and colours."})
+        "help": "Write <case>.seg.nrrd, a 3D Slicer segmentation with segment names, colours and terminology."})
+    seg_nrrd_closed_surface: bool = field(default=False, metadata={
+        "help": "Ask 3D Slicer to build closed surfaces (3D views) when it loads the .seg.nrrd: adds 'Closed "
+                "surface' to its contained representations (Slicer computes them on loading)."})
     dicom_seg: bool = field(default=False, metadata={
         "help": "Write <case>.seg.dcm (DICOM SEG, highdicom) referencing the source images; DICOM inputs "
                 "whose volume maps one-to-one onto the source images only."})
+    dicom_seg_type: Literal["binary", "labelmap"] = field(default="binary", metadata={
+        "help": "binary: one bit frame per segment and image (read by every viewer); labelmap: one frame of "
+                "segment numbers per image (DICOM LABELMAP SEG; much smaller for many classes, newer readers only)."})
+    rtstruct: bool = field(default=True, metadata={
+        "help": "Write <case>.rtstruct.dcm (DICOM RTSTRUCT for planning systems) for DICOM CT inputs whose volume "
+                "maps one-to-one onto the source images; contours on voxel edges."})
+    rtstruct_holes: Literal["keyhole", "separate"] = field(default="keyhole", metadata={
+        "help": "How RTSTRUCT contours draw holes: keyhole (each hole joined to its region by a zero-width "
+                "channel along a voxel edge; read the same by every system, PS3.3 C.8.8.6.3) or separate (a hole "
+                "is its own contour inside the outer one, for systems that combine nested contours by XOR)."})
     probabilities: Literal["none", "nifti", "npz"] = field(default="none", metadata={
         "help": "Also write the class probabilities: a 4D NIfTI (x, y, z, class; uint8 scaled by 1/255, as NIfTI "
                 "has no float16) or a compressed .npz (float16, with the affine and class names)."})

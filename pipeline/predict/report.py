@@ -120,10 +120,16 @@ def canonical_view(array: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarra
 
 
 def _overlay(labels2d: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Labels at 45% opacity with their outlines opaque: similar colours (liver, kidneys) stay apart."""
     rgba = np.zeros((*labels2d.shape, 4), dtype=np.float32)
     present = labels2d > 0
     rgba[present, :3] = colors[labels2d[present]]
     rgba[present, 3] = 0.45
+    padded = np.pad(labels2d, 1, mode="edge")
+    edge = np.zeros(labels2d.shape, dtype=bool)
+    for shift in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        edge |= padded[shift[0]:shift[0] + labels2d.shape[0], shift[1]:shift[1] + labels2d.shape[1]] != labels2d
+    rgba[present & edge, 3] = 1.0
     return rgba
 
 
@@ -147,7 +153,8 @@ def write_thumbnail(image: np.ndarray, labels: np.ndarray, grid: Grid, label_inf
         ("coronal", ct[:, centre[1], :], lab[:, centre[1], :], sz / sx, ("S", "I", "R", "L")),
         ("sagittal", ct[centre[0], :, :], lab[centre[0], :, :], sz / sy, ("S", "I", "A", "P")),
     ]
-    figure = Figure(figsize=(9.0, 3.3), dpi=72)
+    present = [info for info in label_infos if info.value <= lab.max() and np.any(lab == info.value)]
+    figure = Figure(figsize=(9.0, 3.3 + (0.3 if present else 0.0)), dpi=72)
     FigureCanvasAgg(figure)
     for n, (name, ct2d, lab2d, aspect, letters) in enumerate(views):
         # [first axis, second axis] → rows top-down = second axis descending, columns = first axis descending
@@ -168,7 +175,12 @@ def write_thumbnail(image: np.ndarray, labels: np.ndarray, grid: Grid, label_inf
             axes.text(x, y, text, color="yellow", fontsize=8, ha=ha, va=va, transform=axes.transAxes)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    if present:  # the colour legend travels with the picture
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=colors[info.value], edgecolor="black", label=info.name) for info in present]
+        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.08 if present else 0, 1, 1))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     atomic.write_bytes(path, buffer.getvalue())
@@ -220,43 +232,96 @@ def _thumbnail_tag(folder: Path, row) -> str:
 
 
 _STYLE = """
-body{font-family:sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:1em 0}
-th,td{border:1px solid #bbb;padding:4px 8px;vertical-align:top;text-align:left;font-size:13px}
+body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:0.6em 0;max-width:100%}
+th,td{border:1px solid #bbb;padding:4px 8px;vertical-align:top;text-align:left;font-size:13px;overflow-wrap:anywhere}
 th{background:#eee}
 .ok{color:#176317;font-weight:bold}.failed{color:#b00;font-weight:bold}.pending,.running{color:#a60}
 .warn{color:#a60}.summary td{font-size:14px}
-img{max-width:680px}
+.legend{display:flex;flex-wrap:wrap;gap:4px 14px;margin:0.5em 0;padding:0;list-style:none}
+.swatch{display:inline-block;width:14px;height:14px;border:1px solid #333;vertical-align:middle;margin-right:4px}
+section.case{border-top:2px solid #ccc;padding:0.4em 0 1em 0}
+section.case h2{font-size:16px;margin:0.3em 0}
+.case-body{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+.notes{flex:1 1 320px;min-width:0;font-size:13px}
+.notes div{overflow-wrap:anywhere;margin:2px 0}
+.files{font-size:12px;color:#555;overflow-wrap:anywhere}
+img{max-width:100%;height:auto;display:block}
 """
 
 
-def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[str]) -> Path:
+def _css_color(color) -> str:
+    values = list(color or [128, 128, 128])[:3]
+    if values and all(isinstance(v, float) for v in values) and max(values) <= 1.0:
+        values = [round(v * 255) for v in values]
+    return "rgb({},{},{})".format(*(int(v) for v in values))
+
+
+def _swatch(color) -> str:
+    return f"<span class='swatch' style='background:{_css_color(color)}'></span>"
+
+
+def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[str],
+               label_colors: Optional[list] = None) -> Path:
+    """report.html: the summary, a colour legend, an overview table, then one section per case.
+
+    Each case's section holds its volumes (with the label colours), its warnings, which wrap instead
+    of widening the page, the files written, and the thumbnails on a row of their own (never behind
+    a horizontal scrollbar).
+    """
+    colors = list(label_colors or [None] * len(label_names))
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>ctseg predict report</title>",
              f"<style>{_STYLE}</style></head><body>", "<h1>ctseg predict: morning report</h1>",
              "<table class='summary'>"]
     for key, value in summary.items():
         parts.append(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>")
     parts.append("</table>")
+    parts.append("<ul class='legend' aria-label='label colours'>" + "".join(
+        f"<li>{_swatch(color)}{html.escape(name)}</li>" for name, color in zip(label_names, colors)) + "</ul>")
     parts.append("<p>Thumbnails are in the radiological convention: the patient's right is on the viewer's left "
                  "(axial: anterior at the top; coronal and sagittal: superior at the top; sagittal: anterior on the "
                  "left). Letters on each view name the patient directions. Aspect ratios follow the voxel "
-                 "spacing.</p>")
-    parts.append("<table><tr><th>case</th><th>status</th><th>seconds</th>" +
-                 "".join(f"<th>{html.escape(n)} (mL)</th>" for n in label_names) +
-                 "<th>warnings / error</th><th>axial / coronal / sagittal</th></tr>")
+                 "spacing. Labels are drawn at 45% opacity with opaque outlines, in the colours above.</p>")
+    parts.append("<table class='overview'><tr><th>case</th><th>status</th><th>seconds</th><th>warnings</th></tr>")
     for row in rows:
-        volumes = row.summary.get("volumes", {})
-        notes = [f"<div class='failed'>{html.escape(row.error)}</div>"] if row.error else []
-        notes += [f"<div class='warn'>{html.escape(w)}</div>" for w in row.warnings]
-        cells = "".join(f"<td>{volumes.get(n, {}).get('volume_ml', '')}</td>" for n in label_names)
         status = "ok" if row.status == "done" else row.status
         seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
-        parts.append(f"<tr><td>{html.escape(row.case_id)}<br><small>{html.escape(row.input)}</small></td>"
-                     f"<td class='{html.escape(status)}'>{html.escape(status)}</td><td>{seconds}</td>{cells}"
-                     f"<td>{''.join(notes)}</td><td>{_thumbnail_tag(folder, row)}</td></tr>")
-    parts.append("</table></body></html>")
+        count = "error" if row.error else (str(len(row.warnings)) if row.warnings else "")
+        parts.append(f"<tr><td><a href='#{html.escape(row.case_id)}'>{html.escape(row.case_id)}</a></td>"
+                     f"<td class='{html.escape(status)}'>{html.escape(status)}</td><td>{seconds}</td>"
+                     f"<td>{count}</td></tr>")
+    parts.append("</table>")
+    for row in rows:
+        parts.append(_case_section(folder, row, label_names, colors))
+    parts.append("</body></html>")
     atomic.write_text(path, "\n".join(parts) + "\n")
     return Path(path)
+
+
+def _case_section(folder: Path, row, label_names: list[str], colors: list) -> str:
+    volumes = row.summary.get("volumes", {})
+    status = "ok" if row.status == "done" else row.status
+    seconds = f" in {row.seconds:.1f} s" if row.seconds is not None else ""
+    lines = [f"<section class='case' id='{html.escape(row.case_id)}'>",
+             f"<h2>{html.escape(row.case_id)} <span class='{html.escape(status)}'>{html.escape(status)}</span>"
+             f"<small>{seconds}</small></h2>", f"<div class='files'>input: {html.escape(row.input)}</div>",
+             "<div class='case-body'>"]
+    if volumes:
+        lines.append("<table class='volumes'><tr><th>label</th><th>mL</th></tr>" + "".join(
+            f"<tr><td>{_swatch(color)}{html.escape(name)}</td><td>{volumes.get(name, {}).get('volume_ml', '')}</td></tr>"
+            for name, color in zip(label_names, colors)) + "</table>")
+    notes = [f"<div class='failed'>{html.escape(row.error)}</div>"] if row.error else []
+    notes += [f"<div class='warn'>{html.escape(w)}</div>" for w in row.warnings]
+    if not notes and row.status == "done":
+        notes.append("<div class='ok'>no warnings</div>")
+    files = sorted(entry["path"] for entry in (row.outputs or {}).values())
+    if files:
+        notes.append(f"<div class='files'>files: {html.escape(', '.join(files))}</div>")
+    lines.append(f"<div class='notes'>{''.join(notes)}</div>")
+    lines.append("</div>")
+    lines.append(_thumbnail_tag(folder, row))
+    lines.append("</section>")
+    return "\n".join(lines)
 
 
 def summary_block(rows, model_dir: Path, device: str, total_seconds: float, skipped: Optional[list[str]] = None

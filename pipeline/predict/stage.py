@@ -179,10 +179,10 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
                 report.update(stopped=batch.stopped, status="failed", exit_code=EXIT_SOME_FAILED)
             if stuck:
                 report.update(stuck_cases=stuck, status="failed", exit_code=EXIT_SOME_FAILED)
-            label_names = [label["name"] for label in spec.get("labels", [])] if batch.predictor is None else \
-                [info.name for info in batch.predictor.labels]
+            legend = [(label["name"], label.get("color")) for label in spec.get("labels", [])] \
+                if batch.predictor is None else [(info.name, info.color) for info in batch.predictor.labels]
             summary = reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, skipped)
-            _write_reports(output_dir, report, rows, summary, label_names)
+            _write_reports(output_dir, report, rows, summary, legend)
         finally:
             ledger.close()
             if batch is not None:
@@ -208,12 +208,14 @@ def check_output_folder(output_dir: Path, input_folders: list[Path]) -> None:
                               f"as new inputs. Choose an output folder elsewhere.")
 
 
-def _write_reports(output_dir: Path, report: dict, rows, summary: dict, label_names: list[str]) -> None:
+def _write_reports(output_dir: Path, report: dict, rows, summary: dict, legend: list[tuple[str, object]]) -> None:
     """report.json, report.csv and report.html, each on its own: a full disk loses only what does not fit."""
+    label_names = [name for name, _ in legend]
+    colors = [color for _, color in legend]
     writes = ((REPORT_FILE, lambda: atomic.write_json(output_dir / REPORT_FILE, report)),
               ("report.csv", lambda: reporting.write_csv(output_dir / "report.csv", rows, label_names)),
               ("report.html", lambda: reporting.write_html(output_dir / "report.html", output_dir, rows, summary,
-                                                           label_names)))
+                                                           label_names, colors)))
     for name, write in writes:
         try:
             write()
@@ -630,18 +632,34 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     paths["labels"] = writers.write_label_nifti(labels, source_grid, Path(f"{base}.nii.gz"), outputs.compresslevel)
     if outputs.seg_nrrd:
         paths["slicer"] = writers.write_seg_nrrd(labels, source_grid, predictor.labels, Path(f"{base}.seg.nrrd"),
-                                                 outputs.compresslevel)
+                                                 outputs.compresslevel, outputs.seg_nrrd_closed_surface)
     dicom_seg = None
     if outputs.dicom_seg and case.is_dicom:
         try:
             dicom_seg = writers.write_dicom_seg(labels, source_grid, predictor.labels, case.series,
-                                                Path(f"{base}.seg.dcm"), case.case_id, _ctseg_version())
+                                                Path(f"{base}.seg.dcm"), case.case_id, _ctseg_version(),
+                                                outputs.dicom_seg_type)
             if dicom_seg.get("written"):
                 paths["dicom_seg"] = Path(f"{base}.seg.dcm")
+            warnings.extend(f"DICOM SEG: {note}" for note in dicom_seg.get("corrected", []))
         except CtsegError as exc:
             warnings.append(f"DICOM SEG not written: {exc}")
     elif outputs.dicom_seg:
         dicom_seg = {"written": False, "reason": "input is not DICOM"}
+    rtstruct = None
+    if outputs.rtstruct and case.is_dicom:
+        try:
+            rtstruct = writers.write_case_rtstruct(labels, source_grid, predictor.labels, case.series,
+                                                   Path(f"{base}.rtstruct.dcm"), case.case_id, _ctseg_version(),
+                                                   outputs.rtstruct_holes)
+            if rtstruct.get("written"):
+                paths["rtstruct"] = Path(f"{base}.rtstruct.dcm")
+            warnings.extend(f"RTSTRUCT: {note}" for note in rtstruct.get("corrected", []))
+        except CtsegError as exc:
+            rtstruct = {"written": False, "reason": str(exc)}
+            warnings.append(f"RTSTRUCT not written: {exc}")
+    elif outputs.rtstruct:
+        rtstruct = {"written": False, "reason": "input is not DICOM"}
     if need_probabilities:
         probabilities, grid = result.probabilities, prepared.grid
         if outputs.probabilities_grid == "source":
@@ -681,6 +699,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         "timings_s": timings,
         "postprocess": notes,
         "dicom_seg": dicom_seg,
+        "rtstruct": rtstruct,
         "warnings": warnings,
         "outputs": relative,
     }
@@ -814,14 +833,14 @@ def rewrite_report(output_dir: Path) -> dict:
     rows = read_case_rows(output_dir)
     model_dir = Path(report.get("model", {}).get("folder", ""))
     try:
-        label_names = [label["name"] for label in read_model_spec(model_dir).get("labels", [])]
+        legend = [(label["name"], label.get("color")) for label in read_model_spec(model_dir).get("labels", [])]
     except Exception:  # the model folder moved: name the volumes as the rows do
-        label_names = sorted({name for row in rows for name in row.summary.get("volumes", {})})
+        legend = [(name, None) for name in sorted({name for row in rows for name in row.summary.get("volumes", {})})]
     failed = [row for row in rows if row.status == "failed"]
     report.update({"folder": str(output_dir), "status": "failed" if failed else "ok",
                    "exit_code": EXIT_SOME_FAILED if failed else EXIT_OK, "counts": _batch_counts(rows),
                    "cases": _case_entries(rows), "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
     summary = reporting.summary_block(rows, model_dir, str(report.get("device", "")), 0.0,
                                       report.get("skipped_inputs"))
-    _write_reports(output_dir, report, rows, summary, label_names)
+    _write_reports(output_dir, report, rows, summary, legend)
     return report

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.config import Config, stable_hash
+from pipeline.labels.codes import codes_json
 
 PLAN_FORMAT = "ctseg-plan/1"
 TRANSFORM_KEYS = ("target_spacing", "intensity", "crop_to_body", "body_threshold_hu")
@@ -144,7 +145,7 @@ def make_plan(fingerprint: dict, cfg: Config) -> dict:
         "intensity": intensity,
         "crop_to_body": bool(options.crop_to_body),
         "body_threshold_hu": float(options.body_threshold_hu),
-        "labels": [{"name": l["name"], "value": int(l["value"]), "color": list(l.get("color") or [])}
+        "labels": [{"name": l["name"], "value": int(l["value"]), "color": list(l.get("color") or []), **codes_json(l)}
                    for l in labels],
         "class_values": [0] + [int(l["value"]) for l in labels],
         "configurations": {

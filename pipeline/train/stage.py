@@ -23,6 +23,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError, InputError
+from pipeline.labels.codes import codes_json
 from pipeline.models import MODEL_FORMAT, network_spec
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
@@ -245,7 +246,7 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
         "context_slices": sampling.context_slices,
         "patch_size": sampling.patch_size,
         "plan": plan,
-        "labels": [{"name": l["name"], "value": l["value"], "color": l["color"]} for l in plan["labels"]],
+        "labels": [{"name": l["name"], "value": l["value"], "color": l["color"], **codes_json(l)} for l in plan["labels"]],
         "class_values": plan["class_values"],
         "folds": folds,
         "training": {"max_steps": cfg.train.max_steps, "seed": cfg.seed, "stage_hash": stage_hash,
