@@ -47,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     from pipeline.config import Config
     from pipeline.demo_options import DemoConfig
-    from pipeline.models import training_fingerprint as tfp
+    from pipeline import training_fingerprint as tfp
     from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
     from pipeline.predict.cases import discover_cases, read_case
     from pipeline.preprocess.fingerprint import load_case

@@ -9,11 +9,13 @@
 3. Loads the model once, then for each case it may claim: reads it, prepares it onto the model
    grid, runs sliding-window inference (:mod:`pipeline.predict.inference`), takes the argmax and
    maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), optionally cleans it per
-   label, and writes every output atomically (:mod:`pipeline.predict.writers`). The outputs'
+   label, checks it against the model's training data and scores its confidence
+   (:mod:`pipeline.predict.trust`), and writes every output atomically (:mod:`pipeline.predict.writers`). The outputs'
    SHA-256 go into the ledger. A case that fails (unreadable, not CT, out of memory, any error) is
    recorded as failed with its message and the batch moves on.
 4. Writes ``report.json``, ``report.csv`` and ``report.html`` (:mod:`pipeline.predict.report`)
-   covering every case of the input (all shards: the last shard to finish has the full picture).
+   covering every case of the input (all shards: the last shard to finish has the full picture);
+   the CSV and HTML list the least trustworthy cases first, under a "needs review" count.
 
 Exit code (``PredictResult.exit_code``): **0** when every case of this shard is done; **3** when at
 least one failed (in this run or an earlier one not retried with ``--retry-failed``). Errors that
@@ -43,6 +45,7 @@ from pipeline.errors import CtsegError
 from pipeline.geometry import Volume
 from pipeline.predict import cases as case_io
 from pipeline.predict import report as reporting
+from pipeline.predict import trust
 from pipeline.predict import writers
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.ledger import Ledger, sha256_file
@@ -117,9 +120,12 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
         label_names = [label["name"] for label in spec.get("labels", [])] if batch.predictor is None else \
             [info.name for info in batch.predictor.labels]
         atomic.write_json(output_dir / REPORT_FILE, report)
-        reporting.write_csv(output_dir / "report.csv", rows, label_names)
-        summary = reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, discovery.skipped)
-        reporting.write_html(output_dir / "report.html", output_dir, rows, summary, label_names)
+        ordered = trust.review_order(rows)  # least trustworthy first
+        reporting.write_csv(output_dir / "report.csv", ordered, label_names)
+        summary = {**trust.review_summary(rows),
+                   **reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall,
+                                             discovery.skipped)}
+        reporting.write_html(output_dir / "report.html", output_dir, ordered, summary, label_names)
     finally:
         ledger.close()
     exit_code = EXIT_SOME_FAILED if failed else EXIT_OK
@@ -292,8 +298,13 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     prepared = prepare_image(working, predictor.plan, predictor.crop_align)
     lap("prepare")
     need_probabilities = options.outputs.probabilities != "none"
-    result = sliding_window_predict(prepared.array, predictor, options, need_probabilities, window_predictor,
-                                    prefer_probabilities=options.reassembly != "nearest")
+    agreement = trust.MemberAgreement.attach(window_predictor) if options.trust.enabled else None
+    try:
+        result = sliding_window_predict(prepared.array, predictor, options, need_probabilities, window_predictor,
+                                        prefer_probabilities=options.reassembly != "nearest")
+    finally:
+        if agreement is not None:
+            agreement.detach()
     lap("infer")
     if result.probabilities is not None and options.reassembly != "nearest":
         labels, reassembly = refined_to_source(result.probabilities, result.classes, prepared.grid, working.grid,
@@ -311,6 +322,13 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     lap("postprocess")
     volumes, label_warnings = reporting.label_statistics(labels, source_grid, predictor.labels, options.report)
     warnings = list(image.warnings) + label_warnings
+    assessment = None
+    if options.trust.enabled:
+        assessment = trust.assess_case(image.volume.array, labels, source_grid, volumes, predictor.labels,
+                                       predictor.training_fingerprint, result.probabilities, result.classes,
+                                       agreement, options.trust)
+        warnings += trust.warnings_for(assessment)
+    lap("trust")
 
     paths: dict[str, Path] = {}
     base = output_dir / case.case_id
@@ -370,12 +388,14 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         "postprocess": notes,
         "dicom_seg": dicom_seg,
         "warnings": warnings,
+        "trust": assessment.to_json() if assessment else None,
         "outputs": relative,
     }
     paths["provenance"] = writers.write_provenance(Path(f"{base}.provenance.json"), provenance)
     checksums = {name: {"path": path.name, "sha256": sha256_file(path)} for name, path in paths.items()}
     summary = {"volumes": volumes, "postprocess": notes, "memory_plan": result.plan.mode,
-               "windows": result.stats["windows"], "reassembly": reassembly["method"]}
+               "windows": result.stats["windows"], "reassembly": reassembly["method"],
+               "trust": assessment.to_json() if assessment else None}
     return checksums, summary, warnings, timings
 
 
@@ -444,6 +464,8 @@ def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, m
                    "error": row.error, "warnings": row.warnings, "seconds": row.seconds, "attempts": row.attempts,
                    "shard": row.shard, "timings": row.timings,
                    "outputs": {name: entry["path"] for name, entry in row.outputs.items()},
-                   "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()}}
+                   "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()},
+                   "trust": trust.case_trust(row) or None}
                   for row in rows],
+        "needs_review": [row.case_id for row in trust.review_order(rows) if trust.case_trust(row).get("needs_review")],
     }

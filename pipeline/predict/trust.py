@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.geometry import Grid
-from pipeline.models import training_fingerprint as tfp
+from pipeline import training_fingerprint as tfp
 
 INPUT_CODES = ("spacing", "field_of_view", "hu_distribution")
 AXES = ("R-L", "A-P", "S-I")

@@ -123,9 +123,10 @@ def build(statistics: list[dict], labels: list[dict]) -> dict:
         raise InputError("a training fingerprint needs at least one training case, got none.")
     histograms = np.asarray([s["hu_fractions"] for s in statistics], dtype=float)
     pooled = histograms.mean(axis=0)
+    n = len(histograms)
     nearest = []
-    for n, h in enumerate(histograms):  # each case against its most similar other training case
-        others = [wasserstein_hu(h, g) for m, g in enumerate(histograms) if m != n]
+    for index, h in enumerate(histograms):  # each case against its most similar other training case
+        others = [wasserstein_hu(h, g) for m, g in enumerate(histograms) if m != index]
         nearest.append(round(min(others), 3) if others else 0.0)
     per_label = {}
     for label in labels:
@@ -201,3 +202,22 @@ def from_training_cases(cases, labels: list[dict], body_threshold_hu: float, kno
             stats = case_statistics(image.array, label.array, image.grid, values, body_threshold_hu)
         statistics.append(stats)
     return build(statistics, labels)
+
+
+def write_for_training(model_dir: Path, preprocess_dir: Path, ingest_dir: Path, labels: list[dict],
+                       body_threshold_hu: float) -> Path:
+    """Write the model folder's fingerprint of every preprocessed training case (the train stage's hook).
+
+    Per-case statistics come from preprocess's ``fingerprint.json``; cases it lacks them for (a
+    preprocess folder written by an older version) are read again from the ingest folder.
+    """
+    from pipeline.preprocess.stage import training_cases
+
+    known = {}
+    path = Path(preprocess_dir) / "fingerprint.json"
+    if path.is_file():
+        for record in json.loads(path.read_text(encoding="utf-8")).get("cases", []):
+            if record.get("training_statistics"):
+                known[record["id"]] = record["training_statistics"]
+    cases, _ = training_cases(Path(ingest_dir))
+    return write(model_dir, from_training_cases(cases, labels, body_threshold_hu, known))
