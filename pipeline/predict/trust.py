@@ -248,16 +248,15 @@ def assess_case(image: np.ndarray, labels: np.ndarray, grid: Grid, volumes: dict
     if assessment.confidence < float(options.review_below):
         reasons.append(f"low confidence {assessment.confidence:.2f} (below {float(options.review_below):g})")
     if fingerprint is None:
-        reasons_note = "no training fingerprint in the model folder: volumes and inputs not checked"
-        assessment.measured["note"] = reasons_note
+        assessment.measured["note"] = f"the model folder has no {tfp.FILE}: volumes and inputs not checked"
     assessment.review_reasons = reasons
     assessment.needs_review = bool(reasons)
     return assessment
 
 
 def warnings_for(assessment: Assessment) -> list[str]:
-    """The lines the case's warnings get: one per flag."""
-    return [flag.warning() for flag in assessment.flags]
+    """The lines the case's warnings get: one per flag, and the low confidence when that alone asks for review."""
+    return list(assessment.review_reasons)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,5 +285,8 @@ def review_summary(rows) -> dict:
     review = [row for row in done if case_trust(row).get("needs_review")]
     unfamiliar = [row for row in done if any(f.get("kind") == "unfamiliar input"
                                              for f in case_trust(row).get("flags", []))]
-    return {"needs review": f"{len(review)} of {len(done)} finished case(s)",
-            "unfamiliar inputs": len(unfamiliar)}
+    summary = {"needs review": f"{len(review)} of {len(done)} finished case(s)", "unfamiliar inputs": len(unfamiliar)}
+    if any(case_trust(row) and not case_trust(row).get("training_fingerprint", True) for row in done):
+        summary["plausibility checks"] = (f"not done for cases predicted with a model folder without {tfp.FILE} "
+                                          f"(trained before it existed): retrain to have them")
+    return summary
