@@ -68,7 +68,7 @@ def main() -> int:
     stats = [tfp.case_statistics(p.image.array, p.label.array, p.image.grid, list(LABEL_NAMES), threshold)
              for p in phantoms[:demo.train_cases]]
     phantom_fp = tfp.build(stats, labels)
-    rows = []
+    rows, other_real = [], []
     for n, p in enumerate(phantoms[demo.train_cases:]):
         rows.append({"case": f"held-out phantom {n}", **check(phantom_fp, p.image, options)})
     for relative in REAL_INPUTS:
@@ -88,6 +88,8 @@ def main() -> int:
                 rows.append({"case": f"{relative}:{case.case_id}", "error": str(exc).splitlines()[0]})
                 continue
             rows.append({"case": f"{relative}:{case.case_id}", **check(phantom_fp, image.volume, options)})
+            if not relative.startswith("sts_ct"):
+                other_real.append((f"{relative}:{case.case_id}", image.volume))
     result["phantom_model"] = {
         "training_cases": demo.train_cases, "nearest_other_wasserstein_hu":
             phantom_fp["hu_histogram"]["nearest_other_wasserstein_hu"], "cases": rows,
@@ -109,11 +111,16 @@ def main() -> int:
             sts_rows.append({"case": f"sts_ct patient {n}", **check(others, image, options)})
         result["sts_ct_leave_one_out"] = {"cases": sts_rows, "flagged": sum(r["unfamiliar"] for r in sts_rows),
                                           "checked": len(sts_rows)}
+        # 3. the full sts_ct fingerprint (a thigh/knee sarcoma model) against the other real CTs
+        full = tfp.build(sts_stats, sts_labels)
+        others = [{"case": name, **check(full, volume, options)} for name, volume in other_real]
+        result["sts_ct_model_other_real_ct"] = {"cases": others, "flagged": sum(r["unfamiliar"] for r in others),
+                                                "checked": len(others)}
     result["machine"] = machine_info(load_before)
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))
-    for section in ("phantom_model", "sts_ct_leave_one_out"):
+    for section in ("phantom_model", "sts_ct_leave_one_out", "sts_ct_model_other_real_ct"):
         if section not in result:
             continue
         print(f"== {section}")

@@ -7,7 +7,8 @@ model was trained on (:mod:`pipeline.predict.trust`). It holds, over the trainin
 - per label: the volume in mL of every training case (on the case's own grid), in how many cases
   the label is present, and the number of connected components (26-connectivity) of each case;
 - the input fingerprint: voxel spacing and image extent (field of view) along R, A, S, the body's
-  extent, and the HU histogram of the body (voxels above ``body_threshold_hu``), as fractions in
+  extent, and the HU histogram of the body (voxels above ``body_threshold_hu`` and what they
+  enclose in each axial slice, so lungs and bowel gas count), as fractions in
   fixed 16 HU bins from -1024 HU; plus, per training case, the Wasserstein-1 distance of its
   histogram to that of the most similar other training case (the spread a new case is judged
   against).
@@ -34,6 +35,7 @@ FORMAT = "ctseg-training-fingerprint/1"
 HU_LOW = -1024.0
 BIN_HU = 16.0
 BINS = 256          # -1024 ... 3072 HU; values outside are counted in the first or last bin
+STATISTICS_VERSION = 2  # per-case statistics of another version (cached by preprocess) are computed again
 SAMPLE_VOXELS = 4_000_000  # the histogram reads at most about this many voxels (a regular sub-grid)
 
 
@@ -41,15 +43,28 @@ SAMPLE_VOXELS = 4_000_000  # the histogram reads at most about this many voxels 
 # Per-case statistics (shared by training and prediction so both measure the same way)
 # ---------------------------------------------------------------------------------------------
 
-def body_hu_fractions(array: np.ndarray, body_threshold_hu: float) -> tuple[np.ndarray, int]:
-    """Fractions of body voxels (> ``body_threshold_hu``) per 16 HU bin, and how many voxels were read.
+def body_mask(sample: np.ndarray, grid: Grid, body_threshold_hu: float) -> np.ndarray:
+    """Voxels above ``body_threshold_hu``, with what they enclose in each axial slice (lungs, bowel gas)."""
+    from scipy import ndimage
 
-    Reads a regular sub-grid (every n-th voxel along each axis) of at most about ``SAMPLE_VOXELS``
-    voxels, so that a 500-slice CT costs a fraction of a second.
+    mask = sample > body_threshold_hu
+    axial = int(np.argmax(np.abs(grid.direction[2, :])))  # the index axis closest to S
+    moved = np.moveaxis(mask, axial, -1)
+    for k in range(moved.shape[-1]):
+        moved[..., k] = ndimage.binary_fill_holes(moved[..., k])
+    return mask
+
+
+def body_hu_fractions(array: np.ndarray, grid: Grid, body_threshold_hu: float) -> tuple[np.ndarray, int]:
+    """Fractions of body voxels per 16 HU bin, and how many voxels were read.
+
+    The body is every voxel above ``body_threshold_hu`` plus what that encloses in each axial slice,
+    so the lungs and bowel gas count. Reads a regular sub-grid (every n-th voxel along each axis) of
+    at most about ``SAMPLE_VOXELS`` voxels, so that a 500-slice CT costs a fraction of a second.
     """
     step = max(1, math.ceil((array.size / SAMPLE_VOXELS) ** (1.0 / 3.0)))
     sample = array[::step, ::step, ::step] if step > 1 else array
-    values = sample[sample > body_threshold_hu]
+    values = sample[body_mask(sample, grid, body_threshold_hu)]
     if values.size == 0:
         return np.zeros(BINS), 0
     index = np.clip(((values.astype(np.float32) - HU_LOW) / BIN_HU).astype(np.int64), 0, BINS - 1)
@@ -90,8 +105,8 @@ def case_statistics(image: np.ndarray, label: np.ndarray, grid: Grid, label_valu
     voxel_ml = voxel_volume_ml(grid)
     values = [int(v) for v in label_values if int(v) != 0]
     counts = {v: int(np.count_nonzero(label == v)) for v in values}
-    fractions, _ = body_hu_fractions(image, body_threshold_hu)
-    return {"volumes_ml": {str(v): round(counts[v] * voxel_ml, 4) for v in values},
+    fractions, _ = body_hu_fractions(image, grid, body_threshold_hu)
+    return {"version": STATISTICS_VERSION,"volumes_ml": {str(v): round(counts[v] * voxel_ml, 4) for v in values},
             "components": {str(v): c for v, c in component_counts(label, values).items()},
             **grid_fingerprint(grid),
             "body_threshold_hu": float(body_threshold_hu),
@@ -145,7 +160,7 @@ def build(statistics: list[dict], labels: list[dict]) -> dict:
     for key in ("spacing_mm", "extent_mm"):
         array = np.asarray([s[key] for s in statistics], dtype=float)
         axes[key] = {"min": [float(v) for v in array.min(axis=0)], "max": [float(v) for v in array.max(axis=0)]}
-    return {"format": FORMAT, "cases": n, "axes": "R, A, S",
+    return {"format": FORMAT, "statistics_version": STATISTICS_VERSION, "cases": n, "axes": "R, A, S",
             "body_threshold_hu": float(statistics[0]["body_threshold_hu"]),
             "hu_histogram": {"low_hu": HU_LOW, "bin_hu": BIN_HU, "bins": BINS,
                              "pooled": [round(float(v), 7) for v in pooled],
@@ -174,6 +189,10 @@ def read(model_dir: Path) -> Optional[dict]:
         got = content.get("format") if isinstance(content, dict) else type(content).__name__
         raise InputError(f"{path} must have format {FORMAT!r}, got {got!r}. Re-run 'ctseg train' with this "
                          f"version, or delete the file to predict without plausibility checks.")
+    if content.get("statistics_version") != STATISTICS_VERSION:
+        raise InputError(f"{path} must hold statistics of version {STATISTICS_VERSION} (how this version measures the "
+                         f"body), got {content.get('statistics_version')!r}. Re-run 'ctseg train --force', or delete "
+                         f"the file to predict without plausibility checks.")
     for key in ("hu_histogram", "spacing_mm", "extent_mm", "labels", "body_threshold_hu"):
         if key not in content:
             raise InputError(f"{path} must hold {key!r}, got keys {sorted(content)}. Re-run 'ctseg train'.")
@@ -197,7 +216,7 @@ def from_training_cases(cases, labels: list[dict], body_threshold_hu: float, kno
     statistics = []
     for case in cases:
         stats = (known or {}).get(case.id)
-        if stats is None:
+        if stats is None or stats.get("version") != STATISTICS_VERSION:
             image, label = load_case(case, allowed)
             stats = case_statistics(image.array, label.array, image.grid, values, body_threshold_hu)
         statistics.append(stats)

@@ -81,7 +81,7 @@ def input_flags(image: np.ndarray, grid: Grid, fingerprint: dict, options) -> tu
             if value < low[axis] / margin or value > high[axis] * margin:
                 flags.append(Flag(code, f"{what} {value:g} mm along {AXES[axis]} is outside the training range "
                                         f"{low[axis]:g}-{high[axis]:g} mm by more than a factor {margin:g}"))
-    fractions, read = tfp.body_hu_fractions(image, float(fingerprint["body_threshold_hu"]))
+    fractions, read = tfp.body_hu_fractions(image, grid, float(fingerprint["body_threshold_hu"]))
     histogram = fingerprint["hu_histogram"]
     pooled = np.asarray(histogram["pooled"], dtype=float)
     spread = max(histogram.get("nearest_other_wasserstein_hu") or [0.0])
