@@ -36,7 +36,7 @@ HU_LOW = -1024.0
 BIN_HU = 16.0
 BINS = 256          # -1024 ... 3072 HU; values outside are counted in the first or last bin
 STATISTICS_VERSION = 2  # per-case statistics of another version (cached by preprocess) are computed again
-SAMPLE_VOXELS = 4_000_000  # the histogram reads at most about this many voxels (a regular sub-grid)
+SAMPLE_VOXELS = 1_000_000  # the histogram reads at most about this many voxels (a regular sub-grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,10 +49,20 @@ def body_mask(sample: np.ndarray, grid: Grid, body_threshold_hu: float) -> np.nd
 
     mask = sample > body_threshold_hu
     axial = int(np.argmax(np.abs(grid.direction[2, :])))  # the index axis closest to S
-    moved = np.moveaxis(mask, axial, -1)
-    for k in range(moved.shape[-1]):
-        moved[..., k] = ndimage.binary_fill_holes(moved[..., k])
-    return mask
+    structure = np.zeros((3, 3, 3), dtype=bool)  # 4-connectivity within each axial slice only
+    centre = [slice(1, 2)] * 3
+    for axis in range(3):
+        if axis != axial:
+            line = list(centre)
+            line[axis] = slice(None)
+            structure[tuple(line)] = True
+    outside, _ = ndimage.label(~mask, structure=structure)
+    border = set()
+    for axis in range(3):  # background connected to a slice's edge is outside the body
+        if axis != axial:
+            border.update(np.unique(np.take(outside, [0, -1], axis=axis)).tolist())
+    border.discard(0)
+    return ~np.isin(outside, sorted(border)) if border else np.ones_like(mask)
 
 
 def body_hu_fractions(array: np.ndarray, grid: Grid, body_threshold_hu: float) -> tuple[np.ndarray, int]:
