@@ -322,6 +322,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     lap("postprocess")
     volumes, label_warnings = reporting.label_statistics(labels, source_grid, predictor.labels, options.report)
     warnings = list(image.warnings) + label_warnings
+    lap("statistics")
     assessment = None
     if options.trust.enabled:
         assessment = trust.assess_case(image.volume.array, labels, source_grid, volumes, predictor.labels,

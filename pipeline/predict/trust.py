@@ -21,9 +21,9 @@ The confidence (0 = distrust, 1 = as certain as the model can be) is
     confidence = (1 - H) × A × 0.5 ** n_flags
 
 - ``H``: mean normalised softmax entropy (entropy / ln K, in [0, 1]) over the voxels predicted
-  foreground, on the model grid (at most 200 000 of them, evenly spaced); taken as 0 (no penalty) when the probabilities were not kept
-  (nearest reassembly, streaming stitching) or nothing was predicted (an empty result is flagged
-  by ``label_missing`` instead);
+  foreground, on the model grid (at most 200 000 of them, evenly spaced); taken as 0 (no penalty)
+  when the probabilities were not kept (nearest reassembly, streaming stitching) or nothing was
+  predicted (an empty result is flagged by ``label_missing`` instead);
 - ``A``: the mean Dice (over foreground classes, micro-averaged over the sliding windows) between
   each ensemble member (fold × TTA mirroring) and the ensemble's own labels; 1 with a single member
   (one fold without TTA: a mirrored pass would double the inference time, so none is added);
@@ -41,8 +41,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.geometry import Grid
 from pipeline import training_fingerprint as tfp
+from pipeline.geometry import Grid
 
 ENTROPY_SAMPLES = 200_000
 INPUT_CODES = ("spacing", "field_of_view", "hu_distribution")
