@@ -41,6 +41,9 @@ def stage_seconds(folder: Path) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "sts_cv.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every stage, e.g. --set experiment=sts_short --set "
+                             "train.max_steps=100 (a shorter training than configs/sts_ct.yaml; say so with figures)")
     args = parser.parse_args()
     load_before = list(os.getloadavg())
 
@@ -48,7 +51,7 @@ def main() -> int:
     from pipeline.config import load_config
 
     os.chdir(REPO)  # the config's dataset path and outputs/ are relative to the repository
-    cfg = load_config([str(CONFIG)], [])
+    cfg = load_config([str(CONFIG)], list(args.overrides))
     walls = {}
     for name, run in (("ingest", api.ingest), ("preprocess", api.preprocess), ("train", api.train)):
         start = time.perf_counter()
@@ -64,7 +67,8 @@ def main() -> int:
     rows, per_fold, predict_seconds = [], [], 0.0
     for split in splits:
         fold = int(split["fold"])
-        fold_cfg = load_config([str(CONFIG)], [f"predict.folds=[{fold}]", "predict.outputs.dicom_seg=false"])
+        fold_cfg = load_config([str(CONFIG)], [*args.overrides, f"predict.folds=[{fold}]",
+                                               "predict.outputs.dicom_seg=false"])
         listing = cv_root / f"fold_{fold}_cases.txt"
         listing.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_text(listing, "".join(f"{(images / f'{case}_0000.nii.gz').resolve()}\n"
@@ -80,6 +84,12 @@ def main() -> int:
                      output=cv_root / f"fold_{fold}_evaluate")
         with open(cv_root / f"fold_{fold}_evaluate" / "metrics.csv", newline="") as handle:
             fold_rows = [dict(row, fold=fold) for row in csv.DictReader(handle)]
+        trusted = {c["id"]: c.get("trust") or {} for c in json.loads(
+            (cv_root / f"fold_{fold}" / "report.json").read_text())["cases"]}
+        for row in fold_rows:
+            entry = trusted.get(row["case_id"], {})
+            row.update(confidence=entry.get("confidence"), needs_review=entry.get("needs_review"),
+                       trust_flags=[f["code"] for f in entry.get("flags", [])], entropy=entry.get("entropy"))
         rows.extend(fold_rows)
         per_fold.append({"fold": fold, "cases": len(fold_rows),
                          "mean_dice": round(statistics.mean(float(r["dice"]) for r in fold_rows), 4)})
@@ -87,6 +97,21 @@ def main() -> int:
     dice = [float(r["dice"]) for r in rows]
     hd95 = [float(r["hd95_mm"]) for r in rows if r["hd95_mm"] not in ("", "nan", "inf")]
     cross_validation = train_report.get("cross_validation", {})
+    scored = [(float(r["confidence"]), float(r["dice"])) for r in rows if r.get("confidence") is not None]
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([c for c, _ in scored], [d for _, d in scored]) if len(scored) > 2 else None
+    trust_summary = {
+        "cases_scored": len(scored),
+        "spearman_confidence_vs_dice": None if rho is None else round(float(rho.statistic), 3),
+        "spearman_p_value": None if rho is None else round(float(rho.pvalue), 4),
+        "needs_review": sum(bool(r.get("needs_review")) for r in rows),
+        "unfamiliar_input": sum(any(f in ("spacing", "field_of_view", "hu_distribution") for f in r["trust_flags"])
+                                for r in rows),
+        "flag_counts": {code: sum(code in r["trust_flags"] for r in rows)
+                        for code in sorted({f for r in rows for f in r["trust_flags"]})},
+        "note": "one network per held-out case (predict.folds=[k]): no ensemble term, confidence = entropy and flags",
+    }
     # training may run in several invocations (train.train_folds): its time is the sum over the folds below
     compute = {name: stage_seconds(cfg.stage_dir(name)) for name in ("ingest", "preprocess")}
     result = {
@@ -101,12 +126,16 @@ def main() -> int:
             "per_fold": per_fold,
             "per_case": [{"case": r["case_id"], "fold": r["fold"], "dice": round(float(r["dice"]), 4),
                           "volume_ref_ml": round(float(r["volume_ref_ml"]), 1),
-                          "volume_pred_ml": round(float(r["volume_pred_ml"]), 1), "flags": r["flags"]}
+                          "volume_pred_ml": round(float(r["volume_pred_ml"]), 1), "flags": r["flags"],
+                          "confidence": r.get("confidence"), "entropy": r.get("entropy"),
+                          "trust_flags": r.get("trust_flags")}
                          for r in rows],
         },
         "model_grid_validation": {"mean_dice": cross_validation.get("mean_dice"),
                                   "cases": cross_validation.get("cases"),
                                   "note": "the training's own validation at its last step (val_every = max_steps)"},
+        "trust": trust_summary,
+        "overrides": list(args.overrides),
         "stage_compute_seconds": compute,
         "training_minutes_all_folds": round(sum(f.get("seconds", 0) for f in train_report.get("folds", [])) / 60, 1),
         "this_run_wall_seconds": {**walls, "cv_predict_and_evaluate": round(predict_seconds, 1)},
@@ -115,7 +144,7 @@ def main() -> int:
     atomic.write_json(args.output, result)
     print(json.dumps({k: result[k] for k in ("patients", "training_minutes_all_folds")} |
                      {"source_grid_mean_dice": result["source_grid"]["mean_dice"],
-                      "model_grid_mean_dice": cross_validation.get("mean_dice")}, indent=1))
+                      "model_grid_mean_dice": cross_validation.get("mean_dice"), "trust": trust_summary}, indent=1))
     return 0
 
 

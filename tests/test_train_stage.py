@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import training_fingerprint
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models import load_model_folder
@@ -66,7 +67,15 @@ def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(pr
                                                                                              "kidney"]
     assert spec["plan"]["target_spacing"] == [5.0, 5.0, 5.0]
     assert set(spec["folds"][0]["val_dice"]) == {"liver", "spleen", "kidney"}
-    assert sorted(p.name for p in (out / "model").rglob("*") if p.is_file()) == ["model.json", "model_best.pt"]
+    assert sorted(p.name for p in (out / "model").rglob("*") if p.is_file()) == ["model.json", "model_best.pt",
+                                                                                 "training_fingerprint.json"]
+    # the model folder remembers its training data: every preprocessed case, per label and per input
+    remembered = training_fingerprint.read(out / "model")
+    assert remembered["cases"] == 5 and set(remembered["labels"]) == {"liver", "spleen", "kidney"}
+    for name, entry in remembered["labels"].items():
+        assert entry["present_in"] == 5 and len(entry["volume_ml"]["values"]) == 5, name
+        assert 0 < entry["volume_ml"]["min"] <= entry["volume_ml"]["max"] and entry["components"]["min"] >= 1
+    assert len(remembered["hu_histogram"]["cases"]) == 5 and len(remembered["spacing_mm"]["min"]) == 3
     weights = torch.load(out / "model" / "fold_0" / "model_best.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in weights.values())  # a bare state_dict
 

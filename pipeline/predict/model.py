@@ -56,6 +56,7 @@ class Predictor:
     labels: list[LabelInfo]          # foreground labels, in channel order
     device: torch.device
     optimisation: dict = field(default_factory=dict)
+    training_fingerprint: Optional[dict] = None   # training_fingerprint.json, when the model folder has one
 
     @property
     def mode(self) -> str:
@@ -141,8 +142,11 @@ def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
         if optimize:
             network, report = optimise_for_inference(network, spec, device)
         networks.append(network)
+    from pipeline import training_fingerprint
+
     return Predictor(folder=model_dir, spec=spec, spec_sha256=sha256_file(model_dir / MODEL_FILE),
-                     networks=networks, class_values=values, labels=labels, device=device, optimisation=report)
+                     networks=networks, class_values=values, labels=labels, device=device, optimisation=report,
+                     training_fingerprint=training_fingerprint.read(model_dir))
 
 
 def _labels(spec: dict, values: list[int]) -> list[LabelInfo]:

@@ -87,6 +87,29 @@ class ReportOptions:
 
 
 @dataclass
+class TrustOptions:
+    """Plausibility flags and the per-case confidence of the morning report (pipeline/predict/trust.py)."""
+
+    enabled: bool = field(default=True, metadata={
+        "help": "Check every case against the model folder's training_fingerprint.json and rank the morning "
+                "report by confidence, least trustworthy first."})
+    volume_margin: float = field(default=2.0, metadata={
+        "help": "A label volume below the smallest training volume / margin, or above the largest x margin, "
+                "is flagged."})
+    input_margin: float = field(default=2.0, metadata={
+        "help": "A spacing or image extent (per axis) below the training minimum / margin, or above the "
+                "maximum x margin, is flagged as an unfamiliar input."})
+    hu_distance_floor_hu: float = field(default=10.0, metadata={
+        "help": "Smallest Wasserstein distance (HU) between the case's body HU histogram and the most similar "
+                "training case's that is flagged as an unfamiliar input."})
+    hu_spread_factor: float = field(default=2.0, metadata={
+        "help": "The HU flag's limit is max(hu_distance_floor_hu, factor x the training set's spread: the largest "
+                "distance of a training case to its most similar other training case)."})
+    review_below: float = field(default=0.5, metadata={
+        "help": "A case whose confidence is below this needs review even without a flag."})
+
+
+@dataclass
 class PredictConfig:
     """Inference and output settings."""
 
@@ -157,3 +180,4 @@ class PredictConfig:
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     outputs: OutputOptions = field(default_factory=OutputOptions)
     report: ReportOptions = field(default_factory=ReportOptions)
+    trust: TrustOptions = field(default_factory=TrustOptions)

@@ -208,11 +208,14 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
 def write_csv(path: Path, rows, label_names: list[str]) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["case_id", "status", "seconds", "attempts", "input", "error", "warnings"] +
-                    [f"{name}_ml" for name in label_names])
+    writer.writerow(["case_id", "status", "confidence", "needs_review", "seconds", "attempts", "input", "error",
+                     "warnings"] + [f"{name}_ml" for name in label_names])
     for row in rows:
         volumes = row.summary.get("volumes", {})
-        writer.writerow([row.case_id, row.status, row.seconds if row.seconds is not None else "", row.attempts,
+        trust = row.summary.get("trust") or {}
+        writer.writerow([row.case_id, row.status, trust.get("confidence", ""),
+                         "" if not trust else ("yes" if trust.get("needs_review") else "no"),
+                         row.seconds if row.seconds is not None else "", row.attempts,
                          row.input, row.error or "", "; ".join(row.warnings)] +
                         [volumes.get(name, {}).get("volume_ml", "") for name in label_names])
     atomic.write_text(path, buffer.getvalue())
@@ -282,14 +285,21 @@ def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[
                  "(axial: anterior at the top; coronal and sagittal: superior at the top; sagittal: anterior on the "
                  "left). Letters on each view name the patient directions. Aspect ratios follow the voxel "
                  "spacing. Labels are drawn at 45% opacity with opaque outlines, in the colours above.</p>")
-    parts.append("<table class='overview'><tr><th>case</th><th>status</th><th>seconds</th><th>warnings</th></tr>")
+    parts.append("<p>Cases are listed least trustworthy first: failed cases, then by increasing confidence (see "
+                 "the README: entropy, agreement between ensemble members, and one halving per flag).</p>")
+    parts.append("<table class='overview'><tr><th>case</th><th>status</th><th>confidence</th><th>seconds</th>"
+                 "<th>warnings</th></tr>")
     for row in rows:
         status = "ok" if row.status == "done" else row.status
         seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
         count = "error" if row.error else (str(len(row.warnings)) if row.warnings else "")
+        trust = row.summary.get("trust") or {}
+        confidence = "" if not trust else (f"{trust['confidence']:.2f}" +
+                                           ("<br><span class='failed'>needs review</span>" if trust.get("needs_review")
+                                            else ""))
         parts.append(f"<tr><td><a href='#{html.escape(row.case_id)}'>{html.escape(row.case_id)}</a></td>"
-                     f"<td class='{html.escape(status)}'>{html.escape(status)}</td><td>{seconds}</td>"
-                     f"<td>{count}</td></tr>")
+                     f"<td class='{html.escape(status)}'>{html.escape(status)}</td><td>{confidence}</td>"
+                     f"<td>{seconds}</td><td>{count}</td></tr>")
     parts.append("</table>")
     for row in rows:
         parts.append(_case_section(folder, row, label_names, colors))

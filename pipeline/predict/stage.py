@@ -9,11 +9,13 @@
 3. Loads the model once, then for each case it may claim: reads it, prepares it onto the model
    grid, runs sliding-window inference (:mod:`pipeline.predict.inference`), takes the argmax and
    maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), optionally cleans it per
-   label, and writes every output atomically (:mod:`pipeline.predict.writers`). The outputs'
+   label, checks it against the model's training data and scores its confidence
+   (:mod:`pipeline.predict.trust`), and writes every output atomically (:mod:`pipeline.predict.writers`). The outputs'
    SHA-256 go into the ledger. A case that fails (unreadable, not CT, out of memory, any error) is
    recorded as failed with its message and the batch moves on.
 4. Writes ``report.json``, ``report.csv`` and ``report.html`` (:mod:`pipeline.predict.report`)
-   covering every case of the input (all shards: the last shard to finish has the full picture).
+   covering every case of the input (all shards: the last shard to finish has the full picture);
+   the CSV and HTML list the least trustworthy cases first, under a "needs review" count.
 
 Exit code (``PredictResult.exit_code``): **0** when every case of this shard is done; **3** when at
 least one failed (in this run or an earlier one not retried with ``--retry-failed``). Errors that
@@ -49,6 +51,7 @@ from pipeline.geometry import Volume
 from pipeline.predict import cases as case_io
 from pipeline.predict import privacy
 from pipeline.predict import report as reporting
+from pipeline.predict import trust
 from pipeline.predict import writers
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.ledger import Ledger, open_ledger, process_start_time, sha256_file
@@ -181,7 +184,8 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
                 report.update(stuck_cases=stuck, status="failed", exit_code=EXIT_SOME_FAILED)
             legend = [(label["name"], label.get("color")) for label in spec.get("labels", [])] \
                 if batch.predictor is None else [(info.name, info.color) for info in batch.predictor.labels]
-            summary = reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, skipped)
+            summary = {**trust.review_summary(rows),
+                       **reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, skipped)}
             _write_reports(output_dir, report, rows, summary, legend)
         finally:
             ledger.close()
@@ -212,6 +216,7 @@ def _write_reports(output_dir: Path, report: dict, rows, summary: dict, legend: 
     """report.json, report.csv and report.html, each on its own: a full disk loses only what does not fit."""
     label_names = [name for name, _ in legend]
     colors = [color for _, color in legend]
+    rows = trust.review_order(rows)  # the CSV and HTML list the least trustworthy cases first
     writes = ((REPORT_FILE, lambda: atomic.write_json(output_dir / REPORT_FILE, report)),
               ("report.csv", lambda: reporting.write_csv(output_dir / "report.csv", rows, label_names)),
               ("report.html", lambda: reporting.write_html(output_dir / "report.html", output_dir, rows, summary,
@@ -606,8 +611,13 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     prepared = prepare_image(working, predictor.plan, predictor.crop_align)
     lap("prepare")
     need_probabilities = options.outputs.probabilities != "none"
-    result = sliding_window_predict(prepared.array, predictor, options, need_probabilities, window_predictor,
-                                    prefer_probabilities=options.reassembly != "nearest")
+    agreement = trust.MemberAgreement.attach(window_predictor) if options.trust.enabled else None
+    try:
+        result = sliding_window_predict(prepared.array, predictor, options, need_probabilities, window_predictor,
+                                        prefer_probabilities=options.reassembly != "nearest")
+    finally:
+        if agreement is not None:
+            agreement.detach()
     lap("infer")
     if result.probabilities is not None and options.reassembly != "nearest":
         labels, reassembly = refined_to_source(result.probabilities, result.classes, prepared.grid, working.grid,
@@ -625,6 +635,14 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     lap("postprocess")
     volumes, label_warnings = reporting.label_statistics(labels, source_grid, predictor.labels, options.report)
     warnings = redact.all(list(image.warnings) + fit_warnings + label_warnings)
+    lap("statistics")
+    assessment = None
+    if options.trust.enabled:
+        assessment = trust.assess_case(image.volume.array, labels, source_grid, volumes, predictor.labels,
+                                       predictor.training_fingerprint, result.probabilities, result.classes,
+                                       agreement, options.trust)
+        warnings += trust.warnings_for(assessment)
+    lap("trust")
 
     paths: dict[str, Path] = {}
     base = output_dir / case.case_id
@@ -701,12 +719,14 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         "dicom_seg": dicom_seg,
         "rtstruct": rtstruct,
         "warnings": warnings,
+        "trust": assessment.to_json() if assessment else None,
         "outputs": relative,
     }
     paths["provenance"] = writers.write_provenance(Path(f"{base}.provenance.json"), provenance)
     checksums = {name: {"path": path.name, "sha256": sha256_file(path)} for name, path in paths.items()}
     summary = {"volumes": volumes, "postprocess": notes, "memory_plan": result.plan.mode,
-               "windows": result.stats["windows"], "reassembly": reassembly["method"]}
+               "windows": result.stats["windows"], "reassembly": reassembly["method"],
+               "trust": assessment.to_json() if assessment else None}
     return checksums, summary, warnings, timings
 
 
@@ -797,6 +817,7 @@ def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, m
         },
         "skipped_inputs": skipped,
         "cases": _case_entries(rows),
+        "needs_review": [row.case_id for row in trust.review_order(rows) if trust.case_trust(row).get("needs_review")],
     }
 
 
@@ -811,7 +832,8 @@ def _case_entries(rows) -> list[dict]:
              "error": row.error, "warnings": row.warnings, "seconds": row.seconds, "attempts": row.attempts,
              "shard": row.shard, "timings": row.timings, **({"traceback": row.traceback} if row.traceback else {}),
              "outputs": {name: entry["path"] for name, entry in row.outputs.items()},
-             "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()}}
+             "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()},
+             "trust": trust.case_trust(row) or None}
             for row in rows]
 
 
@@ -839,8 +861,10 @@ def rewrite_report(output_dir: Path) -> dict:
     failed = [row for row in rows if row.status == "failed"]
     report.update({"folder": str(output_dir), "status": "failed" if failed else "ok",
                    "exit_code": EXIT_SOME_FAILED if failed else EXIT_OK, "counts": _batch_counts(rows),
-                   "cases": _case_entries(rows), "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
-    summary = reporting.summary_block(rows, model_dir, str(report.get("device", "")), 0.0,
-                                      report.get("skipped_inputs"))
+                   "cases": _case_entries(rows),
+                   "needs_review": [row.case_id for row in trust.review_order(rows)
+                                    if trust.case_trust(row).get("needs_review")], "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
+    summary = {**trust.review_summary(rows), **reporting.summary_block(
+        rows, model_dir, str(report.get("device", "")), 0.0, report.get("skipped_inputs"))}
     _write_reports(output_dir, report, rows, summary, legend)
     return report

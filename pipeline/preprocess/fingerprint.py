@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.errors import CaseError, InputError
 from pipeline.geometry import Volume, canonical_grid
+from pipeline.training_fingerprint import case_statistics
 from pipeline.volume_io import load_volume
 
 
@@ -87,5 +88,8 @@ def case_fingerprint(case: TrainingCase, image: Volume, label: Volume, body_thre
         "label_voxels": {str(int(v)): int(c) for v, c in zip(values, counts)},
         "hu_min": float(image.array.min()),
         "hu_max": float(image.array.max()),
+        # what the model folder's training_fingerprint.json pools (label volumes, components, body HU histogram)
+        "training_statistics": case_statistics(image.array, label.array, grid,
+                                               [int(v) for v in values if int(v) != 0], body_threshold_hu),
     }
     return record, hu

@@ -6,7 +6,8 @@ Output folder (``<experiment>/train``)::
     fold_<k>/checkpoint_last.pt  full training state (resume); checkpoint_best.pt at the best validation
     fold_<k>/model_best.pt       the best weights alone (state_dict)
     fold_<k>/tensorboard/        TensorBoard scalars; fold_<k>/progress.png: loss and Dice curves
-    model/                       model.json + fold_<k>/model_best.pt: everything prediction needs
+    model/                       model.json + fold_<k>/model_best.pt: everything prediction needs, and
+                                 training_fingerprint.json: what the training data looked like
 
 Under ``torchrun`` every rank trains (DDP, rank-sharded patches) and only rank 0 writes files; the
 ranks must see the same preprocess and train folders (one machine, or a shared file system).
@@ -25,6 +26,7 @@ from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.labels.codes import codes_json
 from pipeline.models import MODEL_FORMAT, network_spec
+from pipeline import training_fingerprint
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
@@ -239,6 +241,8 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
             shutil.copyfile(source, tmp)
         folds.append({"fold": result["fold"], "checkpoint": relative, "val_dice": result["best_dice"],
                       "best_step": result["best_step"]})
+    training_fingerprint.write_for_training(model_dir, cfg.stage_dir("preprocess"), cfg.stage_dir("ingest"),
+                                            plan["labels"], cfg.preprocess.body_threshold_hu)
     atomic.write_json(model_dir / "model.json", {
         "format": MODEL_FORMAT,
         "network": spec,
