@@ -107,6 +107,9 @@ class PredictConfig:
     stale_minutes: float = field(default=30.0, metadata={
         "help": "A case 'running' on another machine whose process has not reported for this long is taken "
                 "over (on this machine a dead process is detected at once)."})
+    send_to: list[str] = field(default_factory=list, metadata={
+        "help": "Peers of pacs.peers (by name) that each finished case's DICOM results (SEG, RTSTRUCT) are sent "
+                "to, by C-STORE or STOW-RS; a failed send leaves the case done and is retried by 'ctseg send'."})
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     outputs: OutputOptions = field(default_factory=OutputOptions)

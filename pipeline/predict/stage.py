@@ -58,7 +58,8 @@ EXIT_SOME_FAILED = 3
 COLOR_TABLE = "labels.ctbl"
 SHARED_FILES = ("report.json", "report.csv", "report.html", COLOR_TABLE)
 # settings that change speed or bookkeeping but not the written labels
-_NOT_IN_HASH = ("batch_size", "batch_size_2d", "device", "memory", "stale_minutes", "shard_by", "refuse_implausible")
+_NOT_IN_HASH = ("batch_size", "batch_size_2d", "device", "memory", "stale_minutes", "shard_by", "refuse_implausible",
+               "send_to")
 
 
 @dataclass
