@@ -19,6 +19,7 @@ import pytest
 ORTHANC_AET = "ORTHANC"
 CTSEG_AET = "CTSEG"
 START_SECONDS = 60.0
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def orthanc_binary() -> Optional[str]:
@@ -46,7 +47,7 @@ def wait_until(check: Callable[[], bool], seconds: float, what: str, step: float
 class Orthanc:
     """One Orthanc process: DICOM and HTTP on free loopback ports, storage in ``folder``, ctseg registered."""
 
-    def __init__(self, folder: Path, ctseg_port: int):
+    def __init__(self, folder: Path, ctseg_port: int, dicomweb: bool = False):
         self.folder = Path(folder)
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -63,7 +64,13 @@ class Orthanc:
             "DicomPort": self.dicom_port, "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": True,
             "DicomCheckModalityHost": False, "UnknownSopClassAccepted": False,
             "DicomModalities": {"ctseg": [CTSEG_AET, "127.0.0.1", ctseg_port]},
-            "StableAge": 2, "HttpTimeout": 30, "DicomScpTimeout": 30}))
+            "StableAge": 2, "HttpTimeout": 30, "DicomScpTimeout": 30,
+            **({"Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+               if dicomweb else {})}))
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     @property
     def url(self) -> str:

@@ -197,3 +197,30 @@ def test_pull_refuses_an_empty_query_and_names_bad_keywords(tmp_path):
     query, earliest = parse_query(["Modality=CT"], "24h", now=dt.datetime(2026, 12, 1, 6, 0))
     assert query == {"Modality": "CT", "StudyDate": "20261130-20261201"}
     assert earliest == dt.datetime(2026, 11, 30, 6, 0)
+
+
+def test_pull_by_qido_and_wado_rs_and_send_by_stow_rs(tmp_path, model):
+    """The DICOMweb paths against Orthanc's DICOMweb plugin: QIDO-RS search, WADO-RS retrieve, STOW-RS send."""
+    from pacs_support import DICOMWEB_PLUGIN
+
+    require_orthanc()
+    pytest.importorskip("dicomweb_client")
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install -y orthanc-dicomweb)")
+    from pipeline import api
+
+    server = Orthanc(tmp_path / "orthanc", ctseg_port=free_port(), dicomweb=True).start()
+    try:
+        series = write_export(tmp_path / "export", seeds=(7,))
+        server.upload(series[0])
+        cfg = node_config(server, retrieve="wado")
+        cfg.pacs.peers.append(PeerOptions(name="web", url=server.dicomweb_url))
+        cfg.pacs.source = "web"
+        cfg.predict.send_to = ["web"]
+        result = api.pull(cfg, ["StudyDate=20261130"], model_dir=model, output=tmp_path / "out")
+        assert result.exit_code == 0, json.dumps(result.report.get("pull"), indent=1)
+        assert [s["state"] for s in result.report["pull"]["series"]] == ["done"]
+        assert [(row["destination"], row["status"]) for row in result.report["sends"]] == [("web", "done")]
+        assert len(server.series_of("SEG")) == 1
+    finally:
+        server.stop()
