@@ -94,7 +94,8 @@ class NodeBatch:
             return "failed", "; ".join(e for e in errors if e), ids
         return "done", None, ids
 
-    def send(self, case_ids: list[str]) -> dict:
+    def send(self, case_ids: Optional[list[str]]) -> dict:
+        """Send these cases' DICOM results (None: every done case's unsent ones) to predict.send_to."""
         from pipeline.pacs.send import send_results
 
         report = send_results(self.cfg.pacs, self.output_dir, self.cfg.predict.send_to, case_ids=case_ids)

@@ -132,6 +132,8 @@ def run_listen(cfg: Config, model_dir: Path, output_dir: Path, stop: Optional[th
             log.warning("listen: %d series were half received when the receiver stopped; they wait for a resend",
                         recovered["incomplete"])
         batch.load()
+        if batch.cfg.predict.send_to:  # sends that failed before the restart (destination down) are retried
+            batch.send(None)
         server = start_receiver(batch.cfg, spool, listen.host, listen.port, listen.allowed_calling_aes)
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -337,8 +337,12 @@ def run_pull(cfg: Config, model_dir: Path, output_dir: Path, query_items: list[s
         if pacs.retrieve == "move":
             handler = store_handler(spool)
             receiver = _move_receiver(cfg, spool, peer, moved, handler, start_receiver)
+        preselect(hits, rules, explicit_modality, earliest)
         for hit in hits:
-            _pull_one(cfg, peer, hit, spool, batch, rules, explicit_modality, earliest, moved, dicom_case_id)
+            if hit.state == "found":
+                _pull_one(cfg, peer, hit, spool, batch, moved, dicom_case_id)
+        if cfg.predict.send_to:  # results whose send failed in an earlier run (destination down) go now
+            batch.send(None)
         extra = {"pull": {"source": describe_peer(peer), "retrieve": pacs.retrieve,
                           "query": sorted(query), "series": [hit.row() for hit in hits]}}
         report = batch.write_report(extra)
@@ -349,8 +353,9 @@ def run_pull(cfg: Config, model_dir: Path, output_dir: Path, query_items: list[s
         batch.close()
     retrieval_failed = [h for h in hits if h.state == "retrieve_failed"]
     failed_cases = report["counts"]["failed"] if "counts" in report else 0
-    exit_code = EXIT_SOME_FAILED if retrieval_failed or any(h.state == "failed" for h in hits) or failed_cases \
-        else EXIT_OK
+    failed_sends = [row for row in report.get("sends", []) if row["status"] != "done"]
+    earlier = [h for h in hits if h.state == "failed_earlier"]  # as predict: failed and not retried
+    exit_code = EXIT_SOME_FAILED if retrieval_failed or failed_cases or failed_sends or earlier else EXIT_OK
     report["exit_code"] = exit_code
     report["status"] = "failed" if exit_code else "ok"
     return PullResult(report, exit_code)
@@ -373,22 +378,36 @@ def _move_receiver(cfg, spool, peer, moved, handler, start_receiver):
     return server
 
 
-def _pull_one(cfg, peer, hit: SeriesHit, spool: Spool, batch, rules, explicit_modality: bool, earliest,
-              moved: list, dicom_case_id) -> None:
-    if earliest is not None and hit.study_datetime is not None and hit.study_datetime < earliest:
-        hit.state, hit.reason = "not_selected", "study is older than --since"
+def preselect(hits: list[SeriesHit], rules, explicit_modality: bool, earliest) -> None:
+    """Pass over, before retrieving, what the ingest selection rules would not keep: other modalities, too few
+    instances, and with policy 'largest' every series of a study but the one with the most instances."""
+    for hit in hits:
+        if earliest is not None and hit.study_datetime is not None and hit.study_datetime < earliest:
+            hit.state, hit.reason = "not_selected", "study is older than --since"
+        elif not explicit_modality and rules.modalities and hit.modality not in rules.modalities:
+            hit.state, hit.reason = "not_selected", f"modality {hit.modality or '(none)'} is not in the selection rules"
+        elif hit.instances is not None and hit.instances < rules.min_slices:
+            hit.state, hit.reason = "not_selected", (f"{hit.instances} instance(s), fewer than the rules' "
+                                                     f"min_slices {rules.min_slices} (a localizer?)")
+    if rules.policy != "largest":
         return
-    if not explicit_modality and rules.modalities and hit.modality not in rules.modalities:
-        hit.state, hit.reason = "not_selected", f"modality {hit.modality or '(none)'} is not in the selection rules"
-        return
-    if hit.instances is not None and hit.instances < rules.min_slices:
-        hit.state, hit.reason = "not_selected", (f"{hit.instances} instance(s), fewer than the rules' min_slices "
-                                                 f"{rules.min_slices} (a localizer?)")
-        return
+    by_study: dict[str, list[SeriesHit]] = {}
+    for hit in hits:
+        if hit.state == "found":
+            by_study.setdefault(hit.study_uid, []).append(hit)
+    for group in by_study.values():
+        keep = max(group, key=lambda h: (h.instances or 0, h.key))
+        for hit in group:
+            if hit is not keep:
+                hit.state, hit.reason = "not_selected", (f"selection policy 'largest': series {keep.key} of the same "
+                                                         f"study has more instances")
+
+
+def _pull_one(cfg, peer, hit: SeriesHit, spool: Spool, batch, moved: list, dicom_case_id) -> None:
     case_id = dicom_case_id(SimpleNamespace(study_uid=hit.study_uid, series_uid=hit.series_uid, part=0, key=""))
     row = batch.ledger.get(case_id)
-    if row is not None and row.status == "done":
-        hit.state, hit.reason, hit.cases = "already_done", "segmented earlier (ledger)", [case_id]
+    if row is not None and row.status == "done" and batch.ledger.verify_outputs(row) is None:
+        hit.state, hit.reason, hit.cases = "already_done", "segmented earlier (ledger, outputs verified)", [case_id]
         return
     if row is not None and row.status == "failed" and not batch.retry_failed:
         hit.state, hit.reason, hit.cases = "failed_earlier", "failed earlier (use --retry-failed)", [case_id]
