@@ -224,3 +224,24 @@ def test_pull_by_qido_and_wado_rs_and_send_by_stow_rs(tmp_path, model):
         assert len(server.series_of("SEG")) == 1
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_pull_a_real_mixed_modality_export_from_orthanc(orthanc, model, tmp_path, shared_data):
+    """STS_001 (CT, MR, PET and their RTSTRUCTs) stored into Orthanc: only the CT is pulled; its SEG comes back."""
+    import pydicom
+
+    from pipeline import api
+
+    patient = shared_data / "sts_ct" / "STS_001"
+    files = sorted(p for p in patient.rglob("*.dcm"))
+    orthanc.upload(files)
+    ct_uid = str(pydicom.dcmread(str(sorted((patient / "CT" / "image").glob("*.dcm"))[0]),
+                                 stop_before_pixels=True).SeriesInstanceUID)
+    cfg = node_config(orthanc)
+    out = tmp_path / "out"
+    result = api.pull(cfg, ["Modality=CT"], model_dir=model, output=out)
+    assert result.exit_code == 0, json.dumps(result.report.get("pull"), indent=1)
+    assert [s["state"] for s in result.report["pull"]["series"]] == ["done"]
+    seg_round_trip(orthanc, out, result.report, {ct_uid})
