@@ -194,3 +194,32 @@ def test_listen_refuses_to_start_without_an_allow_list(tmp_path, model):
     config.write_text(yaml.safe_dump({"pacs": {"listen": {"port": free_port()}}}))
     code = main(["listen", "-c", str(config), "--model", str(model), "--output", str(tmp_path / "out")])
     assert code == 2
+
+
+@pytest.mark.slow
+def test_a_series_that_grows_after_it_was_segmented_is_segmented_again_from_every_instance(orthanc, model, tmp_path,
+                                                                                          listener_factory):
+    """A sender that releases after half a series and sends the rest later: the second part redoes the case."""
+    require_orthanc()
+    import io
+    import sqlite3
+
+    import pydicom
+
+    [files] = write_export(tmp_path / "export", seeds=(14,))
+    out = tmp_path / "out"
+    out.mkdir()
+    listener = listener_factory(write_config(tmp_path / "node.yaml", orthanc), model, out).start()
+    half = 10  # the rules keep series of at least min_slices (10) images; the phantom has 14
+    assert storescu(orthanc.ctseg_port, files[:half]).returncode == 0
+    wait_until(lambda: listener.states() == ["done"], 180, "the first part segmented")
+    assert storescu(orthanc.ctseg_port, files[half:]).returncode == 0
+    wait_until(lambda: listener.states() == ["done"] and listener.status()["series"][0]["instances"] == len(files)
+               and len(orthanc.series_of("SEG")) == 2, 180, "the grown series segmented again")
+    assert listener.stop() == 0
+    db = sqlite3.connect(str(out / "ledger.sqlite"))
+    assert db.execute("SELECT status, attempts FROM cases").fetchall() == [("done", 2)]
+    db.close()
+    counts = sorted(len(pydicom.dcmread(io.BytesIO(orthanc.instance_file(s["Instances"][0])))
+                        .ReferencedSeriesSequence[0].ReferencedInstanceSequence) for s in orthanc.series_of("SEG"))
+    assert counts == [half, len(files)]

@@ -65,8 +65,11 @@ class NodeBatch:
         if self.batch.predictor is None:
             self.batch._load()
 
-    def segment(self, folder: Path, label: str) -> tuple[str, Optional[str], list[str]]:
-        """Segment the series under ``folder``; (state done/failed/skipped, reason, case ids)."""
+    def segment(self, folder: Path, label: str, redo: bool = False) -> tuple[str, Optional[str], list[str]]:
+        """Segment the series under ``folder``; (state done/failed/skipped, reason, case ids).
+
+        ``redo``: the series changed since it was segmented (more instances arrived): its done cases are
+        segmented again (and their new results sent)."""
         from pipeline.predict import cases as case_io
 
         try:
@@ -82,6 +85,9 @@ class NodeBatch:
         self.ledger.register([(case.case_id, case.source) for case in found.cases])
         states = []
         for case in found.cases:
+            if redo and self.ledger.reopen(case.case_id):
+                log.info("%s: series %s changed since it was segmented (more instances): segmenting it again",
+                         case.case_id, label)
             outcome = self.batch.run_case(case, self.retry_failed)
             self.outcomes[case.case_id] = outcome
             states.append(self.ledger.get(case.case_id).status)

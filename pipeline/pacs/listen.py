@@ -18,6 +18,7 @@ handed back (Ctrl-C). After a kill -9 a restart resumes: half-received series wa
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -99,8 +100,9 @@ def start_receiver(cfg: Config, spool: Spool, host: str, port: int, allowed: lis
         return handler
 
     def rejected(event):
-        log.warning("listen: association from %s refused (calling AE title not on pacs.listen.allowed_calling_aes "
-                    "or wrong called AE title)", event.assoc.requestor.address)
+        requestor = event.assoc.requestor
+        log.warning("listen: association from %s calling AE title %r refused (not on pacs.listen.allowed_calling_aes,"
+                    " or a called AE title other than %r)", requestor.address, requestor.ae_title, cfg.pacs.ae_title)
 
     handlers = [(evt.EVT_C_STORE, store_handler(spool, _association_key)), (evt.EVT_RELEASED, ended(True)),
                 (evt.EVT_ABORTED, ended(False)), (evt.EVT_CONN_CLOSE, ended(False)), (evt.EVT_REJECTED, rejected)]
@@ -149,9 +151,11 @@ def run_listen(cfg: Config, model_dir: Path, output_dir: Path, stop: Optional[th
                 stop.wait(POLL_SECONDS)
                 continue
             key, instances = job
+            before = spool.get(key)["segmented_instances"]
             _write_status(output_dir, spool, "segmenting")
             try:
-                state, reason, cases = batch.segment(spool.folder(key), key)
+                state, reason, cases = batch.segment(spool.folder(key), key,
+                                                     redo=before is not None and before != instances)
             except Exception as exc:  # the node keeps running; the series is reported failed
                 state, reason, cases = "failed", f"series {key}: unexpected {type(exc).__name__}: {exc}", []
                 log.error("listen: %s", reason)
@@ -178,8 +182,8 @@ def listen_summary(spool: Spool) -> dict:
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     return {"counts": counts, "series": [{"series": r["key"], "modality": r["modality"], "instances": r["instances"],
-                                          "state": r["state"], "reason": r["reason"], "cases": r["cases"]}
-                                         for r in rows]}
+                                          "state": r["state"], "reason": r["reason"],
+                                          "cases": json.loads(r["cases"]) if r["cases"] else []} for r in rows]}
 
 
 def _write_status(output_dir: Path, spool: Spool, state: str) -> None:

@@ -119,7 +119,9 @@ def send_results(cfg: PacsConfig, folder: Path, destinations: list[str], case_id
         report["sends"] = send_rows(db, case_ids)
     finally:
         db.close()
-    log.info("send: %d sent, %d already sent, %d failed", report["sent"], report["already_sent"], report["failed"])
+    if report["sent"] or report["failed"]:
+        log.info("send: %d sent, %d already sent, %d failed", report["sent"], report["already_sent"],
+                 report["failed"])
     return report
 
 

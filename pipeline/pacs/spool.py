@@ -126,10 +126,20 @@ class Spool:
 
     def recover(self) -> dict[str, int]:
         """After a restart: half-received series become incomplete (await a resend); complete or segmenting
-        ones are queued again (the predict ledger redoes or skips them)."""
+        ones are queued again (the predict ledger redoes or skips them). Temporary files of instances whose
+        writing was interrupted are removed (those older than a minute: a concurrent pull may be writing)."""
         with self._lock:
             self._assocs.clear()
             now = time.time()
+            for leftover in self.root.glob(f"s*/*{atomic.PARTIAL_MARK}*"):
+                try:
+                    if now - leftover.stat().st_mtime > 60.0:
+                        leftover.unlink()
+                except FileNotFoundError:
+                    pass
+            for row in self._db.execute("SELECT key FROM series WHERE state NOT IN ('done', 'failed', 'skipped')"
+                                        ).fetchall():
+                self._recount(row["key"])
             self._db.execute("BEGIN IMMEDIATE")
             interrupted = self._db.execute(
                 "UPDATE series SET state = 'incomplete', reason = 'reception was interrupted (the receiver stopped '"
@@ -175,7 +185,16 @@ class Spool:
                 "WHERE key = ? AND state = 'segmenting'", (state, reason, json.dumps(cases), instances, now, key))
             return cursor.rowcount == 1
 
+    def _recount(self, key: str) -> int:
+        """Instances are counted from the files on disk (a kill between writing a file and counting it, or a
+        resend, must not skew the count)."""
+        count = sum(1 for p in self.folder(key).glob("*.dcm") if not p.name.startswith("."))
+        self._db.execute("UPDATE series SET instances = ? WHERE key = ?", (count, key))
+        return count
+
     def _set(self, key: str, state: str, reason: Optional[str], only_from: tuple[str, ...]) -> None:
+        if state == "complete":
+            self._recount(key)
         marks = ",".join("?" * len(only_from))
         self._db.execute(f"UPDATE series SET state = ?, reason = ?, updated = ? WHERE key = ? AND state IN ({marks})",
                          (state, reason, time.time(), key, *only_from))
