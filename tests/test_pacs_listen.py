@@ -223,3 +223,25 @@ def test_a_series_that_grows_after_it_was_segmented_is_segmented_again_from_ever
     counts = sorted(len(pydicom.dcmread(io.BytesIO(orthanc.instance_file(s["Instances"][0])))
                         .ReferencedSeriesSequence[0].ReferencedInstanceSequence) for s in orthanc.series_of("SEG"))
     assert counts == [half, len(files)]
+
+
+@pytest.mark.slow
+def test_quiet_mode_segments_a_series_sent_one_association_per_image_once(orthanc, model, tmp_path,
+                                                                         listener_factory):
+    require_orthanc()
+    import sqlite3
+
+    [files] = write_export(tmp_path / "export", seeds=(15,))
+    out = tmp_path / "out"
+    out.mkdir()
+    config = write_config(tmp_path / "node.yaml", orthanc, complete_on="quiet", quiet_seconds=3.0)
+    listener = listener_factory(config, model, out).start()
+    for path in files:  # each storescu call is one association with one image
+        assert storescu(orthanc.ctseg_port, [path]).returncode == 0
+    wait_until(lambda: listener.states() == ["done"], 180, "the series segmented after the quiet time")
+    assert listener.status()["series"][0]["instances"] == len(files)
+    assert listener.stop() == 0
+    db = sqlite3.connect(str(out / "ledger.sqlite"))
+    assert db.execute("SELECT status, attempts FROM cases").fetchall() == [("done", 1)]
+    db.close()
+    assert len(orthanc.series_of("SEG")) == 1

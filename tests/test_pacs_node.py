@@ -51,7 +51,8 @@ def test_quiet_mode_completes_a_series_after_the_quiet_time_but_not_while_an_ass
     key = _store(spool, "1.9.1", "a")
     later = spool.get(key)["last"] + 10
     assert spool.check_quiet(5.0, "quiet", now=later) == []  # association a is still open
-    spool.association_ended("a", released=False)
+    assert spool.association_ended("a", released=True, complete_on="quiet") == []  # a release is not the end
+    assert spool.get(key)["state"] == "receiving"
     assert spool.check_quiet(5.0, "quiet", now=later) == [key]
     assert spool.get(key)["state"] == "complete"
     spool.close()

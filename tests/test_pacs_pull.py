@@ -190,6 +190,8 @@ def test_pull_refuses_an_empty_query_and_names_bad_keywords(tmp_path):
 
     with pytest.raises(ConfigError, match="must be given a query"):
         parse_query([], None)
+    with pytest.raises(ConfigError, match="must narrow the studies"):
+        parse_query(["Modality=CT"], None)
     with pytest.raises(ConfigError, match="DICOM keywords"):
         parse_query(["studydate=2026"], None)
     import datetime as dt
@@ -241,7 +243,30 @@ def test_pull_a_real_mixed_modality_export_from_orthanc(orthanc, model, tmp_path
                                  stop_before_pixels=True).SeriesInstanceUID)
     cfg = node_config(orthanc)
     out = tmp_path / "out"
-    result = api.pull(cfg, ["Modality=CT"], model_dir=model, output=out)
+    result = api.pull(cfg, ["PatientID=STS_001", "Modality=CT"], model_dir=model, output=out)
     assert result.exit_code == 0, json.dumps(result.report.get("pull"), indent=1)
     assert [s["state"] for s in result.report["pull"]["series"]] == ["done"]
     seg_round_trip(orthanc, out, result.report, {ct_uid})
+
+
+def test_ctseg_pull_command_line_exit_codes_with_orthanc_up_and_down(orthanc, model, tmp_path):
+    """The CLI over the API: 0 when the pull is complete; 1 with one line naming the PACS when it is down."""
+    import yaml
+
+    from pipeline.cli import main
+
+    series = write_export(tmp_path / "export", seeds=(8,))
+    orthanc.upload(series[0])
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({
+        "workers": 1, "predict": {"precision": "fp32", "send_to": ["orthanc"],
+                                  "outputs": {"thumbnails": False, "seg_nrrd": False}},
+        "pacs": {"source": "orthanc", "timeout_seconds": 10.0,
+                 "peers": [{"name": "orthanc", "ae_title": ORTHANC_AET, "port": orthanc.dicom_port}]}}))
+    out = tmp_path / "out"
+    args = ["pull", "-c", str(config), "--query", "StudyDate=20261130", "Modality=CT", "--model", str(model),
+            "--output", str(out)]
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["pull"]["series"][0]["state"] == "done"
+    orthanc.stop()
+    assert main(args) == 1

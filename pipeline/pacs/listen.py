@@ -73,8 +73,11 @@ def _association_key(event) -> str:
     return f"assoc-{id(event.assoc)}"
 
 
-def start_receiver(cfg: Config, spool: Spool, host: str, port: int, allowed: list[str]):
-    """Start the storage SCP (non-blocking) and return the server; refuses callers not in ``allowed``."""
+def start_receiver(cfg: Config, spool: Spool, host: str, port: int, allowed: list[str], complete_on: str = "release"):
+    """Start the storage SCP (non-blocking) and return the server; refuses callers not in ``allowed``.
+
+    ``complete_on``: release completes a series when its association is released; quiet leaves that to
+    :meth:`Spool.check_quiet`."""
     require_pynetdicom()
     from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
     from pynetdicom.sop_class import Verification
@@ -94,7 +97,7 @@ def start_receiver(cfg: Config, spool: Spool, host: str, port: int, allowed: lis
 
     def ended(released: bool):
         def handler(event):
-            completed = spool.association_ended(_association_key(event), released)
+            completed = spool.association_ended(_association_key(event), released, complete_on)
             if completed:
                 log.info("listen: %d series complete (association released)", len(completed))
         return handler
@@ -136,7 +139,8 @@ def run_listen(cfg: Config, model_dir: Path, output_dir: Path, stop: Optional[th
         batch.load()
         if batch.cfg.predict.send_to:  # sends that failed before the restart (destination down) are retried
             batch.send(None)
-        server = start_receiver(batch.cfg, spool, listen.host, listen.port, listen.allowed_calling_aes)
+        server = start_receiver(batch.cfg, spool, listen.host, listen.port, listen.allowed_calling_aes,
+                                listen.complete_on)
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         log.info("listen: %s accepting on %s:%d", cfg.pacs.ae_title, listen.host, listen.port)

@@ -102,6 +102,10 @@ def parse_query(items: list[str], since: Optional[str], now: Optional[_dt.dateti
     if not query:
         raise ConfigError("ctseg pull must be given a query, got none. Pass --query StudyDate=YYYYMMDD (and e.g. "
                           "Modality=CT) or --since 24h; a query of the whole PACS is refused.")
+    if not set(query) & (STUDY_KEYS - {"ModalitiesInStudy", "InstitutionName"}):
+        raise ConfigError(f"the query must narrow the studies (StudyDate, AccessionNumber, PatientID, "
+                          f"StudyInstanceUID, ... or --since), got only {sorted(query)}: it would walk every study "
+                          f"of the PACS. Add e.g. StudyDate=YYYYMMDD.")
     return query, earliest
 
 
@@ -125,6 +129,8 @@ def c_find_series(cfg: Config, peer: PeerOptions, query: dict[str, str], modalit
     series_query = {k: v for k, v in query.items() if k not in STUDY_KEYS}
     if "Modality" not in series_query and modalities:
         series_query["Modality"] = "\\".join(modalities)
+    if "ModalitiesInStudy" not in study_query and "\\" not in series_query.get("Modality", "\\"):
+        study_query["ModalitiesInStudy"] = series_query["Modality"]  # lets the PACS narrow the studies too
     ae = make_ae(cfg.pacs)
     ae.add_requested_context(FIND)
     assoc = _associate(ae, cfg, peer)
@@ -132,6 +138,9 @@ def c_find_series(cfg: Config, peer: PeerOptions, query: dict[str, str], modalit
     try:
         studies = _find(assoc, FIND, _dataset("STUDY", study_query, ("StudyInstanceUID", "StudyDate", "StudyTime")),
                         peer)
+        if len(studies) > cfg.pacs.max_series:
+            raise ConfigError(f"the query must match at most pacs.max_series={cfg.pacs.max_series} studies, got "
+                              f"{len(studies)}. Narrow it (a StudyDate, Modality=CT) or raise pacs.max_series.")
         for study in studies:
             study_uid = str(study.get("StudyInstanceUID", "") or "")
             if not study_uid:

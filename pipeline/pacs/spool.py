@@ -86,12 +86,13 @@ class Spool:
             self._db.execute("COMMIT")
         return key
 
-    def association_ended(self, association: str, released: bool) -> list[str]:
+    def association_ended(self, association: str, released: bool, complete_on: str = "release") -> list[str]:
         """Series this association delivered to: complete on a normal release (when no other live association
-        is still delivering to them); left receiving on an abort. Returns the keys that became complete."""
+        is still delivering to them, and ``complete_on`` is release); left receiving on an abort or in quiet
+        mode (then check_quiet decides). Returns the keys that became complete."""
         with self._lock:
             keys = self._assocs.pop(association, set())
-            if not released:
+            if not released or complete_on != "release":
                 return []
             busy = set().union(*self._assocs.values()) if self._assocs else set()
             done = sorted(k for k in keys if k not in busy)
