@@ -10,11 +10,18 @@ default) and the same target spacing (1.5 × 1.5 × 2 mm) and HU window ([-57, 1
   Spacingd → RandCropByPosNegLabeld, a ``DataLoader``, fp32, default memory layout, DiceLoss, Adam.
 - ours: the pipeline's own path: the preprocess stage's cached arrays, the train stage's patch
   sampler (RandCropByPosNegLabeld on arrays already cropped and resampled, precomputed centre
-  indices) and ``FoldTrainer.train_step`` (channels-last, precision ``auto``, DiceCE, AdamW).
-- ours_contiguous: ours with channels-last off (what the layout alone is worth).
+  indices) and ``FoldTrainer.train_step`` (the default layout of the device: channels-last on the CPU,
+  contiguous on CUDA; precision ``auto``, DiceCE, AdamW).
+- ours_contiguous: ours with channels-last off (what the layout alone is worth on the CPU).
+- ours_channels_last (only with ``--variants``): ours with channels-last forced on (the layout on CUDA).
 - ours_compiled: ours with ``train.compile: true`` (torch.compile; the compilation falls in the warm-up steps,
   whose seconds are recorded).
-- ours_bf16 (only with ``--variants``): bf16 autocast; fast on CPUs with AVX512-BF16/AMX, slow elsewhere.
+- ours_bf16, ours_fp32 (only with ``--variants``): precision forced to bf16 (fast on CPUs with AVX512-BF16/AMX,
+  slow elsewhere) or fp32, whatever ``auto`` picks on this machine.
+
+``--device`` (auto: CUDA when present) puts both sides on the same device: the reference's network
+and batches go there as in the tutorial, so a GPU ratio compares like with like; on CUDA each timed
+step ends with a synchronisation.
 
 Each variant runs in its own subprocess; its peak resident memory is that process's VmHWM from
 /proc/self/status. Setup (caching, preprocessing) is timed separately from the training steps.
@@ -28,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -96,6 +102,15 @@ def write_dataset(root: Path, cases: int) -> list[dict]:
 # Variants (each runs in its own process)
 # ---------------------------------------------------------------------------------------------
 
+def bench_device(requested: str):
+    """The device both sides train on: ``--device``, auto = CUDA when torch sees a GPU."""
+    import torch
+
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
 def run_reference(root: Path, args) -> dict:
     import torch
     from monai.data import CacheDataset, DataLoader
@@ -121,8 +136,9 @@ def run_reference(root: Path, args) -> dict:
     dataset = CacheDataset(data=files, transform=transforms, cache_rate=1.0, num_workers=args.workers or None)
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers)
     setup = time.perf_counter() - start
+    device = bench_device(args.device)
     model = UNet(spatial_dims=3, in_channels=1, out_channels=4, channels=CHANNELS, strides=(2, 2, 2, 2),
-                 num_res_units=2, norm=Norm.BATCH)
+                 num_res_units=2, norm=Norm.BATCH).to(device)
     loss_function = DiceLoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     model.train()
@@ -130,7 +146,7 @@ def run_reference(root: Path, args) -> dict:
     def batches():
         while True:
             for batch in loader:
-                yield batch["image"], batch["label"]
+                yield batch["image"].to(device), batch["label"].to(device)
 
     def step(images, labels):
         optimizer.zero_grad()
@@ -138,14 +154,15 @@ def run_reference(root: Path, args) -> dict:
         loss.backward()
         optimizer.step()
 
-    return {"setup_seconds": round(setup, 2), **_time_steps(batches(), step, args)}
+    return {"setup_seconds": round(setup, 2), "device": str(device), **_time_steps(batches(), step, args, device)}
 
 
-def run_ours(root: Path, args, channels_last: bool, precision: str, compile_network: bool = False) -> dict:
+def run_ours(root: Path, args, channels_last: bool | None, precision: str, compile_network: bool = False) -> dict:
     import numpy as np
 
     from pipeline.config import load_config
-    from pipeline.preprocess.stage import load_cached_case, read_index, run_preprocess
+    from pipeline.preprocess.cache import load_cached_case, read_index
+    from pipeline.preprocess.stage import run_preprocess
     from pipeline.train.data import PatchDataset, batches, derived_seed, prepare_case
     from pipeline.train.loop import FoldJob, FoldTrainer
     from pipeline.train.runtime import setup_runtime
@@ -156,7 +173,8 @@ def run_ours(root: Path, args, channels_last: bool, precision: str, compile_netw
         f"preprocess.window_low={WINDOW[0]}", f"preprocess.window_high={WINDOW[1]}",
         f"train.channels={CHANNELS}", "train.norm=batch", "train.num_res_units=2",
         f"train.patch_size={[args.patch] * 3}", f"train.batch_size={args.batch}", "train.augment.enabled=false",
-        f"train.channels_last={'true' if channels_last else 'false'}", f"train.precision={precision}",
+        f"train.channels_last={'null' if channels_last is None else 'true' if channels_last else 'false'}",
+        f"train.precision={precision}", f"train.device={bench_device(args.device).type}",
         "train.foreground_ratio=0.5", f"train.loader_workers={args.workers}",
         f"train.compile={'true' if compile_network else 'false'}"])
     start = time.perf_counter()
@@ -175,27 +193,33 @@ def run_ours(root: Path, args, channels_last: bool, precision: str, compile_netw
     dataset = PatchDataset(cases, sampling, cfg.train, 0, 0, 0)
     stream = ((images, labels) for _, images, labels in
               batches(dataset, 1, args.warmup + args.steps, batch_size, args.workers))
-    result = _time_steps(stream, trainer.train_step, args)
-    result.update({"setup_seconds": round(setup, 2), "precision": runtime.precision,
+    result = _time_steps(stream, trainer.train_step, args, runtime.device)
+    result.update({"setup_seconds": round(setup, 2), "precision": runtime.precision, "device": str(runtime.device),
                    "memory_format": str(trainer.memory_format).replace("torch.", ""),
                    "preprocessed_shapes": [list(np.shape(c.image)) for c in cases]})
     return result
 
 
-def _time_steps(stream, step, args) -> dict:
+def _time_steps(stream, step, args, device) -> dict:
     """Run warm-up steps, then time ``args.steps`` steps (data loading included: it is part of a step)."""
     import torch
+
+    def sync():  # CUDA runs asynchronously: a step is done when its kernels are
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     warm = time.perf_counter()
     for _ in range(args.warmup):
         step(*next(stream))
+    sync()
     warmup_seconds = time.perf_counter() - warm
     walls, cpus = [], []
     for _ in range(args.steps):
         wall, cpu = time.perf_counter(), time.process_time()
         step(*next(stream))
+        sync()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     return {"steps": args.steps, "seconds_per_step_median": round(statistics.median(walls), 4),
@@ -210,13 +234,17 @@ def worker(args) -> None:
     if variant == "reference":
         result = run_reference(root, args)
     elif variant == "ours":
+        result = run_ours(root, args, channels_last=None, precision="auto")
+    elif variant == "ours_channels_last":
         result = run_ours(root, args, channels_last=True, precision="auto")
     elif variant == "ours_contiguous":
         result = run_ours(root, args, channels_last=False, precision="auto")
     elif variant == "ours_compiled":
-        result = run_ours(root, args, channels_last=True, precision="auto", compile_network=True)
+        result = run_ours(root, args, channels_last=None, precision="auto", compile_network=True)
     elif variant == "ours_bf16":
-        result = run_ours(root, args, channels_last=True, precision="bf16")
+        result = run_ours(root, args, channels_last=None, precision="bf16")
+    elif variant == "ours_fp32":
+        result = run_ours(root, args, channels_last=None, precision="fp32")
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -237,9 +265,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="patches per step")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both sides)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where both sides train (auto: CUDA when present)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best round counts")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help="comma-separated: reference, ours, ours_contiguous, ours_bf16")
+                        help="comma-separated: reference, ours, ours_contiguous, ours_channels_last, ours_compiled, "
+                             "ours_bf16, ours_fp32")
     parser.add_argument("--quick", action="store_true", help="64³ patches, 3 steps, 2 cases (a smoke run)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -257,7 +288,7 @@ def main() -> None:
                                   "window_hu": WINDOW, "network": {"name": "UNet", "channels": CHANNELS,
                                                                    "strides": [2, 2, 2, 2], "num_res_units": 2,
                                                                    "norm": "batch"},
-                                  "workers": args.workers, "phantom": PHANTOM},
+                                  "workers": args.workers, "phantom": PHANTOM, "device": args.device},
                      "variants": {}}
     with tempfile.TemporaryDirectory(prefix="ctseg-bench-train-") as tmp:
         start = time.perf_counter()
@@ -268,7 +299,7 @@ def main() -> None:
             for variant in runs:
                 command = [sys.executable, __file__, "--variant", variant, "--data", tmp, "--steps", str(args.steps),
                            "--warmup", str(args.warmup), "--patch", str(args.patch), "--batch", str(args.batch),
-                           "--workers", str(args.workers), "--threads", str(args.threads)]
+                           "--workers", str(args.workers), "--threads", str(args.threads), "--device", args.device]
                 print(f"bench/train.py: round {round_index + 1}, {variant} ...", flush=True)
                 done = subprocess.run(command, capture_output=True, text=True)
                 lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
@@ -313,10 +344,11 @@ def _cpu_features() -> dict:
     """What decides the precision and kernels training can use on this CPU (the rest is machine_info's)."""
     import torch
 
-    from pipeline.train.runtime import cpu_has_native_bf16
+    from pipeline.precision import cpu_model_name, probe
 
-    return {"cpu": platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
+    capability = probe(torch.device("cpu"))
+    return {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": capability.native_bf16, "native_bf16_detail": capability.detail}
 
 
 if __name__ == "__main__":

@@ -16,16 +16,30 @@ from pathlib import Path
 
 from pipeline import atomic
 from pipeline.config import Config, to_yaml
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("ctseg")
 
 
+def _torchrun_rank_and_world() -> tuple[int, int]:
+    from pipeline.devices import torchrun_env
+
+    return torchrun_env()[:2]
+
+
 def _record_config(cfg: Config, folder: Path) -> None:
-    """Every run folder gets the fully resolved config it ran with."""
+    """Every run folder gets the fully resolved config it ran with (under torchrun, written by rank 0 only)."""
+    if _torchrun_rank_and_world()[0] != 0:
+        return
     atomic.write_text(Path(folder) / "config.yaml", to_yaml(cfg))
 
 
 def ingest(cfg: Config, source: Path | None = None, output: Path | None = None, force: bool = False) -> dict:
+    """Scan an export (or the dataset's cases) and write HU volumes and label maps with the source geometry.
+
+    ``source``: a DICOM export or folder of volumes to read instead of the config's ``dataset``; ``output``: the
+    folder to write (default ``<experiment>/ingest``); ``force``: redo every case. Returns the stage report.
+    """
     from pipeline.ingest.stage import run_ingest
 
     report = run_ingest(cfg, source=source, output=output, force=force)
@@ -34,6 +48,10 @@ def ingest(cfg: Config, source: Path | None = None, output: Path | None = None, 
 
 
 def preprocess(cfg: Config, force: bool = False) -> dict:
+    """Fingerprint and plan the ingested training set, then resample, window and cache every case.
+
+    Reads ``<experiment>/ingest``, writes ``<experiment>/preprocess``; ``force`` recomputes cached arrays too.
+    """
     from pipeline.preprocess.stage import run_preprocess
 
     report = run_preprocess(cfg, force=force)
@@ -42,6 +60,10 @@ def preprocess(cfg: Config, force: bool = False) -> dict:
 
 
 def train(cfg: Config, force: bool = False, resume: bool = False) -> dict:
+    """Train every configured fold on the preprocessed cache and write ``<experiment>/train/model``.
+
+    ``resume``: continue from the last checkpoint of each unfinished fold; ``force``: retrain from scratch.
+    """
     from pipeline.train.stage import run_train
 
     report = run_train(cfg, force=force, resume=resume)
@@ -50,6 +72,7 @@ def train(cfg: Config, force: bool = False, resume: bool = False) -> dict:
 
 
 def default_model_dir(cfg: Config) -> Path:
+    """The model folder the train stage of ``cfg``'s experiment writes."""
     return cfg.stage_dir("train") / "model"
 
 
@@ -69,6 +92,13 @@ def predict(cfg: Config, model_dir: Path | None = None, input_path: Path | None 
         if sent["status"] != "ok" and result.exit_code == 0:
             result.exit_code = 3
     return result
+
+
+def predict_report(output: Path) -> dict:
+    """Rewrite the merged report (json, csv, html) of the batch folder ``output`` from all of its ledgers."""
+    from pipeline.predict.stage import rewrite_report
+
+    return rewrite_report(Path(output))
 
 
 def send(cfg: Config, output: Path | None = None, to: list[str] | None = None, resend: bool = False) -> dict:
@@ -106,6 +136,10 @@ def listen(cfg: Config, model_dir: Path | None = None, output: Path | None = Non
 
 def evaluate(cfg: Config, pred_dir: Path | None = None, ref_dir: Path | None = None,
              output: Path | None = None) -> dict:
+    """Score predictions against reference labels of the same case ids: metrics.csv, summary.json, HTML report.
+
+    Defaults: ``<experiment>/predict`` against ``<experiment>/ingest/labelsTs``, into ``<experiment>/evaluate``.
+    """
     from pipeline.evaluate.stage import run_evaluate
 
     pred_dir = Path(pred_dir) if pred_dir else cfg.stage_dir("predict")
@@ -117,6 +151,7 @@ def evaluate(cfg: Config, pred_dir: Path | None = None, ref_dir: Path | None = N
 
 
 def compare(cfg: Config, run_a: Path, run_b: Path, output: Path | None = None) -> dict:
+    """Paired per-class comparison (Wilcoxon, bootstrap CIs) of two evaluation folders; returns its report."""
     from pipeline.evaluate.stage import run_compare
 
     return run_compare(cfg, Path(run_a), Path(run_b), Path(output) if output else None)
@@ -126,7 +161,18 @@ def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> dict:
     """All stages in order: ingest → preprocess → train → predict (held-out cases) → evaluate.
 
     ``retry_failed``: predict again the held-out cases that failed in an earlier run.
+
+    Refused under torchrun: ingest, preprocess and evaluate run in one process, and holding the other
+    ranks at a collective for them (hours on a large export) would need a timeout long enough to hide
+    a real hang in training. Run the stages one by one instead; only train (and predict, as shards)
+    use torchrun's processes.
     """
+    _rank, world = _torchrun_rank_and_world()
+    if world > 1:
+        raise ConfigError(f"'ctseg run' must run as one process, got WORLD_SIZE={world} (started by torchrun). Run "
+                          f"'ctseg ingest' and 'ctseg preprocess' once, then 'torchrun --nproc_per_node N -m pipeline "
+                          f"train ...', then 'ctseg predict' and 'ctseg evaluate', each with the same -c/--set "
+                          f"options.")
     reports = {"ingest": ingest(cfg, force=force)}
     reports["preprocess"] = preprocess(cfg, force=force)
     reports["train"] = train(cfg, force=force)
@@ -140,6 +186,11 @@ def run(cfg: Config, force: bool = False, retry_failed: bool = False) -> dict:
 
 
 def demo(cfg: Config, cases: int | None = None) -> dict:
+    """Write the synthetic phantom export, run every stage on it and score the held-out phantoms.
+
+    ``cases``: the number of phantoms (default from the config's ``demo`` section). The result holds ``passed``,
+    ``mean_foreground_dice``, ``minutes`` and each stage's report.
+    """
     from pipeline.demo import run_demo
 
     return run_demo(cfg, cases=cases)

@@ -63,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="trained model folder (default: outputs/<experiment>/train/model)")
     p.add_argument("--input", type=Path, help="DICOM export, folder of NIfTI/NRRD/MHA, a file, or a .txt list")
     p.add_argument("--output", type=Path, help="output folder (default: outputs/<experiment>/predict)")
-    p.add_argument("--shard", help="i/n: process only shard i of n (0-based) of the sorted cases")
+    p.add_argument("--shard", help="i/n: process only shard i of n (0-based) of the sorted cases; 'slurm': take i "
+                                   "and n from a SLURM job array (SLURM_ARRAY_TASK_ID/_MIN/_COUNT)")
     p.add_argument("--retry-failed", action="store_true", help="retry cases that failed in an earlier run")
+    p.add_argument("--take-stale", action="store_true",
+                   help="take over cases claimed by another host whose heartbeat stopped (a node that died)")
+    p.add_argument("--report-only", type=Path, metavar="OUT",
+                   help="rewrite the merged report of the batch folder OUT from its ledgers, and do nothing else")
 
     p = verbs.add_parser("pull", parents=[common], help="query the PACS, retrieve new series and segment them")
     p.add_argument("--query", nargs="+", default=[], metavar="KEY=VALUE",
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", parents=[common], help="generate phantoms and run every stage on them")
     p.add_argument("--cases", type=int, help="number of phantoms (default from configs/demo.yaml)")
+    p.add_argument("--output", type=Path, help="the demo's experiment folder (default: outputs/demo)")
 
     p = verbs.add_parser("config", parents=[common], help="print the resolved configuration")
     p.add_argument("--reference", action="store_true", help="list every setting with its default and help")
@@ -109,6 +115,10 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
     if not text:
         return None
+    if text == "slurm":
+        from pipeline.predict.cases import slurm_shard
+
+        return slurm_shard()
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
@@ -126,9 +136,14 @@ def _load(args):
         overrides.append(f"experiment={args.experiment}")
     if getattr(args, "resample_ref", False):
         overrides.append("evaluate.resample_ref=true")
+    if getattr(args, "take_stale", False):
+        overrides.append("predict.take_stale=true")
     files = list(args.config)
     if args.verb == "demo" and not files:
         files = [_demo_config()]
+    if args.verb == "demo" and args.output is not None:  # the folder holds the whole demo experiment
+        folder = args.output.resolve()
+        overrides += [f"output_root={folder.parent}", f"experiment={folder.name}"]
     return load_config(files, overrides)
 
 
@@ -143,6 +158,11 @@ def dispatch(args) -> int:
 
     cfg = _load(args)
     verb = args.verb
+    if cfg.train.deterministic and verb in ("train", "run", "demo"):
+        # cuBLAS reads this when CUDA starts, which is later in this process: set it now, before torch does
+        from pipeline.devices import request_deterministic_cublas
+
+        request_deterministic_cublas()
     if verb == "config":
         from pipeline.config import reference, to_yaml
 
@@ -158,6 +178,8 @@ def dispatch(args) -> int:
         report = api.preprocess(cfg, force=args.force)
     elif verb == "train":
         report = api.train(cfg, force=args.force, resume=args.resume)
+    elif verb == "predict" and args.report_only:
+        report = api.predict_report(args.report_only)
     elif verb == "predict":
         result = api.predict(cfg, model_dir=args.model, input_path=args.input, output=args.output,
                              shard=_parse_shard(args.shard), retry_failed=args.retry_failed)

@@ -14,11 +14,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, Optional, Sequence, get_args, get_origin
 
 import yaml
 
-from pipeline.demo import DemoConfig
+from pipeline.demo_options import DemoConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate.options import EvaluateConfig
 from pipeline.ingest.options import IngestConfig
@@ -60,7 +60,7 @@ class Config:
 # Loading and validation
 # ---------------------------------------------------------------------------------------------
 
-def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base: dict | None = None) -> Config:
     """Build a Config from defaults, then each YAML file in order, then each ``a.b=c`` override."""
     merged: dict = dict(base or {})
     sources: dict[str, str] = {}
@@ -232,13 +232,19 @@ def to_yaml(obj) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
+def stable_hash(data: Any) -> str:
+    """The project's one content hash of JSON-like data: 16 hex digits of SHA-256 over sorted-key JSON.
+
+    Used for stage completion records, predict's settings and preprocess's cache key; equal data gives an equal
+    hash on every machine and Python version (non-JSON values are hashed by their ``str``).
+    """
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def section_hash(*parts) -> str:
     """Stable hash of config sections (dataclasses or plain data) and upstream hashes."""
-    payload = []
-    for part in parts:
-        payload.append(to_dict(part) if dataclasses.is_dataclass(part) else part)
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return stable_hash([to_dict(part) if dataclasses.is_dataclass(part) else part for part in parts])
 
 
 def reference(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -2,41 +2,27 @@
 
 The export (``outputs/demo/export/<patient>/<study>/<series>/*.dcm``) is real DICOM; the label maps
 are NIfTI on each series' grid; ``outputs/demo/dataset.yaml`` ties them together from the label
-names in ``datasets/phantom/dataset.yaml``. Held-out phantoms are predicted and scored at the end.
+names in the packaged ``datasets/phantom/dataset.yaml`` (:mod:`pipeline.resources`). Held-out phantoms are
+predicted and scored at the end.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from pipeline import atomic
+from pipeline.resources import resource_path
 
 log = logging.getLogger("ctseg")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LABEL_TEMPLATE = REPO_ROOT / "datasets" / "phantom" / "dataset.yaml"
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-
-
-@dataclass
-class DemoConfig:
-    """The synthetic data of ``ctseg demo``."""
-
-    train_cases: int = field(default=8, metadata={"help": "Phantoms used for training and validation."})
-    test_cases: int = field(default=3, metadata={"help": "Held-out phantoms predicted and scored at the end."})
-    in_plane_size: int = field(default=160, metadata={"help": "Rows and columns of each phantom slice."})
-    slices: int = field(default=80, metadata={
-        "help": "Slices per phantom (spacing random, 1.25-5 mm); 0.5 x in_plane_size or more keeps organs whole."})
-    min_dice: float = field(default=0.90, metadata={"help": "Mean foreground Dice the demo must reach to pass."})
-
 
 def demo_config_path() -> Path:
-    return DEMO_CONFIG
+    """The demo's config file as shipped in the package (``configs/demo.yaml`` in the repository is a copy)."""
+    return resource_path("configs", "demo.yaml")
 
 
 def write_demo_export(cfg, root: Path) -> Path:
@@ -54,7 +40,7 @@ def write_demo_export(cfg, root: Path) -> Path:
               "seed": cfg.seed}
     if dataset_path.is_file() and marker.is_file() and json.loads(marker.read_text()) == wanted:
         return dataset_path
-    template = yaml.safe_load(LABEL_TEMPLATE.read_text())
+    template = yaml.safe_load(resource_path("datasets", "phantom", "dataset.yaml").read_text())
     options = PhantomOptions(shape=demo.in_plane_size, slices=demo.slices)
     cases = []
     for index in range(count):

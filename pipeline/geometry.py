@@ -27,7 +27,8 @@ def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
 ras_to_lps = lps_to_ras
 
 
-def affine_from_parts(direction: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+def affine_from_parts(direction: np.ndarray, spacing: Sequence[float] | np.ndarray,
+                      origin: Sequence[float] | np.ndarray) -> np.ndarray:
     """Build a 4×4 affine whose column d is ``direction[:, d] * spacing[d]`` and whose translation is origin."""
     affine = np.eye(4)
     affine[:3, :3] = np.asarray(direction, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)[None, :]
@@ -60,7 +61,7 @@ class Grid:
         """RAS position of the centre of voxel (0, 0, 0)."""
         return self.affine[:3, 3].copy()
 
-    def world(self, index: Sequence[float]) -> np.ndarray:
+    def world(self, index: Sequence[float] | np.ndarray) -> np.ndarray:
         return (self.affine @ np.append(np.asarray(index, dtype=np.float64), 1.0))[:3]
 
     def difference(self, other: "Grid", atol_mm: float = 1e-3, atol_dir: float = 1e-4) -> str | None:
@@ -124,7 +125,7 @@ def canonical_grid(grid: Grid) -> Grid:
         affine[:3, world_axis] = column
         shape.append(n)
     affine[:3, 3] = origin
-    return Grid(tuple(shape), affine)
+    return Grid((shape[0], shape[1], shape[2]), affine)
 
 
 def _greedy_axis_assignment(weights: np.ndarray) -> np.ndarray:
@@ -158,10 +159,10 @@ def regrid_spacing(grid: Grid, spacing: Sequence[float]) -> Grid:
 
 def crop_grid(grid: Grid, start: Sequence[int], stop: Sequence[int]) -> Grid:
     """The sub-grid of voxels ``[start, stop)`` along each axis."""
-    start = np.asarray(start, dtype=int)
+    first = np.asarray(start, dtype=int)
     affine = grid.affine.copy()
-    affine[:3, 3] = grid.world(start)
-    return Grid(tuple((np.asarray(stop) - start).tolist()), affine)
+    affine[:3, 3] = grid.world(first)
+    return Grid(tuple((np.asarray(stop) - first).tolist()), affine)
 
 
 def index_mapping(src: Grid, dst: Grid) -> np.ndarray:
@@ -169,8 +170,11 @@ def index_mapping(src: Grid, dst: Grid) -> np.ndarray:
     return np.linalg.inv(src.affine) @ dst.affine
 
 
-def _axis_aligned_permutation(matrix: np.ndarray, tol: float = 1e-6) -> list[int] | None:
-    """If each src axis depends on exactly one dst axis, return perm with src axis d ← dst axis perm[d]."""
+def axis_aligned_permutation(matrix: np.ndarray, tol: float = 1e-6) -> list[int] | None:
+    """If each src axis depends on exactly one dst axis, return perm with src axis d ← dst axis perm[d].
+
+    ``matrix`` is an :func:`index_mapping` (dst index → src index); None when the grids' axes are not parallel.
+    """
     linear = matrix[:3, :3]
     scale = np.abs(linear).max()
     perm = []
@@ -194,7 +198,7 @@ def resample_to_grid(array: np.ndarray, src: Grid, dst: Grid, order: int = 0, fi
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
     out_dtype = out_dtype or array.dtype
     matrix = index_mapping(src, dst)
-    perm = _axis_aligned_permutation(matrix)
+    perm = axis_aligned_permutation(matrix)
     if perm is None:
         from scipy import ndimage
 

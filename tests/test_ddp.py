@@ -1,4 +1,4 @@
-"""DDP through torchrun: 2 CPU processes (gloo) train together and end with identical weights.
+"""DDP through torchrun: 2 CPU processes (gloo) train together, split validation, and end with identical weights.
 
 Run as a script by torchrun, this file is the worker: it trains the experiment named on its
 command line and writes what its rank ended with to ``<results>/rank_<r>.json``.
@@ -15,7 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["preprocess.target_spacing=[5,5,5]", "train.channels=[4,8,16]", "train.patch_size=[32,32,16]",
-        "train.batch_size=2", "train.max_steps=10", "train.val_every=5", "train.threads=1", "train.norm=batch"]
+        "train.batch_size=2", "train.max_steps=10", "train.val_every=5", "train.threads=1", "train.norm=batch",
+        # gloo on the CPU even where a GPU is present (NCCL needs one GPU per rank); two validation cases, one per rank
+        "train.device=cpu", "train.validation_fraction=0.5"]
 
 
 def _worker(root: str, results: str) -> None:
@@ -29,7 +31,8 @@ def _worker(root: str, results: str) -> None:
     fold = report["folds"][0]
     Path(results, f"rank_{rank}.json").write_text(json.dumps({
         "rank": rank, "weights_sha256": fold["weights_sha256"], "final_loss": fold["final_loss"],
-        "world_size": report.get("runtime", {}).get("world_size"), "status": report.get("status")}))
+        "world_size": report.get("runtime", {}).get("world_size"), "status": report.get("status"),
+        "validated": fold["validated_on_this_rank"], "val_cases": sorted(fold["val_cases"])}))
 
 
 @pytest.mark.slow  # two processes start torch and MONAI: about a minute on a busy 2-core CPU
@@ -52,6 +55,9 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients were averaged every step
     assert ranks[0]["final_loss"] != ranks[1]["final_loss"]  # ... over different, rank-sharded patches
     assert ranks[0]["world_size"] == 2 and ranks[0]["status"] == "ok"
+    # validation is split across the ranks and gathered: each ran one case, rank 0 recorded both cases' Dice
+    assert len(ranks[0]["validated"]) == len(ranks[1]["validated"]) == 1
+    assert ranks[0]["val_cases"] == sorted(ranks[0]["validated"] + ranks[1]["validated"])
     train = cfg.stage_dir("train")
     assert (train / "model" / "model.json").is_file() and (train / "done.json").is_file()
     report = json.loads((train / "report.json").read_text())

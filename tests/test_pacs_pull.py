@@ -128,7 +128,7 @@ def test_pull_by_c_get_segments_each_ct_series_and_stores_a_seg_back(orthanc, mo
     seg_round_trip(orthanc, out, result.report, ct_uids)
     for path in list(out.glob("*")) + [out / "report.json", out / "report.html"]:
         assert "DOE" not in path.name and "PID-99" not in path.name
-    for name in ("report.json", "report.csv", "report.html", "ledger.sqlite", "listen.json"):
+    for name in ("report.json", "report.csv", "report.html", "ledger.sqlite", "sends.sqlite", "listen.json"):
         if (out / name).exists():
             text = (out / name).read_bytes()
             assert b"DOE^" not in text and b"PID-99" not in text, name

@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.predict.inference import (WindowPredictor, autocast_dtype, network_input, plan_memory,
+from pipeline.predict.inference import (WindowPredictor, network_input, plan_memory,
                                         sliding_window_predict, window_grid)
 from pipeline.predict.model import LabelInfo, Predictor, load_predictor, optimise_for_inference
 from pipeline.predict.options import MemoryOptions
@@ -42,7 +42,9 @@ def _predictor(networks, patch, mode="3d", context=0, classes=3) -> Predictor:
 
 
 def _options(**changes):
+    """predict options pinned to fp32 (tests compare with fp32 references; the bf16 path has its own tests)."""
     cfg = Config().predict
+    cfg.precision = "fp32"
     for key, value in changes.items():
         setattr(cfg, key, value)
     return cfg
@@ -105,9 +107,14 @@ def test_memory_plan_is_decided_from_shape_and_budget():
     assert (tighter.mode, tighter.accumulate) == ("streaming", "fp16")
     maps = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=1.5), need_probabilities=True)
     assert (maps.mode, maps.accumulate) == ("full", "fp16")
+    # on the CPU an fp16 buffer is normalised into a new float32 array (2 GB here), so kept probabilities need
+    # more than 1.5 GB in either precision: labels only, streaming in fp32
     prefer = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=1.5), need_probabilities=False,
                          prefer_probabilities=True)
-    assert (prefer.mode, prefer.accumulate) == ("full", "fp16")
+    assert (prefer.mode, prefer.accumulate) == ("streaming", "fp32")
+    prefer = plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(budget_gb=2.8), need_probabilities=False,
+                         prefer_probabilities=True)
+    assert (prefer.mode, prefer.accumulate) == ("full", "fp32")  # normalised in place: no second array
     with pytest.raises(ConfigError, match="streaming"):
         plan_memory(shape, 14, 1, roi, 2, cpu, MemoryOptions(stitch="streaming"), need_probabilities=True)
 
@@ -200,13 +207,6 @@ def test_predict_folds_selects_networks_of_the_model_folder(tmp_path: Path):
         assert torch.equal(mine, reference)  # fold 1's weights, not fold 0's
     with pytest.raises(ConfigError, match=r"predict.folds must name folds .*\(\[0, 1, 2\]\), got \[5\]"):
         load_predictor(folder, torch.device("cpu"), folds=[5])
-
-
-def test_precision_auto_uses_fp32_on_a_cpu_without_native_bf16():
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
-    assert autocast_dtype("fp32", torch.device("cpu")) is None
-    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_window_count_matches_overlap():

@@ -9,7 +9,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.geometry import Grid, Volume
-from pipeline.preprocess.stage import load_cached_case, read_index, run_preprocess
+from pipeline.preprocess.cache import load_cached_case, read_index
+from pipeline.preprocess.stage import run_preprocess
 from pipeline.preprocess.transform import labels_to_source
 from pipeline.volume_io import load_volume, save_nifti
 from test_train_synthetic import write_ingest_folder

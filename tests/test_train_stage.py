@@ -12,12 +12,14 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models import load_model_folder
 from pipeline.models.inference import dice_per_class, predict_probabilities
-from pipeline.preprocess.stage import load_cached_case, read_index, run_preprocess
+from pipeline.preprocess.cache import load_cached_case, read_index
+from pipeline.preprocess.stage import run_preprocess
 from pipeline.train.stage import run_train
 from test_train_synthetic import write_ingest_folder
 
 TINY = ["preprocess.target_spacing=[5,5,5]", "train.channels=[4,8,16]", "train.patch_size=[32,32,16]",
-        "train.batch_size=2", "train.max_steps=12", "train.val_every=6", "train.threads=1"]
+        "train.batch_size=2", "train.max_steps=12", "train.val_every=6", "train.threads=1",
+        "train.precision=fp32"]  # exact comparisons: pinned (bf16 has its own test in test_precision.py)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,9 @@ def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(pr
 
 
 def test_resume_continues_exactly(prepared, tmp_path):
+    # pinned to the CPU: bit-exact repeats hold there (on CUDA some kernels have no deterministic version)
     deterministic = ["train.deterministic=true", "train.max_steps=8", "train.val_every=8",
-                     "train.augment.affine_prob=0.5"]
+                     "train.augment.affine_prob=0.5", "train.device=cpu"]
     whole = _experiment(prepared, tmp_path, "whole", *deterministic)
     run_train(whole)
     halves = _experiment(prepared, tmp_path, "halves", *deterministic, "train.steps_per_run=4")
@@ -101,7 +104,8 @@ def test_resume_continues_exactly(prepared, tmp_path):
 @pytest.mark.slow
 def test_compiled_training_matches_eager_training_and_saves_plain_weights(prepared, tmp_path):
     """train.compile trains the same function: same losses (to float tolerance), plain state-dict keys."""
-    settings = ["train.deterministic=true", "train.max_steps=4", "train.val_every=4", "train.augment.enabled=false"]
+    settings = ["train.deterministic=true", "train.max_steps=4", "train.val_every=4", "train.augment.enabled=false",
+                "train.device=cpu"]
     eager = _experiment(prepared, tmp_path, "eager", *settings)
     run_train(eager)
     compiled = _experiment(prepared, tmp_path, "compiled", *settings, "train.compile=true")
@@ -189,3 +193,24 @@ def test_dice_per_class_counts_overlap_and_reports_absent_classes_as_nan():
     scores = dice_per_class(prediction, reference, 3)
     assert scores[0] == pytest.approx(2 * 16 / (16 + 32))
     assert np.isnan(scores[1])
+
+
+def test_planned_patch_is_capped_to_the_largest_cached_image(tmp_path):
+    # the plan estimates shapes before resampling; a cached image may come out one voxel smaller than the
+    # planned patch, which must then shrink to fit instead of refusing the user's default (null) patch
+    from pipeline.preprocess import cache
+    from pipeline.train.stage import resolve_setup
+
+    entries = []
+    for case, shape in (("a", [40, 30, 55]), ("b", [36, 28, 50])):
+        paths = cache.case_paths(tmp_path, case)
+        paths["meta"].parent.mkdir(parents=True, exist_ok=True)
+        cache.write_meta(paths["meta"], {"id": case, "grid": {"shape": shape}})
+        entries.append({"id": case, **{k: str(p.relative_to(tmp_path)) for k, p in paths.items()}})
+    plan = {"class_values": [0, 1], "configurations": {"3d": {"patch_size": [32, 24, 56], "batch_size": 2}}}
+    cfg = load_config([], ["train.channels=[8,16,32,64]"])
+    sampling, _, _ = resolve_setup(cfg, plan, tmp_path, entries)
+    assert sampling.patch_size == [32, 24, 48]  # 55 rounded down to the network's 8-voxel unit
+    explicit = load_config([], ["train.channels=[8,16,32,64]", "train.patch_size=[32,24,56]"])
+    with pytest.raises(ConfigError, match="must fit inside the largest"):
+        resolve_setup(explicit, plan, tmp_path, entries)

@@ -40,16 +40,15 @@ def list_volumes(folder: Path) -> dict[str, Path]:
 
 
 def _ledger_cases(pred_dir: Path) -> set[str] | None:
-    """Case ids the predict ledger marks done, or None when the folder has no ledger."""
-    ledger = pred_dir / "ledger.sqlite"
-    if not ledger.is_file():
+    """Case ids the predict ledger(s) mark done, or None when the folder has no ledger."""
+    from pipeline.predict.ledger import has_ledger, read_case_rows
+
+    if not has_ledger(pred_dir):
         return None
     try:
-        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as connection:
-            rows = connection.execute("SELECT case_id FROM cases WHERE status = 'done'").fetchall()
-        return {row[0] for row in rows}
+        return {row.case_id for row in read_case_rows(pred_dir) if row.status == "done"}
     except sqlite3.Error as exc:
-        log.warning("evaluate: could not read %s (%s); pairing by file names instead", ledger, exc)
+        log.warning("evaluate: could not read the ledger of %s (%s); pairing by file names instead", pred_dir, exc)
         return None
 
 

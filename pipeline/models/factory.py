@@ -6,7 +6,7 @@ rebuilds the very network that was trained, without the training config.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -24,7 +24,7 @@ def build_network(spec: dict) -> nn.Module:
         raise InputError(f"network spec must contain {', '.join(missing)}, got keys {sorted(spec)}. "
                          f"Re-export the model folder with 'ctseg train'.")
     name = spec["name"]
-    common = {"spatial_dims": int(spec["spatial_dims"]), "in_channels": int(spec["in_channels"]),
+    common: dict[str, Any] = {"spatial_dims": int(spec["spatial_dims"]), "in_channels": int(spec["in_channels"]),
               "out_channels": int(spec["out_channels"])}
     kwargs = dict(spec.get("kwargs") or {})
     if name == "UNet":

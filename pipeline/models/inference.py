@@ -26,7 +26,9 @@ def predict_probabilities(networks: Sequence[nn.Module], image: np.ndarray | tor
     device = torch.device(device)
     volume = torch.as_tensor(np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) else image)
     volume = volume.float()
-    total = None
+    if not networks:
+        raise ValueError("predict_probabilities needs at least one network, got none")
+    total: torch.Tensor | None = None
     for network in networks:
         if mode == "2d":
             probs = _predict_2d(network, volume, patch_size, context_slices, overlap, sw_batch_size, device,
@@ -35,6 +37,7 @@ def predict_probabilities(networks: Sequence[nn.Module], image: np.ndarray | tor
             probs = _predict_3d(network, volume, patch_size, overlap, sw_batch_size, device, autocast_dtype,
                                 channels_last)
         total = probs if total is None else total + probs
+    assert total is not None  # at least one network ran (checked above)
     return total / len(networks)
 
 

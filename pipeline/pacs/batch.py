@@ -1,6 +1,6 @@
 """The predict batch behind ``ctseg pull`` and ``ctseg listen``: model loaded once, series fed one at a time.
 
-It is an ordinary predict batch on the output folder: the same ledger (``ledger.sqlite``), the
+It is an ordinary predict batch on the output folder: the same ledger (``ledger.sqlite``, or its shared layout), the
 same per-case outputs and the same ``report.json`` / ``.csv`` / ``.html``, rewritten after each
 series, and the same exit code rule (3 when a case failed). A series folder that holds no series
 the ingest selection rules keep (an MR, a localizer) is skipped with the rules' reason, not failed.
@@ -40,7 +40,7 @@ class NodeBatch:
     def __init__(self, cfg: Config, model_dir: Path, output_dir: Path, retry_failed: bool = False):
         from pipeline.models.loader import MODEL_FILE, read_model_spec
         from pipeline.predict import cases as case_io
-        from pipeline.predict.ledger import Ledger, sha256_file
+        from pipeline.predict.ledger import open_ledger, sha256_file
         from pipeline.predict.model import resolve_device
         from pipeline.predict.stage import _Batch, clean_partials, settings_hash
 
@@ -50,7 +50,9 @@ class NodeBatch:
         self.retry_failed = retry_failed
         self.device = resolve_device(self.cfg.predict.device)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.output_dir, stale_minutes=self.cfg.predict.stale_minutes)
+        options = self.cfg.predict
+        self.ledger = open_ledger(self.output_dir, stale_minutes=options.stale_minutes, mode=options.ledger_mode,
+                                  host=options.host_name, take_stale=options.take_stale)
         clean_partials(self.output_dir, self.ledger)
         self.run_hash = settings_hash(sha256_file(self.model_dir / MODEL_FILE), self.cfg)
         self.batch = _Batch(self.cfg, self.model_dir, self.output_dir, self.device, self.run_hash, self.ledger)
@@ -120,6 +122,7 @@ class NodeBatch:
                          rows, mine, self.outcomes, self.discovery, self.batch, self.started, seconds, self.run_hash)
         from pipeline.pacs.send import read_sends
 
+        report["ledger"] = self.ledger.describe()
         report["notes"] = list(self.notes)
         report["sends"] = read_sends(self.output_dir)
         if extra:

@@ -4,16 +4,16 @@ What is sent: every output of a ``done`` case in the predict ledger that is a DI
 its content, so a new DICOM writer's output is picked up without a change here). How: C-STORE on
 one association per destination and run, or STOW-RS when the peer has a ``url``.
 
-Each send is a row of the ``sends`` table, which this module owns inside the predict folder's
-``ledger.sqlite`` (beside predict's own tables, in the same WAL database): case, output name,
-destination, the file's SHA-256, status ``done`` / ``failed``, the peer's status (e.g.
+The cases and their outputs come from the predict ledger (:func:`~pipeline.predict.ledger.read_case_rows`,
+whichever layout it has). Each send is a row of ``<OUT>/sends.sqlite``, which this module owns (a
+rollback-journal SQLite file beside the ledger, so it works in either ledger layout): case, output
+name, destination, the file's SHA-256, status ``done`` / ``failed``, the peer's status (e.g.
 ``0xA700 (Failure)``), attempts and time. A rerun sends what is not ``done`` with the same
 checksum: failed sends are retried, a rewritten output is sent again, sent ones are not repeated.
 A destination that is down fails the sends (exit code 3), never the segmentation.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
@@ -27,7 +27,7 @@ from pipeline.pacs.options import PacsConfig, PeerOptions
 
 log = logging.getLogger("ctseg.pacs")
 
-LEDGER_FILE = "ledger.sqlite"
+SENDS_FILE = "sends.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sends (
     case_id TEXT NOT NULL, output TEXT NOT NULL, destination TEXT NOT NULL, path TEXT NOT NULL,
@@ -48,11 +48,12 @@ class Item:
 
 
 def _connect(folder: Path) -> sqlite3.Connection:
-    path = Path(folder) / LEDGER_FILE
-    if not path.is_file():
-        raise ConfigError(f"the predict folder {folder} must contain {LEDGER_FILE}, got none. Point --output at "
-                          f"the folder 'ctseg predict' wrote.")
-    db = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
+    from pipeline.predict.ledger import has_ledger
+
+    if not has_ledger(Path(folder)):
+        raise ConfigError(f"the predict folder {folder} must hold a predict ledger (ledger.sqlite or "
+                          f"ledger/*.sqlite), got none. Point --output at the folder 'ctseg predict' wrote.")
+    db = sqlite3.connect(str(Path(folder) / SENDS_FILE), timeout=60.0, isolation_level=None)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA busy_timeout = 60000")
     db.executescript(_SCHEMA)
@@ -68,16 +69,18 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def dicom_outputs(db: sqlite3.Connection, folder: Path, case_ids: Optional[list[str]] = None) -> list[Item]:
+def dicom_outputs(folder: Path, case_ids: Optional[list[str]] = None) -> list[Item]:
     """Every DICOM output of every done case (of ``case_ids`` when given), from the ledger."""
+    from pipeline.predict.ledger import read_case_rows
+
     items = []
-    for row in db.execute("SELECT case_id, outputs FROM cases WHERE status = 'done' ORDER BY case_id"):
-        if case_ids is not None and row["case_id"] not in case_ids:
+    for row in read_case_rows(Path(folder)):
+        if row.status != "done" or (case_ids is not None and row.case_id not in case_ids):
             continue
-        for name, entry in sorted(json.loads(row["outputs"] or "{}").items()):
+        for name, entry in sorted(row.outputs.items()):
             path = Path(folder) / entry["path"]
             if is_dicom_file(path):
-                items.append(Item(row["case_id"], name, path, entry["sha256"]))
+                items.append(Item(row.case_id, name, path, entry["sha256"]))
     return items
 
 
@@ -96,7 +99,7 @@ def send_results(cfg: PacsConfig, folder: Path, destinations: list[str], case_id
     report = {"stage": "send", "folder": str(folder), "destinations": [describe_peer(p) for p in peers],
               "sent": 0, "already_sent": 0, "failed": 0, "items": []}
     try:
-        items = dicom_outputs(db, folder, case_ids)
+        items = dicom_outputs(folder, case_ids)
         for peer in peers:
             todo = []
             for item in items:
@@ -132,8 +135,7 @@ def send_rows(db: sqlite3.Connection, case_ids: Optional[list[str]] = None) -> l
 
 def read_sends(folder: Path) -> list[dict]:
     """The send rows of a predict folder (empty when nothing was ever sent)."""
-    path = Path(folder) / LEDGER_FILE
-    if not path.is_file():
+    if not (Path(folder) / SENDS_FILE).is_file():
         return []
     db = _connect(folder)
     try:

@@ -217,6 +217,21 @@ def resolve_shard(shard: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]
     return index, count
 
 
+def slurm_shard() -> tuple[int, int]:
+    """(i, n) of this task of a SLURM job array (``sbatch --array=0-3``): launcher variables, not configuration."""
+    task, first, count = (os.environ.get(name, "") for name in
+                          ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"))
+    if not task.strip().isdigit() or not count.strip().isdigit():
+        raise ConfigError(f"--shard slurm must run inside a SLURM job array (SLURM_ARRAY_TASK_ID and "
+                          f"SLURM_ARRAY_TASK_COUNT set), got SLURM_ARRAY_TASK_ID={task!r}, "
+                          f"SLURM_ARRAY_TASK_COUNT={count!r}. Submit with sbatch --array=0-N, or pass --shard i/n.")
+    index = int(task) - (int(first) if first.strip().isdigit() else 0)
+    if not 0 <= index < int(count):
+        raise ConfigError(f"--shard slurm needs a contiguous array (e.g. --array=0-3), got task {task} of "
+                          f"{count} starting at {first or 0}. Use --shard i/n for other arrays.")
+    return index, int(count)
+
+
 def shard_of(position: int, case_id: str, count: int, shard_by: str = "index") -> int:
     if shard_by == "hash":
         return int(hashlib.sha256(case_id.encode("utf-8")).hexdigest()[:12], 16) % count

@@ -19,7 +19,8 @@ Stitching is planned before the case starts from the volume's shape and class co
   labels are identical to ``full`` (argmax of the same sums); the buffer holds two window depths.
 
 On a CUDA device the windows always run on the GPU; the buffer lives there when it fits
-``gpu_fraction`` of the free GPU memory, otherwise on the CPU (MONAI's ``sw_device`` / ``device``
+``gpu_fraction`` of the free GPU memory (free on the device plus what PyTorch has cached but not
+in use), otherwise on the CPU (MONAI's ``sw_device`` / ``device``
 split). On the CPU the buffer must fit ``budget_gb`` (default half the available RAM).
 """
 from __future__ import annotations
@@ -35,12 +36,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline import devices
 from pipeline.errors import ConfigError
+from pipeline.precision import resolve_precision
 
 log = logging.getLogger("ctseg.predict")
 
 AXIS_NAMES = ("LR", "AP", "SI")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NORMALISE_SLAB_BYTES = 256 * 2 ** 20  # fp32 working size of the final softmax (normalise_probabilities)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,14 +139,25 @@ def plan_memory(shape, num_classes: int, in_channels: int, roi, batch_windows: i
     estimates = {"voxels": voxels, "image": image_bytes, "windows": window_bytes, "activations": activation_bytes,
                  "labels": voxels * 2}
 
-    def need(mode: str, dtype: str) -> int:
+    # the final softmax of a kept buffer runs slab by slab in fp32 (see normalise_probabilities)
+    normalise_bytes = min(NORMALISE_SLAB_BYTES, num_classes * voxels * 4) if weight_bytes else 0
+    estimates["normalise_slab"] = normalise_bytes
+    probabilities_bytes = num_classes * voxels * 4  # the float32 result, in RAM
+
+    def need(mode: str, dtype: str, stitch: str = "cuda") -> int:
         size = 4 if dtype == "fp32" else 2
         buffer = num_classes * (voxels if mode == "full" else slab_voxels) * size
-        return buffer + (weight_bytes if mode == "full" else 0)
+        if mode != "full":
+            return buffer
+        total = buffer + weight_bytes + normalise_bytes
+        if weight_bytes and stitch == "cpu" and dtype != "fp32":  # a half buffer is normalised into a new array
+            total += probabilities_bytes
+        return total
 
     choices = _choices(options, need_probabilities, prefer_probabilities)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+        # free + cached-but-unused: the allocator hands cached blocks out again, so they are not "used"
+        free = devices.cuda_free_bytes(device)
         budget = int(options.budget_gb * 1e9) if options.budget_gb else int(free * options.gpu_fraction)
         fixed = image_bytes + window_bytes + activation_bytes
         for mode, dtype in choices:
@@ -170,30 +185,18 @@ def _choices(options, need_probabilities: bool, prefer_probabilities: bool = Fal
 def _cpu_plan(choices, need, estimates, options, reason_prefix: str) -> MemoryPlan:
     budget = int(options.budget_gb * 1e9) if options.budget_gb else available_ram_bytes() // 2
     for mode, dtype in choices:
-        if need(mode, dtype) + estimates["labels"] <= budget:
-            return MemoryPlan("cpu", "cpu", mode, dtype, budget, need(mode, dtype) + estimates["labels"],
+        if need(mode, dtype, "cpu") + estimates["labels"] <= budget:
+            return MemoryPlan("cpu", "cpu", mode, dtype, budget, need(mode, dtype, "cpu") + estimates["labels"],
                               f"{reason_prefix}{mode} {dtype} buffer fits {budget / 1e9:.1f} GB of RAM", estimates)
     mode, dtype = choices[-1]  # the leanest allowed choice; may still fail, and then the case fails cleanly
-    return MemoryPlan("cpu", "cpu", mode, dtype, budget, need(mode, dtype) + estimates["labels"],
-                      f"{reason_prefix}even {mode} {dtype} needs {need(mode, dtype) / 1e9:.1f} GB over the "
+    return MemoryPlan("cpu", "cpu", mode, dtype, budget, need(mode, dtype, "cpu") + estimates["labels"],
+                      f"{reason_prefix}even {mode} {dtype} needs {need(mode, dtype, 'cpu') / 1e9:.1f} GB over the "
                       f"{budget / 1e9:.1f} GB budget; trying anyway", estimates)
 
 
 # ---------------------------------------------------------------------------------------------
 # Window predictor: folds × mirrorings, softmax averaged
 # ---------------------------------------------------------------------------------------------
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-        return torch.bfloat16 if native_bf16 else None
-    return DTYPES[precision]
-
 
 class WindowPredictor:
     """Maps a batch of windows ``[B, C, x, y, z]`` to mean class probabilities ``[B, K, x, y, z]``."""
@@ -204,7 +207,8 @@ class WindowPredictor:
         self.two_d = predictor.mode == "2d"
         self.context = predictor.context_slices
         self.channels_last = predictor.optimisation.get("layout") == "channels_last"
-        self.autocast = autocast_dtype(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, "predict")
+        self.autocast = self.precision.dtype
         unknown = [a for a in tta_axes if a not in AXIS_NAMES]
         if unknown:
             raise ConfigError(f"predict.tta_axes must name axes among {', '.join(AXIS_NAMES)}, got {unknown}. "
@@ -274,6 +278,32 @@ class InferenceOutput:
     probabilities: Optional[np.ndarray]      # float32 [K, X, Y, Z] (sums to 1) or None
     plan: MemoryPlan
     stats: dict
+
+
+def normalise_probabilities(buffer: torch.Tensor, weight_sum: torch.Tensor, start, shape) -> np.ndarray:
+    """Probabilities ``[K, *shape]`` (float32, CPU) from the weighted sums of log-probabilities, slab by slab.
+
+    The softmax runs over slabs of slices in fp32, each slab written into the result: a half-precision
+    or GPU buffer is never copied whole to fp32 (that copy, twice a half buffer, was never in the memory
+    plan). A float32 buffer on the CPU is normalised in place and returned as a view: no copy at all.
+    """
+    (bx, by, bz), (sx, sy, sz) = start, shape
+    classes = buffer.shape[0]
+    in_place = buffer.dtype == torch.float32 and buffer.device.type == "cpu"
+    result = None if in_place else np.empty((classes, sx, sy, sz), dtype=np.float32)
+    step = max(1, NORMALISE_SLAB_BYTES // max(1, classes * sx * sy * 4))
+    for a in range(0, sz, step):
+        b = min(sz, a + step)
+        slab = buffer[:, bx:bx + sx, by:by + sy, bz + a:bz + b].float()  # a view when already float32
+        slab.div_(weight_sum[bx:bx + sx, by:by + sy, bz + a:bz + b].clamp_min(1e-12))
+        slab.sub_(slab.amax(dim=0, keepdim=True))
+        slab.exp_()
+        slab.div_(slab.sum(dim=0, keepdim=True))
+        if result is not None:
+            result[..., a:b] = slab.cpu().numpy()
+    if result is None:
+        return buffer[:, bx:bx + sx, by:by + sy, bz:bz + sz].numpy()
+    return result
 
 
 def network_input(array: np.ndarray, predictor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -375,15 +405,9 @@ def sliding_window_predict(array: np.ndarray, predictor, cfg, need_probabilities
         classes_np = classes_np.astype(np.uint16)
     probabilities = None
     if keep_probabilities:
-        buffer = buffer.float() if buffer.dtype != torch.float32 else buffer
-        # softmax of the blended log-probabilities, in place: no second whole-volume copy
-        buffer.div_(weight_sum.clamp_min_(1e-12))
-        buffer.sub_(buffer.max(dim=0, keepdim=True).values)
-        buffer.exp_()
-        buffer.div_(buffer.sum(dim=0, keepdim=True))
-        probabilities = buffer[:, bx:bx + sx, by:by + sy, bz:bz + sz].cpu().numpy()
+        probabilities = normalise_probabilities(buffer, weight_sum, grid.pad_before, shape)
     stats = {"windows": len(windows), "forward_passes": passes, "roi": list(roi), "overlap": cfg.overlap,
-             "batch": batch, "autocast": str(window_predictor.autocast).replace("torch.", "") if
-             window_predictor.autocast else "fp32", "tta_flips": len(window_predictor.flip_sets),
+             "batch": batch, "autocast": window_predictor.precision.name,
+             "precision": window_predictor.precision.to_json(), "tta_flips": len(window_predictor.flip_sets),
              "folds": len(predictor.networks), "seconds": round(time.perf_counter() - start_time, 3)}
     return InferenceOutput(np.ascontiguousarray(classes_np), probabilities, plan, stats)

@@ -2,10 +2,10 @@
 
 :func:`load_predictor` reads a model folder with :func:`pipeline.models.load_model_folder` and
 then, with ``predict.optimize_network``, rewrites each network for inference without changing
-its function: batch norms folded into the preceding convolutions (torch.fx), a channels-last
-memory layout, and on the CPU an instance norm computed directly on that layout (PyTorch's own
+its function: batch norms folded into the preceding convolutions (torch.fx) and, on the CPU, a
+channels-last memory layout with an instance norm computed directly on that layout (PyTorch's own
 converts to a contiguous copy first). The rewritten network is compared with the original on a
-random patch; if they disagree by more than float rounding it is not used.
+random patch, in full fp32 (TF32 off); if they disagree by more than float rounding it is not used.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from pipeline import devices
 from pipeline.errors import InputError
 from pipeline.predict.ledger import sha256_file
 
@@ -81,16 +82,15 @@ class Predictor:
 
 
 def resolve_device(wanted: str) -> torch.device:
+    """The prediction device; under torchrun each rank's own GPU (bound as this thread's current device)."""
     if wanted == "cuda" and not torch.cuda.is_available():
         raise InputError("predict.device must name a device this machine has, got 'cuda' but torch sees no CUDA "
                          "GPU. Use device: auto or cpu.")
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    import os
-
-    local_rank = os.environ.get("LOCAL_RANK", "0")
-    index = int(local_rank) if local_rank.isdigit() else 0
-    return torch.device("cuda", index % max(1, torch.cuda.device_count()))
+    device = devices.cuda_device_for_rank("predict.device", exclusive=False)
+    devices.bind(device)
+    return device
 
 
 def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
@@ -206,9 +206,16 @@ def _first(output):
 
 
 def optimise_for_inference(network: nn.Module, spec: dict, device: torch.device) -> tuple[nn.Module, dict]:
-    """A faster network with the same outputs, and what was changed (see module docstring)."""
+    """A faster network with the same outputs, and what was changed (see module docstring).
+
+    The channels-last layout (with the layout-keeping instance norm) is applied on the CPU only: on CUDA,
+    PyTorch's instance norm copies a channels-last tensor to contiguous at every layer (pytorch/pytorch#59168),
+    so the network keeps the contiguous layout there and gets the batch-norm folding alone.
+    """
     spatial_dims = int(spec["network"]["spatial_dims"])
-    layout = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    channels_last = device.type == "cpu"
+    layout = (torch.channels_last_3d if spatial_dims == 3 else torch.channels_last) if channels_last else \
+        torch.contiguous_format
     report: dict = {"applied": [], "checked": False}
     candidate = copy.deepcopy(network)
     try:
@@ -221,12 +228,12 @@ def optimise_for_inference(network: nn.Module, spec: dict, device: torch.device)
     except Exception as exc:  # networks with data-dependent control flow cannot be traced; skip the fold
         log.debug("batch-norm folding skipped: %s", exc)
         candidate = copy.deepcopy(network)
-    if device.type == "cpu":
+    if channels_last:
         swapped = _swap_instance_norms(candidate)
         if swapped:
             report["applied"].append(f"channels-last instance norm ({swapped} layers)")
-    candidate = candidate.to(memory_format=layout)
-    report["applied"].append("channels-last layout")
+        candidate = candidate.to(memory_format=layout)
+        report["applied"].append("channels-last layout")
     start = time.perf_counter()
     patch = [int(p) for p in spec["patch_size"]]
     # a small patch keeps the check cheap: 32 voxels per axis fits four 2x downsamplings; else the real patch
@@ -235,7 +242,9 @@ def optimise_for_inference(network: nn.Module, spec: dict, device: torch.device)
     for n, size in enumerate(sizes):
         sample = torch.rand((1, int(spec["network"]["in_channels"]), *size), generator=generator).to(device)
         try:
-            with torch.inference_mode():
+            # full fp32 on both sides: with TF32 convolutions (CUDA's default) and the different cuDNN
+            # algorithms of two layouts, float rounding alone could exceed the limit below
+            with torch.inference_mode(), devices.ieee_fp32():
                 expected = _first(network(sample)).float()
                 got = _first(candidate(sample.contiguous(memory_format=layout))).float()
             break
@@ -250,5 +259,5 @@ def optimise_for_inference(network: nn.Module, spec: dict, device: torch.device)
         log.warning("network rewrite for inference changed the outputs by %.3g; using the network as trained", error)
         return network, {"applied": [], "checked": True, "rejected": f"max difference {error:.3g}"}
     report["checked"] = True
-    report["layout"] = "channels_last"
+    report["layout"] = "channels_last" if channels_last else "contiguous"
     return candidate, report

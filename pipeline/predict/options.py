@@ -77,8 +77,12 @@ class PredictConfig:
     batch_size: int = field(default=4, metadata={"help": "3D patches per forward pass."})
     batch_size_2d: int = field(default=16, metadata={"help": "Slices (2D patches) per forward pass of a 2D model."})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
-        "help": "auto = bf16 autocast where supported (CUDA with bf16, CPUs with native bf16), fp32 otherwise "
-                "(bf16 emulated on a CPU without it is many times slower)."})
+        "help": "Autocast precision of the network pass (pipeline/precision.py; the choice and its reason go into "
+                "report.json and each provenance). auto: fp32 on every CPU, so that every CPU writes the same "
+                "labels; bf16 on CUDA GPUs with native bf16, fp16 on older GPUs. bf16 on a CPU with AVX512-BF16/AMX "
+                "is opt-in: measured per-class Dice agreement with fp32 >= 0.9977 on the demo model (0.0026% of "
+                "voxels changed), about 2x faster for a spleen-size UNet at 96^3 but slower for the small demo "
+                "network (bench/README.md, Precision); emulated elsewhere and many times slower."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto uses CUDA when present, else the CPU."})
     optimize_network: bool = field(default=True, metadata={
@@ -105,8 +109,20 @@ class PredictConfig:
         "help": "How --shard i/n splits the sorted cases: index (case k goes to shard k mod n; balanced, every "
                 "shard must see the same inputs) or hash (by case id; stable when inputs are added)."})
     stale_minutes: float = field(default=30.0, metadata={
-        "help": "A case 'running' on another machine whose process has not reported for this long is taken "
-                "over (on this machine a dead process is detected at once)."})
+        "help": "A case claimed by a process on another machine that has not reported a heartbeat for this long "
+                "is stale: a run with --take-stale or --retry-failed takes it over (on this machine a dead process "
+                "is detected at once)."})
+    ledger_mode: Literal["auto", "local", "shared"] = field(default="auto", metadata={
+        "help": "local: one ledger.sqlite in WAL mode, for processes on one host. shared: one ledger file per "
+                "host and shard under ledger/ plus claim files, for hosts sharing a network folder (SQLite's WAL "
+                "does not work over NFS/SMB). auto: shared when the output folder is on a network file system "
+                "(/proc/mounts: nfs, cifs, lustre, gpfs, beegfs, fuse.*, ...)."})
+    take_stale: bool = field(default=False, metadata={
+        "help": "Take over cases whose claim from another host went stale (no heartbeat for stale_minutes), e.g. "
+                "after a node died mid-case. Also done by --retry-failed; the CLI flag is --take-stale."})
+    host_name: str = field(default="", metadata={
+        "help": "This machine's name in the ledger and claim files (default: the host name). Set it when "
+                "several nodes report the same host name, e.g. containers."})
     send_to: list[str] = field(default_factory=list, metadata={
         "help": "Peers of pacs.peers (by name) that each finished case's DICOM results (SEG, RTSTRUCT) are sent "
                 "to, by C-STORE or STOW-RS; a failed send leaves the case done and is retried by 'ctseg send'."})

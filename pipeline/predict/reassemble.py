@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.geometry import Grid, index_mapping, resample_to_grid, voxel_volume_ml
+from pipeline.geometry import Grid, axis_aligned_permutation, index_mapping, resample_to_grid, voxel_volume_ml
 from pipeline.preprocess.transform import labels_to_source
 
 
@@ -50,19 +50,6 @@ def probabilities_to_source(probabilities: np.ndarray, model_grid: Grid, source_
     return out
 
 
-def _axis_permutation(matrix: np.ndarray, tol: float = 1e-6) -> Optional[list[int]]:
-    """perm[d] = the source axis that model axis d runs along, when the grids' axes are parallel."""
-    linear = matrix[:3, :3]
-    scale = max(float(np.abs(linear).max()), 1.0)
-    perm = []
-    for row in linear:
-        nonzero = np.flatnonzero(np.abs(row) > tol * scale)
-        if len(nonzero) != 1:
-            return None
-        perm.append(int(nonzero[0]))
-    return perm if sorted(perm) == [0, 1, 2] else None
-
-
 def refined_to_source(probabilities: np.ndarray, classes: np.ndarray, model_grid: Grid, source_grid: Grid,
                       class_values: list[int]) -> tuple[np.ndarray, dict]:
     """Labels equal to argmax(linear resampling of ``probabilities``), computed only near boundaries.
@@ -71,7 +58,7 @@ def refined_to_source(probabilities: np.ndarray, classes: np.ndarray, model_grid
     index). Returns the source-grid label values and counts of the work done.
     """
     matrix = index_mapping(model_grid, source_grid)  # source index -> model index
-    perm = _axis_permutation(matrix)
+    perm = axis_aligned_permutation(matrix)  # perm[d]: the source axis model axis d runs along
     if perm is None:  # not produced by our preprocessing; resample everything
         full = probabilities_to_source(probabilities, model_grid, source_grid).argmax(0).astype(classes.dtype)
         return classes_to_values(full, class_values), {"method": "full", "boundary_voxels": int(full.size)}

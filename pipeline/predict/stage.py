@@ -23,8 +23,6 @@ stop the whole batch (no model, no input, bad configuration) raise
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import platform
 import time
@@ -37,15 +35,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline import atomic
-from pipeline.config import Config, to_dict
-from pipeline.errors import CtsegError
+from pipeline import atomic, devices
+from pipeline.config import Config, stable_hash, to_dict
+from pipeline.errors import CtsegError, InputError
 from pipeline.geometry import Volume
 from pipeline.predict import cases as case_io
 from pipeline.predict import report as reporting
 from pipeline.predict import writers
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
-from pipeline.predict.ledger import Ledger, sha256_file
+from pipeline.predict.ledger import Ledger, open_ledger, sha256_file
 from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
@@ -59,7 +57,7 @@ COLOR_TABLE = "labels.ctbl"
 SHARED_FILES = ("report.json", "report.csv", "report.html", COLOR_TABLE)
 # settings that change speed or bookkeeping but not the written labels
 _NOT_IN_HASH = ("batch_size", "batch_size_2d", "device", "memory", "stale_minutes", "shard_by", "refuse_implausible",
-               "send_to")
+                "ledger_mode", "host_name", "take_stale", "send_to")
 
 
 @dataclass
@@ -80,8 +78,7 @@ def options_folds(spec: dict, cfg: Config) -> list[int]:
 
 def settings_hash(model_json_sha256: str, cfg: Config) -> str:
     predict = {k: v for k, v in to_dict(cfg.predict).items() if k not in _NOT_IN_HASH}
-    text = json.dumps({"model": model_json_sha256, "predict": predict}, sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return stable_hash({"model": model_json_sha256, "predict": predict})
 
 
 def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path,
@@ -95,9 +92,15 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     spec = read_model_spec(model_dir)  # a bad model folder stops the batch before anything is written
     shard = case_io.resolve_shard(shard)
     device = resolve_device(cfg.predict.device)
+    threads = devices.threads_per_process(None, devices.torchrun_env()[3])
+    if threads:  # under torchrun only: each shard gets its share of the cores instead of torchrun's one thread
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        devices.configure_cuda_kernels(deterministic=False)  # every window has the model's patch size
     output_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
-                    stale_minutes=cfg.predict.stale_minutes)
+    ledger = open_ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
+                         stale_minutes=cfg.predict.stale_minutes, mode=cfg.predict.ledger_mode,
+                         host=cfg.predict.host_name, take_stale=cfg.predict.take_stale)
     try:
         removed = clean_partials(output_dir, ledger)
         if removed:
@@ -113,8 +116,19 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
         rows = ledger.rows([case.case_id for case in discovery.cases])
         mine_ids = {case.case_id for case in mine}
         failed = [row.case_id for row in rows if row.case_id in mine_ids and row.status == "failed"]
+        # a case of this shard left unfinished by a dead owner (a stale claim not taken over) is not a success
+        busy = ledger.running_elsewhere()
+        stuck = [row.case_id for row in rows if row.case_id in mine_ids and row.status in ("pending", "running")
+                 and row.case_id not in busy]
+        if stuck:
+            log.warning("predict: %d case(s) not finished, claimed by a process that stopped: %s; rerun with "
+                        "--take-stale to take them over", len(stuck), ", ".join(stuck[:10]))
+            failed += stuck
         report = _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, mine_ids, outcomes,
                          discovery, batch, started, time.perf_counter() - wall, run_hash)
+        report["ledger"] = ledger.describe()
+        if stuck:
+            report.update({"status": "failed", "exit_code": EXIT_SOME_FAILED, "stuck_cases": stuck})
         label_names = [label["name"] for label in spec.get("labels", [])] if batch.predictor is None else \
             [info.name for info in batch.predictor.labels]
         atomic.write_json(output_dir / REPORT_FILE, report)
@@ -168,6 +182,7 @@ class _Batch:
     def _load(self) -> None:
         start = time.perf_counter()
         options = self.cfg.predict
+        devices.bind(self.device)  # this runs in a worker thread, and the current CUDA device is per thread
         self.predictor = load_predictor(self.model_dir, self.device, optimize=options.optimize_network,
                                         folds=options.folds)
         check_label_names(options.postprocess, [info.name for info in self.predictor.labels])
@@ -255,6 +270,10 @@ def _measure_activations(predictor: Predictor, window_predictor: WindowPredictor
     with torch.inference_mode():
         window_predictor(sample)
     peak = torch.cuda.max_memory_allocated(predictor.device)
+    del sample
+    # hand the measured peak back: the plan reserves it once as activations, and must not also find it
+    # missing from the free memory (pipeline.devices.cuda_free_bytes counts cached blocks as free anyway)
+    torch.cuda.empty_cache()
     return int(peak - before)
 
 
@@ -424,6 +443,7 @@ def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, m
         "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "device": str(device),
+        "precision": batch.window_predictor.precision.to_json() if batch.window_predictor else None,
         "versions": versions(),
         "model": {"folder": str(model_dir), "mode": spec.get("mode"), "network": spec["network"].get("name"),
                   "folds": options_folds(spec, cfg), "load_seconds": batch.model_seconds,
@@ -431,20 +451,62 @@ def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, m
         "input": str(input_path),
         "shard": list(shard) if shard else None,
         "counts": {
-            "cases": len(rows),
+            **_batch_counts(rows),
             "this_shard": len(mine_rows),
-            "ok": sum(row.status == "done" for row in rows),
-            "failed": sum(row.status == "failed" for row in rows),
-            "not_finished": sum(row.status in ("pending", "running") for row in rows),
             "done_this_run": sum(outcome == "done" for outcome in outcomes.values()),
             "failed_this_run": sum(outcome == "failed" for outcome in outcomes.values()),
             "resumed": sum(outcome.startswith("done (") for outcome in outcomes.values()),
         },
         "skipped_inputs": discovery.skipped,
-        "cases": [{"id": row.case_id, "status": "ok" if row.status == "done" else row.status, "input": row.input,
-                   "error": row.error, "warnings": row.warnings, "seconds": row.seconds, "attempts": row.attempts,
-                   "shard": row.shard, "timings": row.timings,
-                   "outputs": {name: entry["path"] for name, entry in row.outputs.items()},
-                   "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()}}
-                  for row in rows],
+        "cases": _case_entries(rows),
     }
+
+
+def _batch_counts(rows) -> dict:
+    return {"cases": len(rows), "ok": sum(row.status == "done" for row in rows),
+            "failed": sum(row.status == "failed" for row in rows),
+            "not_finished": sum(row.status in ("pending", "running") for row in rows)}
+
+
+def _case_entries(rows) -> list[dict]:
+    return [{"id": row.case_id, "status": "ok" if row.status == "done" else row.status, "input": row.input,
+             "error": row.error, "warnings": row.warnings, "seconds": row.seconds, "attempts": row.attempts,
+             "shard": row.shard, "timings": row.timings,
+             "outputs": {name: entry["path"] for name, entry in row.outputs.items()},
+             "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()}}
+            for row in rows]
+
+
+def rewrite_report(output_dir: Path) -> dict:
+    """``ctseg predict --report-only OUT``: the batch report (json, csv, html) again, from every ledger of OUT.
+
+    Shards each write the merged report when they finish, so the last one's is complete; this rebuilds it at any
+    time (after a shard died, or while others still run) without loading a model or reading an image.
+    """
+    import json
+
+    from pipeline.models.loader import read_model_spec
+    from pipeline.predict.ledger import has_ledger, read_case_rows
+
+    output_dir = Path(output_dir)
+    if not has_ledger(output_dir):
+        raise InputError(f"{output_dir} must hold a predict ledger (ledger.sqlite or ledger/*.sqlite), got none. "
+                         f"Give the --output folder of a 'ctseg predict' run.")
+    previous_path = output_dir / REPORT_FILE
+    report = json.loads(previous_path.read_text(encoding="utf-8")) if previous_path.is_file() else {"stage": "predict"}
+    rows = read_case_rows(output_dir)
+    model_dir = Path(report.get("model", {}).get("folder", ""))
+    try:
+        label_names = [label["name"] for label in read_model_spec(model_dir).get("labels", [])]
+    except Exception:  # the model folder moved: name the volumes as the rows do
+        label_names = sorted({name for row in rows for name in row.summary.get("volumes", {})})
+    failed = [row for row in rows if row.status == "failed"]
+    report.update({"folder": str(output_dir), "status": "failed" if failed else "ok",
+                   "exit_code": EXIT_SOME_FAILED if failed else EXIT_OK, "counts": _batch_counts(rows),
+                   "cases": _case_entries(rows), "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
+    atomic.write_json(previous_path, report)
+    reporting.write_csv(output_dir / "report.csv", rows, label_names)
+    summary = reporting.summary_block(rows, model_dir, str(report.get("device", "")), 0.0,
+                                      report.get("skipped_inputs"))
+    reporting.write_html(output_dir / "report.html", output_dir, rows, summary, label_names)
+    return report

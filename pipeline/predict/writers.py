@@ -26,7 +26,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.errors import CaseError
 from pipeline.geometry import Grid, Volume, lps_to_ras, world_to_index
-from pipeline.volume_io import save_nifti
+from pipeline.volume_io import parallel_gzip, save_nifti
 
 log = logging.getLogger("ctseg.predict")
 
@@ -126,8 +126,6 @@ def write_probabilities(probabilities: np.ndarray, grid: Grid, class_names: list
     apply the scaling (nibabel, ITK, Slicer) get probabilities 0-1 in steps of 0.004 at one byte a voxel.
     """
     if fmt == "nifti":
-        import gzip
-
         import nibabel as nib
 
         quantised = np.rint(np.moveaxis(np.clip(probabilities, 0.0, 1.0), 0, -1) * 255.0).astype(np.uint8)
@@ -137,7 +135,7 @@ def write_probabilities(probabilities: np.ndarray, grid: Grid, class_names: list
         image.header.set_xyzt_units("mm", "sec")
         image.header.set_slope_inter(1.0 / 255.0, 0.0)
         image.header["descrip"] = ("classes: " + ",".join(class_names))[:79].encode("ascii", "replace")
-        atomic.write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=compresslevel, mtime=0))
+        atomic.write_bytes(path, parallel_gzip(image.to_bytes(), level=compresslevel))
     else:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16), affine=grid.affine,

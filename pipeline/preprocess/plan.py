@@ -16,14 +16,12 @@ Any field the config sets explicitly replaces the planned value; ``overrides`` l
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config import Config, stable_hash
 
 PLAN_FORMAT = "ctseg-plan/1"
 TRANSFORM_KEYS = ("target_spacing", "intensity", "crop_to_body", "body_threshold_hu")
@@ -168,4 +166,4 @@ def transform_key(plan: dict) -> str:
     """Hash of the plan fields that change the cached arrays (not patch or batch size)."""
     payload = {key: plan.get(key) for key in TRANSFORM_KEYS}
     payload["class_values"] = plan.get("class_values")
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(payload)

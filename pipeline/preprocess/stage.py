@@ -4,10 +4,7 @@ Output folder (``<experiment>/preprocess``)::
 
     fingerprint.json        per-case spacing/size/body extent and the HU statistics inside labels
     plan.json               target spacing, intensity handling, crop, patch/batch sizes (plan.py)
-    index.json              the cached cases the train stage reads
-    arrays/<id>_image.npy   float32 (or float16) [i, j, k] on the model grid, intensities scaled
-    arrays/<id>_label.npy   uint8 class indices 0..K-1 (plan["class_values"] maps them to label values)
-    arrays/<id>.json        grids and the keys the cache is valid for
+    index.json, arrays/     the cache the train stage reads (format, writer and reader: cache.py)
 
 Cached arrays are reused across runs (even when the stage re-runs because, say, the memory budget
 changed) as long as their ``transform_key`` (the plan fields that change arrays) and the source
@@ -24,16 +21,13 @@ import numpy as np
 from pipeline import atomic
 from pipeline.config import Config, section_hash
 from pipeline.errors import CaseError, InputError
-from pipeline.geometry import Grid
+from pipeline.preprocess import cache
 from pipeline.preprocess.fingerprint import TrainingCase, case_fingerprint, load_case, source_identity
 from pipeline.preprocess.plan import intensity_statistics, make_plan
 from pipeline.preprocess.transform import prepare_image, prepare_label
-from pipeline.stage import CaseRecord, StageRun, reset_folder, safe_name, upstream_hash
+from pipeline.stage import CaseRecord, StageRun, reset_folder, upstream_hash
 
 log = logging.getLogger("ctseg")
-
-INDEX_FORMAT = "ctseg-preprocessed/1"
-
 
 def training_cases(ingest_dir: Path) -> tuple[list[TrainingCase], list[dict]]:
     """The manifest's labelled training cases and its label descriptions."""
@@ -89,8 +83,7 @@ def run_preprocess(cfg: Config, force: bool = False) -> dict:
             entry = _cache_case(case, plan, allowed, cfg, out, record)
             record.extra["index"] = entry
             index.append(entry)
-    atomic.write_json(out / "index.json", {"format": INDEX_FORMAT, "transform_key": plan["transform_key"],
-                                           "cases": index})
+    cache.write_index(out, plan["transform_key"], index)
     run.extra["plan"] = {k: plan[k] for k in ("target_spacing", "intensity", "configurations", "overrides")}
     run.extra["reused_arrays"] = sum(bool(r.extra.get("cache_reused")) for r in run.records.values())
     report = run.finish()
@@ -132,14 +125,12 @@ def _bad_cases_error(failed: list[CaseRecord]) -> InputError:
 
 def _cache_case(case: TrainingCase, plan: dict, allowed: set[int], cfg: Config, out: Path,
                 record: CaseRecord) -> dict:
-    name = safe_name(case.id)
-    paths = {"image": out / "arrays" / f"{name}_image.npy", "label": out / "arrays" / f"{name}_label.npy",
-             "meta": out / "arrays" / f"{name}.json"}
+    paths = cache.case_paths(out, case.id)
     key = {"transform_key": plan["transform_key"], "image": source_identity(case.image),
            "label": source_identity(case.label), "cache_dtype": cfg.preprocess.cache_dtype}
     entry = {"id": case.id, **{k: str(p.relative_to(out)) for k, p in paths.items()}}
     record.outputs = {k: str(p) for k, p in paths.items()}
-    meta = _read_meta(paths["meta"])
+    meta = cache.read_meta(paths["meta"])
     if meta and meta.get("key") == key and paths["image"].is_file() and paths["label"].is_file():
         record.extra["cache_reused"] = True
         record.extra["shape"] = meta["grid"]["shape"]
@@ -161,46 +152,10 @@ def _cache_case(case: TrainingCase, plan: dict, allowed: set[int], cfg: Config, 
         raise CaseError(case.id, f"label must keep at least one labelled voxel on the model grid, got none at "
                                  f"{plan['target_spacing']} mm. Use a finer preprocess.target_spacing.")
     dtype = np.float16 if cfg.preprocess.cache_dtype == "float16" else np.float32
-    _save_npy(paths["image"], prepared.array.astype(dtype))
-    _save_npy(paths["label"], classes)
-    atomic.write_json(paths["meta"], {
+    cache.save_array(paths["image"], prepared.array.astype(dtype))
+    cache.save_array(paths["label"], classes)
+    cache.write_meta(paths["meta"], {
         "id": case.id, "key": key, "grid": prepared.grid.to_json(), "source_grid": prepared.source_grid.to_json(),
         "class_voxels": counts.tolist()})
     record.extra["shape"] = list(prepared.array.shape)
     return entry
-
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic.atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array))
-
-
-def read_index(preprocess_dir: Path) -> tuple[dict, list[dict]]:
-    """The plan and the cached cases of a finished preprocess folder (for the train stage)."""
-    plan_path = preprocess_dir / "plan.json"
-    index_path = preprocess_dir / "index.json"
-    for path in (plan_path, index_path):
-        if not path.is_file():
-            raise InputError(f"{path} must exist: run 'ctseg preprocess' first.")
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    if index.get("format") != INDEX_FORMAT:
-        raise InputError(f"{index_path} must have format {INDEX_FORMAT!r}, got {index.get('format')!r}. "
-                         f"Re-run 'ctseg preprocess --force'.")
-    return plan, index["cases"]
-
-
-def load_cached_case(preprocess_dir: Path, entry: dict) -> tuple[np.ndarray, np.ndarray, Grid]:
-    """Image (float32), label (uint8) and model grid of one cached case."""
-    image = np.load(preprocess_dir / entry["image"]).astype(np.float32, copy=False)
-    label = np.load(preprocess_dir / entry["label"])
-    meta = json.loads((preprocess_dir / entry["meta"]).read_text(encoding="utf-8"))
-    return image, label, Grid.from_json(meta["grid"])

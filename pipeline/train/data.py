@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.preprocess.stage import load_cached_case
+from pipeline.preprocess.cache import load_cached_case
 from pipeline.train.options import TrainConfig
 
 MAX_INDICES = 200_000  # centre candidates kept per case and kind (memory stays small for large volumes)
@@ -234,13 +234,22 @@ class StepBatches(torch.utils.data.Sampler):
         return max(0, self.stop - self.start + 1)
 
 
-def batches(dataset: PatchDataset, start: int, stop: int, batch_size: int, workers: int):
-    """Yield (step, images, labels) for steps start..stop."""
+def batches(dataset: PatchDataset, start: int, stop: int, batch_size: int, workers: int, pin_memory: bool = False):
+    """Yield (step, images, labels) for steps start..stop.
+
+    With workers, one DataLoader serves the whole run (its single pass is every step from start to
+    stop), so its workers already live across validations: ``persistent_workers`` would change
+    nothing. ``pin_memory`` (CUDA) lets the copies to the GPU run asynchronously.
+    """
     if workers <= 0:
         for step in range(start, stop + 1):
-            yield (step, *batch_items(dataset, step, batch_size))
+            images, labels = batch_items(dataset, step, batch_size)
+            if pin_memory:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield step, images, labels
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(start, stop, batch_size),
-                                         num_workers=workers, persistent_workers=False, prefetch_factor=2)
+                                         num_workers=workers, persistent_workers=False, prefetch_factor=2,
+                                         pin_memory=pin_memory)
     for step, (images, labels) in zip(range(start, stop + 1), loader):
         yield step, images, labels

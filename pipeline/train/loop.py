@@ -9,10 +9,12 @@ optimiser moments of an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from pipeline.train.runtime import Runtime, rng_state, seed_everything, set_rng_
 log = logging.getLogger("ctseg")
 
 CHECKPOINT_FORMAT = "ctseg-checkpoint/1"
+CUDA_LOSS_SYNC_STEPS = 20  # on CUDA the loss is copied to the host (a sync) once per this many steps
 
 
 @dataclass
@@ -116,6 +119,36 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+class LossLog:
+    """Training losses kept on the device and copied to the host every ``every`` steps, in one sync.
+
+    Each host copy waits for the GPU to finish the queued steps; per step that would stall the queue
+    twice (the finiteness check and the value). A non-finite loss is still refused, naming its step,
+    at the next copy: before any validation or checkpoint (the loop flushes first).
+    """
+
+    def __init__(self, every: int, fold: int):
+        self.every = max(1, int(every))
+        self.fold = fold
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> list[tuple[int, float]]:
+        self.pending.append((step, loss.detach()))
+        return self.flush() if len(self.pending) >= self.every else []
+
+    def flush(self) -> list[tuple[int, float]]:
+        if not self.pending:
+            return []
+        steps = [step for step, _ in self.pending]
+        values = torch.stack([loss.float() for _, loss in self.pending]).tolist()
+        self.pending = []
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                raise CtsegError(f"training loss must stay finite, got {value} at step {step} of fold {self.fold}. "
+                                 f"Lower train.learning_rate, or use train.precision=fp32.")
+        return list(zip(steps, values))
+
+
 class FoldTrainer:
     """Trains one fold on this process (one rank under torchrun)."""
 
@@ -146,6 +179,8 @@ class FoldTrainer:
         self.history = History()
         self.step = 0
         self.best_val_cases: dict = {}
+        self.nondeterministic_ops: list[str] = []
+        self.validated_here: list[str] = []  # this rank's share of the validation cases (all without torchrun)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -153,7 +188,8 @@ class FoldTrainer:
                 "step": self.step, "max_steps": self.job.options.max_steps, "network_spec": self.job.network_spec,
                 "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(), "history": self.history.to_json(), "best_val_cases": self.best_val_cases}
+                "rng": rng_state(self.runtime.device), "history": self.history.to_json(),
+                "best_val_cases": self.best_val_cases}
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -165,17 +201,24 @@ class FoldTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.runtime.device)
         self.history = History.from_json(state["history"])
         self.best_val_cases = state.get("best_val_cases", {})
         self.step = int(state["step"])
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> tuple[list[float], dict]:
+        """Mean Dice per class over the validation cases, and each case's Dice.
+
+        Under torchrun every rank validates its share of the cases (every world_size-th one) and the
+        shares are gathered, so no rank waits at a collective for the whole validation set.
+        """
         job, runtime = self.job, self.runtime
         self.network.eval()
+        mine = job.val_cases[runtime.rank::runtime.world_size] if runtime.distributed else job.val_cases
+        self.validated_here = [case_id for case_id, _, _ in mine]
         per_case = {}
-        for case_id, image, label in job.val_cases:
+        for case_id, image, label in mine:
             probs = predict_probabilities([self.network], image, job.sampling.mode, job.sampling.patch_size,
                                           job.sampling.context_slices, overlap=job.options.val_overlap,
                                           sw_batch_size=job.batch_size, device=runtime.device,
@@ -183,10 +226,37 @@ class FoldTrainer:
                                           channels_last=self.memory_format != torch.contiguous_format)
             per_case[case_id] = dice_per_class(probs.argmax(0), label, len(job.class_names) + 1)
         self.network.train()
+        if runtime.distributed:
+            shares = [None] * runtime.world_size
+            torch.distributed.all_gather_object(shares, per_case)
+            merged = {case_id: scores for share in shares for case_id, scores in share.items()}
+            per_case = {case_id: merged[case_id] for case_id, _, _ in job.val_cases}  # the single-process order
         table = np.array(list(per_case.values()), dtype=np.float64)
         with np.errstate(all="ignore"):
             means = [float(np.nanmean(column)) if np.isfinite(column).any() else float("nan") for column in table.T]
         return means, per_case
+
+    @contextlib.contextmanager
+    def surface_nondeterminism(self, active: bool):
+        """In deterministic mode, log (once each, on the ctseg logger) torch's warnings about kernels without a
+        deterministic version: the CLI routes library warnings to a logger that shows them only with --debug."""
+        if not (active and self.job.options.deterministic):
+            yield
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            text = str(warning.message)
+            if "deterministic" not in text:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+                continue
+            operation = text.split(" does not have a deterministic implementation")[0].strip()[:120]
+            if operation not in self.nondeterministic_ops:
+                self.nondeterministic_ops.append(operation)
+                log.warning("train: train.deterministic=true, but %s has no deterministic kernel on %s: runs with "
+                            "the same seed can differ (exact repeats hold on the CPU)", operation,
+                            self.runtime.device.type)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -202,29 +272,43 @@ class FoldTrainer:
         scalars = Scalars(folder / "tensorboard", enabled=runtime.is_main, resume_step=start)
         dataset = PatchDataset(job.train_cases, job.sampling, options, job.seed, job.fold, runtime.rank)
         bar = _progress_bar(runtime.is_main, options.max_steps, start, f"fold {job.fold}")
+        losses = LossLog(1 if runtime.device.type == "cpu" else CUDA_LOSS_SYNC_STEPS, job.fold)
+
+        def record(flushed: list[tuple[int, float]]) -> None:
+            for done, value in flushed:
+                point = self.history.add_loss(done, value)
+                scalars.add("train/loss", value, done)
+                if point is not None and bar is not None:
+                    bar.set_postfix(loss=f"{point:.3f}", best_dice=f"{max(self.history.best_score, 0):.3f}")
+
         self.network.train()
         began = time.perf_counter()
         cpu_began = time.process_time()
+        # on CUDA "compute" is the time to queue a step; the GPU's own time shows up where the host waits
         timing = {"data": 0.0, "compute": 0.0, "validation": 0.0}
         mark = time.perf_counter()
-        for step, images, labels in batches(dataset, start + 1, stop, job.batch_size, options.loader_workers):
+        first_validation = True
+        for step, images, labels in batches(dataset, start + 1, stop, job.batch_size, runtime.loader_workers,
+                                            pin_memory=runtime.pin_memory):
             timing["data"] += time.perf_counter() - mark
             mark = time.perf_counter()
-            loss_value = self.train_step(images, labels)
+            with self.surface_nondeterminism(step == start + 1):
+                loss = self.train_step(images, labels)
             timing["compute"] += time.perf_counter() - mark
             self.step = step
-            point = self.history.add_loss(step, loss_value)
-            scalars.add("train/loss", loss_value, step)
+            record(losses.add(step, loss))
             scalars.add("train/lr", self.optimizer.param_groups[0]["lr"], step)
-            if point is not None and bar is not None:
-                bar.set_postfix(loss=f"{point:.3f}", best_dice=f"{max(self.history.best_score, 0):.3f}")
             if step % options.val_every == 0 or step == options.max_steps:
+                record(losses.flush())
                 mark = time.perf_counter()
-                self.validate_and_save(scalars)
+                with self.surface_nondeterminism(first_validation):
+                    self.validate_and_save(scalars)
+                first_validation = False
                 timing["validation"] += time.perf_counter() - mark
             if bar is not None:
                 bar.update(1)
             mark = time.perf_counter()
+        record(losses.flush())
         seconds = time.perf_counter() - began
         if runtime.distributed:
             # DDP keeps parameters identical; batch-norm running statistics are updated per rank after
@@ -246,9 +330,10 @@ class FoldTrainer:
                 "best_dice": dict(zip(job.class_names, self.history.val_dice[self.history.val_steps.index(
                     self.history.best_step)])) if self.history.best_step in self.history.val_steps else {},
                 "final_loss": self.history.loss_values[-1] if self.history.loss_values else None,
-                "val_cases": self.best_val_cases, "weights_sha256": weights_checksum(self.network)}
+                "val_cases": self.best_val_cases, "weights_sha256": weights_checksum(self.network),
+                "nondeterministic_ops": self.nondeterministic_ops, "validated_on_this_rank": self.validated_here}
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         runtime = self.runtime
         images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(runtime.device, non_blocking=True).long()
@@ -263,19 +348,16 @@ class FoldTrainer:
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}. Set train.compile=false "
                                   f"(on CPU it also needs a C++ compiler such as gcc).") from exc
         loss = self.loss(output, labels)
-        if not torch.isfinite(loss):
-            raise CtsegError(f"training loss must stay finite, got {loss.item()} at step {self.step + 1} of fold "
-                             f"{self.job.fold}. Lower train.learning_rate, or use train.precision=fp32.")
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return float(loss.detach())
+        return loss.detach()  # a device tensor: the host reads it in LossLog, not every step
 
     def validate_and_save(self, scalars: Scalars) -> None:
         job, runtime = self.job, self.runtime
+        dice, per_case = self.validate()  # every rank: its share of the cases, gathered
         if runtime.is_main:
-            dice, per_case = self.validate()
             is_best = self.history.add_validation(self.step, dice)
             for name, value in zip(job.class_names, dice):
                 scalars.add(f"val/dice_{name}", value, self.step)

@@ -67,11 +67,15 @@ class TrainConfig:
         "help": "Learning-rate schedule over max_steps: poly (1 - t)^0.9, cosine, or constant."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
-        "help": "auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX) and on CUDA GPUs that support "
-                "it, fp16 with a GradScaler on older GPUs, otherwise fp32 (bf16 is emulated, so slower, on "
-                "other CPUs)."})
-    channels_last: bool = field(default=True, metadata={
-        "help": "Channels-last memory layout (several times faster 3D convolutions on CPU)."})
+        "help": "Autocast precision of training (pipeline/precision.py; the choice and its reason go into "
+                "report.json and model.json). auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX; measured "
+                "1.25x the steps/s of fp32 at the same Dice, bench/README.md) and on CUDA GPUs with native bf16 "
+                "(compute capability >= 8), fp16 with a GradScaler on older GPUs (V100, T4), otherwise fp32 "
+                "(bf16 is emulated, so slower, on other CPUs). fp16 is refused on the CPU."})
+    channels_last: Optional[bool] = field(default=None, metadata={
+        "help": "Channels-last memory layout. null = per device: on the CPU (several times faster 3D convolutions "
+                "there), not on CUDA (InstanceNorm copies a channels-last tensor to contiguous at every layer, "
+                "pytorch/pytorch#59168). Not part of the stage hash."})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the network for the training steps: 1.1-1.2x the steps per second of a 3D UNet at "
                 "96^3 on a 2-core CPU (bench/README.md), after a compilation of about a minute the first time "
@@ -86,15 +90,22 @@ class TrainConfig:
     validation_fraction: float = field(default=0.2, metadata={"help": "Share of cases held out when folds = 1."})
     deterministic: bool = field(default=False, metadata={
         "help": "Seeded, deterministic algorithms (monai set_determinism, torch.use_deterministic_algorithms): "
-                "the same config gives the same weights; can be slower."})
+                "on the CPU the same config gives bit-identical weights; can be slower. On CUDA a few kernels "
+                "(DiceCE's NLL loss, interpolate and MaxPool3d backward) have no deterministic version: each one "
+                "used is logged and listed in the fold's nondeterministic_ops, and repeats can differ slightly."})
     steps_per_run: Optional[int] = field(default=None, metadata={
         "help": "Stop after this many steps in one invocation (the schedule still spans max_steps); "
                 "'ctseg train --resume' continues. For training in time slots. Not part of the stage hash."})
-    loader_workers: int = field(default=0, metadata={
-        "help": "DataLoader worker processes preparing patches (0 = in the training process; on a small "
-                "CPU extra workers compete with the training threads). Not part of the stage hash."})
+    loader_workers: Optional[int] = field(default=None, metadata={
+        "help": "DataLoader worker processes preparing patches. null = 0 on the CPU (extra workers compete with "
+                "the training threads there) and a few on CUDA (up to 8, leaving two cores per rank), with pinned "
+                "memory so that the copies to the GPU overlap the step. Not part of the stage hash."})
     threads: Optional[int] = field(default=None, metadata={
-        "help": "torch CPU threads; null = torch's default (all cores). Not part of the stage hash."})
+        "help": "torch CPU threads; null = torch's default (all cores), or under torchrun the cores divided by "
+                "the processes per node (torchrun itself sets one thread). Not part of the stage hash."})
+    ddp_timeout_minutes: int = field(default=60, metadata={
+        "help": "Under torchrun: how long a rank waits at a collective (e.g. for the others' validation) before "
+                "the run stops with a timeout error. Not part of the stage hash."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto uses CUDA when present, else the CPU."})
     augment: AugmentConfig = field(default_factory=AugmentConfig)

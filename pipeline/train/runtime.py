@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import datetime
 import logging
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline import devices
 from pipeline.errors import ConfigError
+from pipeline.precision import resolve_precision
 
 log = logging.getLogger("ctseg")
 
@@ -28,6 +29,9 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     started_process_group: bool = False
+    precision_reason: str = ""  # why this precision (pipeline.precision.resolve_precision)
+    loader_workers: int = 0
+    pin_memory: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -53,75 +57,87 @@ class Runtime:
         return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32.
-
-    Elsewhere torch emulates bf16 and a training step gets several times slower (measured 4-40× on an
-    AVX2-only EPYC), so ``precision: auto`` keeps fp32 there.
-    """
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-    if not any(flag in flags for flag in ("avx512_bf16", "amx_bf16")):
-        return False
-    try:  # the instructions exist; check that this torch build runs a bf16 matmul at all
-        a = torch.ones(8, 8, dtype=torch.bfloat16)
-        return bool(torch.isfinite((a @ a).float()).all())
-    except RuntimeError:
-        return False
-
-
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+def resolve_device(requested: str) -> torch.device:
+    """The training device; under torchrun one GPU per local rank (more ranks than GPUs is refused)."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device must be 'cpu' or 'auto' on this machine, got 'cuda' but torch sees no CUDA "
                           "GPU. Install a CUDA build of torch or set train.device=auto.")
     if requested in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return devices.cuda_device_for_rank("train.device", exclusive=True)
     return torch.device("cpu")
 
 
-def resolve_precision(requested: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
-    if requested == "fp32":
-        return None, False
-    if device.type == "cuda":
-        if requested == "fp16" or (requested == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16, True
-        return torch.bfloat16, False
-    if requested == "fp16":
-        raise ConfigError("train.precision must be 'auto', 'fp32' or 'bf16' on the CPU, got 'fp16' (CPU fp16 "
-                          "training is not supported). Use bf16 or auto.")
-    if requested == "bf16":
-        if not cpu_has_native_bf16():
-            log.warning("train: bf16 requested on a CPU without native bf16; expect it to be slower than fp32")
-        return torch.bfloat16, False
-    return (torch.bfloat16 if cpu_has_native_bf16() else None), False
+def channels_last_default(device: torch.device) -> bool:
+    """The layout measured or known to be faster on each device type, for ``train.channels_last: null``.
+
+    CPU: channels-last (several times faster 3D convolutions, bench/README.md). CUDA: contiguous. The
+    networks use InstanceNorm, whose CUDA kernel has no channels-last path and copies every activation
+    to contiguous and back (pytorch/pytorch#59168 measured nnU-Net-like networks 24-47% slower); not yet
+    measured here on a GPU (bench/gpu/gpu_smoke.py times both).
+    """
+    return device.type != "cuda"
+
+
+def loader_settings(requested, device: torch.device, local_world: int) -> tuple[int, bool]:
+    """(DataLoader workers, pin_memory): ``train.loader_workers``, else 0 on the CPU and a few on CUDA.
+
+    On the CPU, workers compete with the training threads for the same cores. On CUDA the GPU would
+    otherwise wait while the CPU crops and augments each batch; pinned batches make the
+    ``non_blocking`` copies asynchronous.
+    """
+    cuda = device.type == "cuda"
+    if requested is not None:
+        return max(0, int(requested)), cuda and int(requested) > 0
+    if not cuda:
+        return 0, False
+    return max(1, min(8, devices.usable_cores() // max(1, local_world) - 2)), True
 
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    return devices.torchrun_env()[:3]
 
 
 def setup_runtime(options) -> Runtime:
     """Resolve device and precision; join the torchrun process group when launched by torchrun."""
-    rank, world, local_rank = distributed_env()
-    device = resolve_device(options.device, local_rank)
-    dtype, scaler = resolve_precision(options.precision, device)
-    if options.threads:
-        torch.set_num_threads(int(options.threads))
+    rank, world, _ = distributed_env()
+    device = resolve_device(options.device)
+    if device.type == "cuda" and options.deterministic:
+        require_deterministic_cuda_start()  # before anything below starts CUDA
+    precision = resolve_precision(options.precision, device, "train")
+    local_world = devices.torchrun_env()[3]
+    threads = devices.threads_per_process(options.threads, local_world)
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        devices.bind(device)
+        devices.configure_cuda_kernels(options.deterministic)
     started = False
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend)
+        # generous: rank 0 may spend long on checkpoints and its share of validation while the others wait
+        torch.distributed.init_process_group(backend=backend,
+                                             timeout=datetime.timedelta(minutes=options.ddp_timeout_minutes))
         started = True
     if world > 1:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return Runtime(device=device, autocast_dtype=dtype, use_grad_scaler=scaler, channels_last=options.channels_last,
-                   rank=rank, world_size=world, started_process_group=started)
+    channels_last = options.channels_last if options.channels_last is not None else channels_last_default(device)
+    workers, pin = loader_settings(options.loader_workers, device, local_world)
+    return Runtime(device=device, autocast_dtype=precision.dtype, use_grad_scaler=precision.grad_scaler,
+                   channels_last=channels_last, rank=rank, world_size=world, started_process_group=started,
+                   loader_workers=workers, pin_memory=pin, precision_reason=precision.reason)
+
+
+def require_deterministic_cuda_start() -> None:
+    """train.deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG before cuBLAS starts (see :mod:`pipeline.devices`)."""
+    if devices.cublas_is_deterministic():
+        return
+    if torch.cuda.is_initialized():
+        raise ConfigError(f"CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts for train.deterministic=true on "
+                          f"a GPU, got {os.environ.get('CUBLAS_WORKSPACE_CONFIG')!r} after CUDA was initialised. "
+                          f"Use the ctseg command (it sets it at start), or export "
+                          f"CUBLAS_WORKSPACE_CONFIG={devices.CUBLAS_DETERMINISTIC} first.")
+    devices.request_deterministic_cublas()
 
 
 def teardown_runtime(runtime: Runtime) -> None:
@@ -143,36 +159,58 @@ def barrier(runtime: Runtime) -> None:
         torch.distributed.barrier()
 
 
+NONDETERMINISTIC_ON_CUDA = ("the NLL loss inside DiceCE (nll_loss2d forward)",
+                            "interpolate backward (deep supervision, ClassicUNet)", "MaxPool3d backward")
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed python, numpy and torch; in deterministic mode also force deterministic kernels."""
+    """Seed python, numpy and torch; in deterministic mode also force deterministic kernels.
+
+    Exact on the CPU. On CUDA the kernels in NONDETERMINISTIC_ON_CUDA have no deterministic version, so
+    torch only warns (``warn_only``), and :class:`~pipeline.train.loop.FoldTrainer` logs each such warning
+    once: strict mode would stop the default configuration (DiceCE) at its first step on every GPU.
+    """
     if deterministic:
         from monai.utils import set_determinism
 
         set_determinism(seed=seed)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        devices.request_deterministic_cublas()  # no-op when set at process start (see require_deterministic_cuda_start)
         torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as plain lists and tensors (loadable with weights_only=True)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Python, numpy and torch RNG states as plain lists and tensors (loadable with weights_only=True).
+
+    On CUDA only the training device's generator is saved: the other GPUs' generators are unused by this
+    process, and a resume may see fewer GPUs.
+    """
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(internal), gauss],
              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda":
+        return
+    if isinstance(saved, (list, tuple)):  # older checkpoints hold every visible GPU's generator
+        index = device.index or 0
+        if index >= len(saved):
+            log.warning("train: the checkpoint holds no CUDA random state for %s; dropout masks after the resume "
+                        "differ from an uninterrupted run", device)
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)

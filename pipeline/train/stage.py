@@ -14,7 +14,6 @@ ranks must see the same preprocess and train folders (one machine, or a shared f
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline import atomic
 from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError
 from pipeline.models import MODEL_FORMAT, network_spec
-from pipeline.preprocess.stage import load_cached_case, read_index
+from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
 from pipeline.train.loop import FoldJob, FoldTrainer
@@ -34,7 +33,9 @@ from pipeline.train.splits import make_splits
 
 log = logging.getLogger("ctseg")
 
-RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile")  # how or when, not what, is trained
+# how or when, not what, is trained (the memory layout changes float rounding only, as threads and compile do)
+RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile", "channels_last",
+                "ddp_timeout_minutes")
 
 
 def train_hash(cfg: Config) -> str:
@@ -125,14 +126,20 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
 
     run.extra.update({
         "runtime": {"device": str(runtime.device), "precision": runtime.precision,
-                    "channels_last": runtime.channels_last, "world_size": runtime.world_size},
+                    "precision_reason": runtime.precision_reason,
+                    "channels_last": runtime.channels_last, "world_size": runtime.world_size,
+                    "loader_workers": runtime.loader_workers, "pin_memory": runtime.pin_memory,
+                    # bit-exact repeats hold on the CPU; on CUDA see each fold's nondeterministic_ops
+                    "deterministic": options.deterministic,
+                    "exact_repeats": options.deterministic and runtime.device.type == "cpu"},
         "sampling": {"mode": sampling.mode, "patch_size": sampling.patch_size, "batch_size": batch_size,
                      "context_slices": sampling.context_slices},
         "network": spec, "folds": results, "cross_validation": cross_validation(finished, class_names),
         "complete": complete, "folds_done": sorted(r["fold"] for r in finished), "folds_total": len(splits),
     })
     if finished and len(finished) == len(results):  # no fold is waiting for --resume
-        model_dir = write_model_folder(out, spec, sampling, plan, finished, cfg, stage_hash)
+        model_dir = write_model_folder(out, spec, sampling, plan, finished, cfg, stage_hash,
+                                       precision={"used": runtime.precision, "reason": runtime.precision_reason})
         run.extra["model"] = str(model_dir)
     if not complete:
         log.info("train: %d of %d folds done; train the others with train.train_folds (or run again)",
@@ -159,11 +166,18 @@ def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -
                        ("val_every", options.val_every)):
         if value < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {value}.")
+    shapes = {entry["id"]: cached_shape(pre_dir, entry) for entry in entries}
+    if options.patch_size is None:
+        # the plan sizes the patch from shapes estimated before resampling; an image can come out a voxel
+        # smaller, so a planned patch is capped at the largest cached image (in whole downsampling units)
+        unit = 2 ** (len(options.channels) - 1)
+        largest = [max(shape[axis] for shape in shapes.values()) for axis in range(dims)]
+        capped = [min(int(p), max(unit, size // unit * unit)) for p, size in zip(patch, largest)]
+        if capped != [int(p) for p in patch]:
+            log.info("train: planned patch %s capped to %s to fit the largest preprocessed image %s",
+                     patch, capped, largest)
+        patch = capped
     sampling = SamplingSpec(options.mode, [int(p) for p in patch], options.context_slices)
-    shapes = {}
-    for entry in entries:
-        meta = json.loads((pre_dir / entry["meta"]).read_text(encoding="utf-8"))
-        shapes[entry["id"]] = tuple(meta["grid"]["shape"])
     check_patch_fits(sampling, shapes)
     build_augmentation(sampling, options)  # checks the augmentation settings now, not at the first step
     spec = network_spec(options.network, dims, 2 * options.context_slices + 1, len(plan["class_values"]),
@@ -187,7 +201,7 @@ def cross_validation(results: list[dict], class_names: list[str]) -> dict:
 
 
 def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict, results: list[dict],
-                       cfg: Config, stage_hash: str) -> Path:
+                       cfg: Config, stage_hash: str, precision: dict | None = None) -> Path:
     """model/: each fold's best weights and model.json (written last: its presence means complete)."""
     model_dir = out / "model"
     if model_dir.exists():
@@ -211,6 +225,7 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
         "class_values": plan["class_values"],
         "folds": folds,
         "training": {"max_steps": cfg.train.max_steps, "seed": cfg.seed, "stage_hash": stage_hash,
+                     "precision": precision,
                      "created": _dt.datetime.now().isoformat(timespec="seconds")},
     })
     return model_dir
