@@ -11,8 +11,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 
@@ -22,7 +22,7 @@ START_SECONDS = 60.0
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
-def orthanc_binary() -> Optional[str]:
+def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or (str(Path("/usr/sbin/Orthanc")) if Path("/usr/sbin/Orthanc").is_file() else None)
 
 
@@ -52,7 +52,7 @@ class Orthanc:
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.ctseg_port = ctseg_port
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
         self.config = self.folder / "orthanc.json"
         (self.folder / "storage").mkdir(parents=True, exist_ok=True)
         (self.folder / "logs").mkdir(exist_ok=True)
@@ -76,7 +76,7 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         binary = orthanc_binary()
         log = open(self.folder / "logs" / "stdout.txt", "ab")
         self.process = subprocess.Popen([binary, f"--logdir={self.folder / 'logs'}", str(self.config)],
@@ -112,7 +112,7 @@ class Orthanc:
         self.process = None
 
     # -- REST --------------------------------------------------------------------------------
-    def request(self, method: str, path: str, data: Optional[bytes] = None, content_type: str = "application/json"):
+    def request(self, method: str, path: str, data: bytes | None = None, content_type: str = "application/json"):
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": content_type} if data is not None else {})
         with urllib.request.urlopen(req, timeout=30) as response:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pacs_support import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, require_orthanc, wait_until
 from test_pacs_pull import model, orthanc, write_export  # noqa: F401 (fixtures)
 
@@ -43,7 +42,7 @@ class Listener:
         self.process = None
         self.log = out.parent / "listen.log"
 
-    def start(self) -> "Listener":
+    def start(self) -> Listener:
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.args, cwd=self.out.parent, stdout=log, stderr=subprocess.STDOUT,
@@ -74,7 +73,7 @@ class Listener:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=30)
-            raise AssertionError("ctseg listen did not stop within the timeout after SIGTERM")
+            raise AssertionError("ctseg listen did not stop within the timeout after SIGTERM") from None
 
 
 @pytest.fixture

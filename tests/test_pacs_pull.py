@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from pacs_support import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, require_orthanc
+from test_predict_helpers import write_small_model
+
 from pipeline.config import Config
 from pipeline.pacs.options import PeerOptions
 from pipeline.phantoms import PhantomOptions, make_phantom
-from test_predict_helpers import write_small_model
 
 SMALL = PhantomOptions(shape=40, slices=14, inplane_spacing_min=1.4, inplane_spacing_max=1.6,
                        slice_spacing_min=3.0, slice_spacing_max=3.5, noise_hu=0.0, direction="oblique",
@@ -53,8 +53,9 @@ def node_config(orthanc: Orthanc, **pacs) -> Config:
 
 def write_export(root: Path, seeds=(3, 4), mr: bool = False, study_date: str = "20261130") -> list[list[Path]]:
     """Phantom CT series (patients with names, to check they stay out of logs) and optionally an MR series."""
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
     from pydicom.uid import generate_uid
+
+    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
 
     series = []
     for n, seed in enumerate(seeds):

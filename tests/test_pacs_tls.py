@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from pacs_support import free_port
 
 

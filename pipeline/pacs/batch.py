@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 from pipeline import atomic
 from pipeline.config import Config
@@ -67,7 +66,7 @@ class NodeBatch:
         if self.batch.predictor is None:
             self.batch._load()
 
-    def segment(self, folder: Path, label: str, redo: bool = False) -> tuple[str, Optional[str], list[str]]:
+    def segment(self, folder: Path, label: str, redo: bool = False) -> tuple[str, str | None, list[str]]:
         """Segment the series under ``folder``; (state done/failed/skipped, reason, case ids).
 
         ``redo``: the series changed since it was segmented (more instances arrived): its done cases are
@@ -102,7 +101,7 @@ class NodeBatch:
             return "failed", "; ".join(e for e in errors if e), ids
         return "done", None, ids
 
-    def send(self, case_ids: Optional[list[str]]) -> dict:
+    def send(self, case_ids: list[str] | None) -> dict:
         """Send these cases' DICOM results (None: every done case's unsent ones) to predict.send_to."""
         from pipeline.pacs.send import send_results
 
@@ -110,7 +109,7 @@ class NodeBatch:
         self.sends.extend(report["items"])
         return report
 
-    def write_report(self, extra: Optional[dict] = None) -> dict:
+    def write_report(self, extra: dict | None = None) -> dict:
         from pipeline.predict import report as reporting
         from pipeline.predict.stage import _report
         from pipeline.stage import REPORT_FILE

@@ -24,7 +24,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from pipeline import atomic
 from pipeline.config import Config
@@ -84,7 +83,8 @@ def start_receiver(cfg: Config, spool: Spool, host: str, port: int, allowed: lis
 
     if not allowed:
         raise ConfigError("pacs.listen.allowed_calling_aes must list the AE titles allowed to send (the PACS, the "
-                          "scanners), got an empty list. Add them, e.g. --set 'pacs.listen.allowed_calling_aes=[PACS]'.")
+                          "scanners), got an empty list. Add them, e.g. "
+                          "--set 'pacs.listen.allowed_calling_aes=[PACS]'.")
     for title in allowed:
         check_ae_title(title, "each entry of pacs.listen.allowed_calling_aes")
     ae = make_ae(cfg.pacs)
@@ -116,8 +116,8 @@ def start_receiver(cfg: Config, spool: Spool, host: str, port: int, allowed: lis
                           f"port or stop the program using it.") from None
 
 
-def run_listen(cfg: Config, model_dir: Path, output_dir: Path, stop: Optional[threading.Event] = None,
-               max_seconds: Optional[float] = None) -> dict:
+def run_listen(cfg: Config, model_dir: Path, output_dir: Path, stop: threading.Event | None = None,
+               max_seconds: float | None = None) -> dict:
     """Receive and segment until stopped (SIGTERM, Ctrl-C, ``stop`` set, or ``max_seconds``); returns the report."""
     from pipeline.pacs.batch import NodeBatch
 

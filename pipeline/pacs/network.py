@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Optional
 
 from pipeline.errors import ConfigError
 from pipeline.pacs.options import PacsConfig, PeerOptions
@@ -87,7 +86,7 @@ def make_ae(cfg: PacsConfig):
     return ae
 
 
-def client_tls(cfg: PacsConfig, peer: PeerOptions) -> Optional[tuple]:
+def client_tls(cfg: PacsConfig, peer: PeerOptions) -> tuple | None:
     """``tls_args`` for ``AE.associate`` when the peer uses TLS, else None."""
     if not peer.tls:
         return None
@@ -100,7 +99,7 @@ def client_tls(cfg: PacsConfig, peer: PeerOptions) -> Optional[tuple]:
     return context, peer.host
 
 
-def server_tls(cfg: PacsConfig) -> Optional[ssl.SSLContext]:
+def server_tls(cfg: PacsConfig) -> ssl.SSLContext | None:
     """The receiver's SSL context when ``pacs.use_tls_for_listen``, else None."""
     if not cfg.use_tls_for_listen:
         return None

@@ -23,12 +23,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, CtsegError
-from pipeline.pacs.network import (STORAGE_CLASSES, client_tls, describe_peer, describe_status, find_peer, make_ae,
-                                   require_pynetdicom)
+from pipeline.pacs.network import (
+    STORAGE_CLASSES,
+    client_tls,
+    describe_peer,
+    describe_status,
+    find_peer,
+    make_ae,
+    require_pynetdicom,
+)
 from pipeline.pacs.options import PeerOptions
 from pipeline.pacs.spool import Spool, series_key
 
@@ -56,11 +62,11 @@ class SeriesHit:
     study_uid: str
     series_uid: str
     modality: str
-    instances: Optional[int]
-    study_datetime: Optional[_dt.datetime] = None
+    instances: int | None
+    study_datetime: _dt.datetime | None = None
     key: str = ""
     state: str = "found"
-    reason: Optional[str] = None
+    reason: str | None = None
     cases: list = field(default_factory=list)
 
     def row(self) -> dict:
@@ -72,8 +78,8 @@ class SeriesHit:
 # Query
 # ---------------------------------------------------------------------------------------------
 
-def parse_query(items: list[str], since: Optional[str], now: Optional[_dt.datetime] = None
-                ) -> tuple[dict[str, str], Optional[_dt.datetime]]:
+def parse_query(items: list[str], since: str | None, now: _dt.datetime | None = None
+                ) -> tuple[dict[str, str], _dt.datetime | None]:
     """``KEY=VALUE`` items (DICOM keywords) and ``--since`` → (attributes, earliest study time)."""
     from pydicom.datadict import tag_for_keyword
 
@@ -180,7 +186,7 @@ def _find(assoc, model, identifier, peer: PeerOptions) -> list:
     return results
 
 
-def _study_datetime(ds) -> Optional[_dt.datetime]:
+def _study_datetime(ds) -> _dt.datetime | None:
     date, clock = str(ds.get("StudyDate", "") or ""), str(ds.get("StudyTime", "") or "")
     try:
         day = _dt.datetime.strptime(date[:8], "%Y%m%d")
@@ -311,8 +317,8 @@ def qido_series(peer: PeerOptions, query: dict[str, str], modalities: list[str],
 # The command
 # ---------------------------------------------------------------------------------------------
 
-def run_pull(cfg: Config, model_dir: Path, output_dir: Path, query_items: list[str], since: Optional[str] = None,
-             retry_failed: bool = False, now: Optional[_dt.datetime] = None) -> PullResult:
+def run_pull(cfg: Config, model_dir: Path, output_dir: Path, query_items: list[str], since: str | None = None,
+             retry_failed: bool = False, now: _dt.datetime | None = None) -> PullResult:
     """Query, retrieve and segment (see the module docstring); returns the predict report with a ``pull`` part."""
     from pipeline.dicom.select import SelectionRules
     from pipeline.pacs.batch import NodeBatch

@@ -19,10 +19,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from pipeline.errors import ConfigError
-from pipeline.pacs.network import describe_peer, describe_status, find_peer, make_ae, client_tls
+from pipeline.pacs.network import client_tls, describe_peer, describe_status, find_peer, make_ae
 from pipeline.pacs.options import PacsConfig, PeerOptions
 
 log = logging.getLogger("ctseg.pacs")
@@ -69,7 +68,7 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def dicom_outputs(folder: Path, case_ids: Optional[list[str]] = None) -> list[Item]:
+def dicom_outputs(folder: Path, case_ids: list[str] | None = None) -> list[Item]:
     """Every DICOM output of every done case (of ``case_ids`` when given), from the ledger."""
     from pipeline.predict.ledger import read_case_rows
 
@@ -84,7 +83,7 @@ def dicom_outputs(folder: Path, case_ids: Optional[list[str]] = None) -> list[It
     return items
 
 
-def send_results(cfg: PacsConfig, folder: Path, destinations: list[str], case_ids: Optional[list[str]] = None,
+def send_results(cfg: PacsConfig, folder: Path, destinations: list[str], case_ids: list[str] | None = None,
                  resend: bool = False) -> dict:
     """Send the DICOM results of ``folder``'s done cases to each named peer; returns the send report.
 
@@ -111,7 +110,7 @@ def send_results(cfg: PacsConfig, folder: Path, destinations: list[str], case_id
                 todo.append(item)
             if todo:
                 results = _stow(peer, todo) if peer.url else _c_store(cfg, peer, todo)
-                for item, (status, peer_status, error, sop_class) in zip(todo, results):
+                for item, (status, peer_status, error, sop_class) in zip(todo, results, strict=True):
                     _record(db, item, peer.name, status, peer_status, error, sop_class)
                     report["sent" if status == "done" else "failed"] += 1
                     report["items"].append({"case": item.case_id, "output": item.output, "to": peer.name,
@@ -128,7 +127,7 @@ def send_results(cfg: PacsConfig, folder: Path, destinations: list[str], case_id
     return report
 
 
-def send_rows(db: sqlite3.Connection, case_ids: Optional[list[str]] = None) -> list[dict]:
+def send_rows(db: sqlite3.Connection, case_ids: list[str] | None = None) -> list[dict]:
     rows = [dict(r) for r in db.execute("SELECT * FROM sends ORDER BY case_id, output, destination")]
     return [r for r in rows if case_ids is None or r["case_id"] in case_ids]
 
@@ -144,8 +143,8 @@ def read_sends(folder: Path) -> list[dict]:
         db.close()
 
 
-def _record(db, item: Item, destination: str, status: str, peer_status: Optional[str], error: Optional[str],
-            sop_class: Optional[str]) -> None:
+def _record(db, item: Item, destination: str, status: str, peer_status: str | None, error: str | None,
+            sop_class: str | None) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute("INSERT INTO sends (case_id, output, destination, path, sha256, sop_class, status, peer_status, "

@@ -19,7 +19,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from pipeline import atomic
 
@@ -34,7 +33,7 @@ CREATE TABLE IF NOT EXISTS series (
 
 
 def series_key(study_uid: str, series_uid: str) -> str:
-    return "s" + hashlib.sha256(f"{study_uid}/{series_uid}".encode("utf-8")).hexdigest()[:16]
+    return "s" + hashlib.sha256(f"{study_uid}/{series_uid}".encode()).hexdigest()[:16]
 
 
 def instance_name(sop_instance_uid: str) -> str:
@@ -104,7 +103,7 @@ class Spool:
         with self._lock:
             self._set(key, "complete", None, only_from=("receiving",))
 
-    def check_quiet(self, quiet_seconds: float, complete_on: str, now: Optional[float] = None) -> list[str]:
+    def check_quiet(self, quiet_seconds: float, complete_on: str, now: float | None = None) -> list[str]:
         """Series receiving with no instance for ``quiet_seconds`` and no live association delivering to them:
         complete (complete_on quiet) or incomplete (complete_on release: the sender never released)."""
         now = time.time() if now is None else now
@@ -152,7 +151,7 @@ class Spool:
             return {"incomplete": interrupted, "requeued": requeued}
 
     # -- segmenting ------------------------------------------------------------------------------
-    def take_complete(self) -> Optional[tuple[str, int]]:
+    def take_complete(self) -> tuple[str, int] | None:
         """Claim the oldest complete series for segmentation: (key, instances), or None."""
         with self._lock:
             row = self._db.execute("SELECT key, instances FROM series WHERE state = 'complete' "
@@ -174,7 +173,7 @@ class Spool:
         with self._lock:
             return any(key in keys for keys in self._assocs.values())
 
-    def finish(self, key: str, state: str, reason: Optional[str], cases: list[str], instances: int) -> bool:
+    def finish(self, key: str, state: str, reason: str | None, cases: list[str], instances: int) -> bool:
         """Record the outcome, unless new instances arrived meanwhile (then the series is receiving again and is
         segmented again once complete). Returns whether the outcome was recorded."""
         import json
@@ -193,7 +192,7 @@ class Spool:
         self._db.execute("UPDATE series SET instances = ? WHERE key = ?", (count, key))
         return count
 
-    def _set(self, key: str, state: str, reason: Optional[str], only_from: tuple[str, ...]) -> None:
+    def _set(self, key: str, state: str, reason: str | None, only_from: tuple[str, ...]) -> None:
         if state == "complete":
             self._recount(key)
         marks = ",".join("?" * len(only_from))
@@ -204,7 +203,7 @@ class Spool:
         with self._lock:
             return [dict(r) for r in self._db.execute("SELECT * FROM series ORDER BY first")]
 
-    def get(self, key: str) -> Optional[dict]:
+    def get(self, key: str) -> dict | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM series WHERE key = ?", (key,)).fetchone()
             return dict(row) if row else None
