@@ -244,3 +244,27 @@ def test_quiet_mode_segments_a_series_sent_one_association_per_image_once(orthan
     assert db.execute("SELECT status, attempts FROM cases").fetchall() == [("done", 1)]
     db.close()
     assert len(orthanc.series_of("SEG")) == 1
+
+
+@pytest.mark.slow
+def test_listen_with_the_destination_down_segments_records_the_failed_send_and_resends_on_restart(
+        orthanc, model, tmp_path, listener_factory):
+    require_orthanc()
+    [files] = write_export(tmp_path / "export", seeds=(16,))
+    out = tmp_path / "out"
+    out.mkdir()
+    config = write_config(tmp_path / "node.yaml", orthanc)
+    orthanc.stop()
+    listener = listener_factory(config, model, out).start()
+    assert storescu(orthanc.ctseg_port, files).returncode == 0
+    wait_until(lambda: listener.states() == ["done"], 180, "the series segmented while the destination is down")
+    assert listener.stop() == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [case["status"] for case in report["cases"]] == ["ok"]
+    assert [row["status"] for row in report["sends"]] == ["failed"]
+    orthanc.start()
+    listener = listener_factory(config, model, out).start()  # a restart retries the failed send first
+    wait_until(lambda: len(orthanc.series_of("SEG")) == 1, 60, "the SEG sent after the restart")
+    assert listener.stop() == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(row["status"], row["attempts"]) for row in report["sends"]] == [("done", 2)]
