@@ -73,6 +73,23 @@ def test_a_restart_marks_half_received_series_incomplete_and_requeues_interrupte
     again.close()
 
 
+def test_prune_deletes_old_segmented_series_and_keeps_failed_and_incomplete_ones(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    done = _store(spool, "1.9.1", "a", series="1.2.3.2")
+    failed = _store(spool, "1.9.2", "a", series="1.2.3.3")
+    incomplete = _store(spool, "1.9.3", "b", series="1.2.3.4")
+    spool.association_ended("a", released=True)
+    for key, state in ((done, "done"), (failed, "failed")):
+        assert spool.take_complete_key(key)
+        assert spool.finish(key, state, None, [], 1)
+    assert spool.prune(7.0) == 0  # not old yet
+    assert spool.prune(7.0, now=spool.get(done)["updated"] + 8 * 86400) == 1
+    assert spool.get(done) is None and not spool.folder(done).exists()
+    assert spool.folder(failed).is_dir() and spool.folder(incomplete).is_dir()
+    assert spool.prune(0.0, now=1e12) == 0
+    spool.close()
+
+
 def test_series_keys_and_file_names_are_hashes_without_uids():
     key = series_key("1.2.840.99.1", "1.2.840.99.2")
     assert key.startswith("s") and "840" not in key and len(key) == 17

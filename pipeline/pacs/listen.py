@@ -132,6 +132,10 @@ def run_listen(cfg: Config, model_dir: Path, output_dir: Path, stop: threading.E
     server = None
     previous = None
     try:
+        pruned = spool.prune(cfg.pacs.spool_retention_days)
+        if pruned:
+            log.info("listen: removed the received images of %d series segmented more than %g days ago", pruned,
+                     cfg.pacs.spool_retention_days)
         recovered = spool.recover()
         if recovered["incomplete"]:
             log.warning("listen: %d series were half received when the receiver stopped; they wait for a resend",

@@ -76,5 +76,9 @@ class PacsConfig:
     timeout_seconds: float = field(default=30.0, metadata={
         "help": "Network, association and DIMSE response timeout (s); a peer that does not answer fails the "
                 "operation after this long."})
+    spool_retention_days: float = field(default=7.0, metadata={
+        "help": "Received images of series that were segmented (or skipped) are deleted from <OUT>/private/"
+                "pacs-spool this many days later, at the next pull or listen start; failed and incomplete series "
+                "are kept. 0 keeps everything."})
     max_series: int = field(default=500, metadata={
         "help": "ctseg pull retrieves at most this many series per run (a query that matches more is refused)."})

@@ -336,6 +336,7 @@ def run_pull(cfg: Config, model_dir: Path, output_dir: Path, query_items: list[s
     explicit_modality = "Modality" in query
     batch = NodeBatch(cfg, model_dir, output_dir, retry_failed=retry_failed)
     spool = Spool(spool_root(output_dir))
+    spool.prune(pacs.spool_retention_days)
     receiver = None
     hits: list[SeriesHit] = []
     try:

@@ -150,6 +150,23 @@ class Spool:
             self._db.execute("COMMIT")
             return {"incomplete": interrupted, "requeued": requeued}
 
+    def prune(self, days: float, now: Optional[float] = None) -> int:
+        """Delete the received files of series done or skipped more than ``days`` ago (their results are in the
+        predict folder; the copy of the patient's images is not kept for ever). Failed and incomplete series are
+        kept for investigation. ``days`` <= 0 keeps everything. Returns how many series were removed."""
+        import shutil
+
+        if days <= 0:
+            return 0
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM series WHERE state IN ('done', 'skipped') AND updated < ?",
+                                    (now - days * 86400.0,)).fetchall()
+            for row in rows:
+                shutil.rmtree(self.folder(row["key"]), ignore_errors=True)
+                self._db.execute("DELETE FROM series WHERE key = ?", (row["key"],))
+            return len(rows)
+
     # -- segmenting ------------------------------------------------------------------------------
     def take_complete(self) -> tuple[str, int] | None:
         """Claim the oldest complete series for segmentation: (key, instances), or None."""
