@@ -443,7 +443,9 @@ def _pull_one(cfg, peer, hit: SeriesHit, spool: Spool, batch, moved: list, dicom
     row = spool.get(hit.key)
     stored = int(row["instances"]) if row else 0
     expected = hit.instances
-    if count == 0 or (expected is not None and stored < expected):
+    # without the PACS's instance count, only a fully successful retrieval (no failed sub-operation) is trusted
+    unsure = expected is None and not status.startswith(("0x0000", "WADO-RS complete"))
+    if count == 0 or unsure or (expected is not None and stored < expected):
         hit.state = "retrieve_failed"
         hit.reason = (f"retrieval ended with {stored} of {expected if expected is not None else '?'} instance(s) "
                       f"in the spool (final status {status}); not segmented, pull again to complete it")
