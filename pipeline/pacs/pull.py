@@ -320,7 +320,6 @@ def qido_series(peer: PeerOptions, query: dict[str, str], modalities: list[str],
 def run_pull(cfg: Config, model_dir: Path, output_dir: Path, query_items: list[str], since: str | None = None,
              retry_failed: bool = False, now: _dt.datetime | None = None) -> PullResult:
     """Query, retrieve and segment (see the module docstring); returns the predict report with a ``pull`` part."""
-    from pipeline.dicom.select import SelectionRules
     from pipeline.pacs.batch import NodeBatch
     from pipeline.pacs.listen import spool_root, start_receiver, store_handler
     from pipeline.predict.cases import dicom_case_id
@@ -332,7 +331,7 @@ def run_pull(cfg: Config, model_dir: Path, output_dir: Path, query_items: list[s
         raise ConfigError(f"pacs.retrieve wado needs a DICOMweb url for peer {peer.name}, got none. Set "
                           f"pacs.peers[...].url or use retrieve: get.")
     query, earliest = parse_query(query_items, since, now)
-    rules = getattr(cfg.ingest, "selection", None) or SelectionRules()
+    rules = cfg.ingest.select
     explicit_modality = "Modality" in query
     batch = NodeBatch(cfg, model_dir, output_dir, retry_failed=retry_failed)
     spool = Spool(spool_root(output_dir))
