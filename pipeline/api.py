@@ -47,6 +47,20 @@ def ingest(cfg: Config, source: Path | None = None, output: Path | None = None, 
     return report
 
 
+def require_dataset(cfg: Config, stage: str, upstream: str) -> None:
+    """Say first that no dataset is configured, before sending the user back through the upstream stages."""
+    from pipeline.errors import ConfigError
+    from pipeline.stage import read_done
+
+    if cfg.dataset or read_done(cfg.stage_dir(upstream)) is not None:
+        return
+    raise ConfigError(f"{stage} needs a dataset with labels, but no dataset is configured (and experiment "
+                      f"'{cfg.experiment}' has no finished {upstream} stage in {cfg.stage_dir(upstream)}). Pass "
+                      f"-c configs/<name>.yaml or --set dataset=datasets/<name>/dataset.yaml; for an export without "
+                      f"a description, 'ctseg ingest EXPORT --output DIR' writes DIR/dataset.suggested.yaml to "
+                      f"start from. Then run 'ctseg run' (ingest, preprocess, train).")
+
+
 def preprocess(cfg: Config, force: bool = False) -> dict:
     """Fingerprint and plan the ingested training set, then resample, window and cache every case.
 
@@ -54,6 +68,7 @@ def preprocess(cfg: Config, force: bool = False) -> dict:
     """
     from pipeline.preprocess.stage import run_preprocess
 
+    require_dataset(cfg, "preprocess", "ingest")
     report = run_preprocess(cfg, force=force)
     _record_config(cfg, cfg.stage_dir("preprocess"))
     return report
@@ -66,6 +81,7 @@ def train(cfg: Config, force: bool = False, resume: bool = False) -> dict:
     """
     from pipeline.train.stage import run_train
 
+    require_dataset(cfg, "train", "preprocess")
     report = run_train(cfg, force=force, resume=resume)
     _record_config(cfg, cfg.stage_dir("train"))
     return report

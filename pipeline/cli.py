@@ -208,14 +208,16 @@ def dispatch(args) -> int:
             print(report.get("table", ""))
     elif verb == "run":
         reports = api.run(cfg, force=args.force, retry_failed=args.retry_failed)
-        return EXIT_PARTIAL if reports["predict"].get("status") == "failed" else EXIT_OK
+        partial = any(reports[stage].get("status") == "failed" for stage in ("ingest", "predict"))
+        return EXIT_PARTIAL if partial else EXIT_OK
     elif verb == "demo":
         report = api.demo(cfg, cases=args.cases)
         return EXIT_OK if report.get("passed", True) else EXIT_RUNTIME
     else:  # pragma: no cover - argparse rejects unknown verbs
         return EXIT_USAGE
     _summarise(report)
-    return EXIT_PARTIAL if report.get("status") == "failed" and verb == "predict" else (
+    # ingest with some failed cases completed the others (each failure is in report.json): exit 3 as predict
+    return EXIT_PARTIAL if report.get("status") == "failed" and verb in ("predict", "ingest") else (
         EXIT_RUNTIME if report.get("status") == "failed" else EXIT_OK)
 
 

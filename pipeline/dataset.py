@@ -7,6 +7,8 @@ paths are relative to the folder of the dataset.yaml. Example::
     name: phantom
     labels:
       - {name: liver, value: 1, color: [221, 130, 101], synonyms: [Liver]}
+      - {name: GTV, value: 2, synonyms: [GTV Primary], regex: ['^gtv[ _-]?\\d*$'], required: true}
+    exclude: ['^z_', couch, '(?i)ptv']            # structures never used (regex, case-insensitive)
     source: ../../outputs/demo/export          # a DICOM export or a folder of volumes, or:
     cases:
       - {id: p000, image: export/P000/1/2, label: nifti/p000_label.nii.gz, role: train}
@@ -46,6 +48,7 @@ class DatasetDescription:
     source: Optional[str] = None
     cases: list[DatasetCase] = field(default_factory=list)
     test_cases: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)  # regexes of structure names never used (see names.py)
     path: str = ""  # the dataset.yaml it came from; filled in by load_dataset
 
     @property
@@ -106,6 +109,22 @@ def _check(description: DatasetDescription, path: Path) -> None:
     if not description.source and not description.cases:
         raise ConfigError(f"dataset description {path} must give 'source' (an export folder) or 'cases' "
                           f"(a list of id/image/label). Add one of them.")
+    _check_patterns(description, path)
     ids = [case.id for case in description.cases]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"dataset description {path}: case ids must be unique.")
+
+
+def _check_patterns(description: DatasetDescription, path: Path) -> None:
+    """Every regex compiles, and no exclude pattern removes a label's own name or synonym."""
+    from pipeline.labels.names import compile_patterns
+
+    excluded = compile_patterns(description.exclude, f"dataset description {path}: exclude")
+    for spec in description.labels:
+        compile_patterns(spec.regex, f"dataset description {path}: label '{spec.name}' regex")
+        for alias in [spec.name, *spec.synonyms]:
+            hit = next((p.pattern for p in excluded if p.search(alias)), None)
+            if hit is not None and spec.value != 0:
+                raise ConfigError(f"dataset description {path}: exclude pattern '{hit}' must not match the name or "
+                                  f"synonym '{alias}' of label '{spec.name}', or that label could never be found. "
+                                  f"Narrow the pattern or rename the label.")

@@ -42,8 +42,8 @@ AUTO_WITH_NATIVE_BF16: dict[tuple[str, str], tuple[str, str]] = {
     ("train", "cuda"): ("bf16", "bf16 autocast, the standard mixed precision of GPUs with native bf16 (no "
                                 "GradScaler needed)"),
     # predict on the CPU stays fp32 so that every CPU writes the same labels: bf16 met the 0.995 per-class
-    # agreement (demo model: >= 0.9977 per class and case) but changes a few boundary voxels, and was slower on
-    # the demo network (0.88x) while faster on the spleen-size UNet at 96^3 (about 2x)
+    # agreement (demo model: >= 0.9977 per class and case) but changes a few boundary voxels; its speed against
+    # fp32 was 0.8-1.4x on the demo network and 1.6-2.5x on the spleen-size UNet at 96^3
     ("predict", "cpu"): ("fp32", "the same labels on every CPU; bf16 (opt-in, predict.precision=bf16) agreed with "
                                  "fp32 to a per-class Dice >= 0.9977 on the demo model but changes boundary voxels"),
     ("predict", "cuda"): ("bf16", "bf16 labels agreed with fp32 to a per-class Dice >= 0.9977 (demo model, "

@@ -8,8 +8,17 @@ Every stage writes into its own folder and follows the same life cycle:
 2. Each case runs through :meth:`StageRun.case`. A case whose record in ``cases/<id>.json`` has
    status ``ok``, the same hash and outputs that still exist is skipped; this is how an
    interrupted stage resumes. A :class:`~pipeline.errors.CaseError` marks that case failed and the
-   stage moves on.
-3. :meth:`StageRun.finish` writes ``report.json`` and then, last, ``done.json``.
+   stage moves on. So does any other exception raised inside one case (MemoryError, a library's
+   HeaderDataError, a bug): the case fails with a one-line reason, its traceback goes into the
+   case's record and ``errors.log`` in the stage folder (on stderr only with ``--debug``), and the
+   other cases carry on.
+3. :meth:`StageRun.finish` writes ``report.json`` and then, last, ``done.json``. A batch stage may
+   complete with failed cases (``allow_failed``): ``done.json`` then lists them, a rerun retries
+   only those (finished cases resume) and downstream stages see a new upstream hash when the set
+   of failed cases changes.
+
+:func:`check_output_outside_inputs` is the one check that an output folder is not, and is not
+inside, an input folder (its outputs would be read back as inputs).
 """
 from __future__ import annotations
 
@@ -21,18 +30,20 @@ import platform
 import re
 import shutil
 import time
+import traceback as _traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline import atomic
-from pipeline.errors import CaseError, CtsegError
+from pipeline.errors import CaseError, ConfigError, CtsegError
 
 log = logging.getLogger("ctseg")
 
 DONE_FILE = "done.json"
 REPORT_FILE = "report.json"
+ERRORS_LOG = "errors.log"
 _VERSIONED = ("ctseg", "torch", "monai", "numpy", "nibabel", "pydicom", "SimpleITK", "highdicom")
 
 
@@ -62,7 +73,29 @@ def upstream_hash(stage_dir: Path, stage_name: str) -> str:
     if done is None:
         raise CtsegError(f"the {stage_name} stage output {stage_dir} must be complete before this stage runs, "
                          f"but it has no {DONE_FILE}. Run 'ctseg {stage_name}' (or 'ctseg run') first.")
-    return done["hash"]
+    failed = done.get("failed_cases")
+    if not failed:
+        return done["hash"]
+    # completed with failed cases: a rerun that fixes some of them changes what downstream stages read
+    import hashlib
+
+    return hashlib.sha256(json.dumps([done["hash"], sorted(failed)]).encode()).hexdigest()[:16]
+
+
+def check_output_outside_inputs(output: Path, inputs: list[Path], option: str = "--output") -> None:
+    """Refuse an output folder that is, or is inside, one of ``inputs`` (raises ConfigError, exit 2)."""
+    out = Path(output).expanduser().resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        folder = Path(source).expanduser().resolve()
+        if folder.is_file() and out != folder:
+            continue  # a single input file: only writing onto the file itself would read outputs back
+        if out == folder or folder in out.parents:
+            where = "is the input folder" if out == folder else "lies inside the input folder"
+            raise ConfigError(f"{option} must be outside the input folder, got {output}, which {where} {source}: "
+                              f"its outputs would be read back as inputs on the next run. Choose an output folder "
+                              f"outside the input.")
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -82,6 +115,7 @@ class CaseRecord:
     outputs: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     error: str | None = None
+    traceback: str | None = None  # for a failure that was not a refusal of the input (see StageRun.case)
     seconds: float = 0.0
     hash: str = ""
     extra: dict = field(default_factory=dict)
@@ -103,13 +137,16 @@ class StageRun:
         self.extra: dict = {}
         self.skipped_up_to_date = False
         self.resume_cases = True  # False after open(force=True): every case is done again
+        # applied to error texts and tracebacks before they are written (e.g. to drop input paths that
+        # may name the patient); the identity by default
+        self.redact: Callable[[str], str] = lambda text: text
 
     @classmethod
     def open(cls, name: str, folder: Path, stage_hash: str, force: bool = False, device: str = "cpu") -> "StageRun":
         run = cls(name, folder, stage_hash, device=device)
         run.resume_cases = not force
         done = read_done(run.folder)
-        if done and done.get("hash") == stage_hash and not force:
+        if done and done.get("hash") == stage_hash and not force and not done.get("failed_cases"):
             run.skipped_up_to_date = True
             return run
         run.folder.mkdir(parents=True, exist_ok=True)
@@ -157,13 +194,32 @@ class StageRun:
             record.status = "ok"
         except CaseError as exc:
             record.status = "failed"
-            record.error = str(exc)
-            log.error("%s: %s", self.name, exc)
+            record.error = self.redact(str(exc))
+            log.error("%s: %s", self.name, record.error)
+        except Exception as exc:  # noqa: BLE001 - one case must never end the batch
+            record.status = "failed"
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            record.error = self.redact(f"case {case_id}: unexpected {type(exc).__name__}: {first} (traceback in "
+                                       f"{ERRORS_LOG} and cases/{safe_name(case_id)}.json; rerun with --debug to "
+                                       f"see it on stderr)")
+            record.traceback = self.redact("".join(_traceback.format_exception(exc)))
+            self._append_error_log(case_id, record.traceback)
+            log.error("%s: %s", self.name, record.error)
+            log.debug("%s: case %s traceback:\n%s", self.name, case_id, record.traceback)
         finally:
             record.seconds = round(time.perf_counter() - start, 3)
             self.records[case_id] = record
             if record.status != "running":
                 atomic.write_json(self._case_path(case_id), record.to_json())
+
+    def _append_error_log(self, case_id: str, text: str) -> None:
+        stamp = _dt.datetime.now().isoformat(timespec="seconds")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / ERRORS_LOG, "a", encoding="utf-8") as handle:
+                handle.write(f"--- {stamp} {self.name} case {case_id}\n{text}\n")
+        except OSError as exc:  # a full disk must not hide the case's own failure
+            log.error("%s: could not append to %s (%s)", self.name, self.folder / ERRORS_LOG, exc.strerror or exc)
 
     # -- completion ----------------------------------------------------------------------------
     @property
@@ -190,17 +246,22 @@ class StageRun:
             **self.extra,
         }
 
-    def finish(self, complete: bool | None = None) -> dict:
-        """Write report.json, then done.json (last) unless a case failed or ``complete`` is False."""
+    def finish(self, complete: bool | None = None, allow_failed: bool = False) -> dict:
+        """Write report.json, then done.json (last) unless a case failed or ``complete`` is False.
+
+        With ``allow_failed`` a stage whose failed cases are each recorded with their reason still
+        completes; ``done.json`` lists the failed cases (see the module docstring).
+        """
         report = self.report()
         atomic.write_json(self.folder / REPORT_FILE, report)
         if complete is None:
-            complete = not self.failed
+            complete = allow_failed or not self.failed
         if complete:
-            atomic.write_json(self.folder / DONE_FILE, {
-                "stage": self.name, "hash": self.hash,
-                "finished": _dt.datetime.now().isoformat(timespec="seconds"),
-            })
+            done = {"stage": self.name, "hash": self.hash,
+                    "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+            if self.failed:
+                done["failed_cases"] = sorted(r.id for r in self.failed)
+            atomic.write_json(self.folder / DONE_FILE, done)
         return report
 
 

@@ -248,7 +248,7 @@ def test_missing_slice_is_interpolated_within_the_gap_limit(tmp_path):
 def test_gap_beyond_the_limit_is_refused(tmp_path):
     write_phantom(tmp_path, drop_slices=[3, 4, 5])
     series = _only_series(tmp_path)
-    with pytest.raises(InputError, match=r"got a 8.00 mm gap between slices 2 and 3 where slices are 2.00 mm apart"):
+    with pytest.raises(InputError, match=r"got a 8.00 mm gap between slices 2 and 3 \(IM0003.dcm and IM0004.dcm\) where slices are 2.00 mm apart"):
         assemble_series(series)
     assembled = assemble_series(series, AssemblyOptions(max_gap_slices=4.0))
     assert np.array_equal(assembled.volume.array, phantom_array())
@@ -349,6 +349,9 @@ def test_enhanced_ct_per_frame_rescale_and_positions(tmp_path):
     dataset.save_as(path)
     series = _only_series(path)
     assert len({s.rescale_intercept for s in series.slices}) == 10
-    assembled = assemble_series(series)
+    with pytest.raises(InputError, match=r"must use one RescaleSlope/RescaleIntercept .* enhanced.dcm frame 2"):
+        assemble_series(series)  # by default differing values refuse: in CT they are a sign of damage
+    assembled = assemble_series(series, AssemblyOptions(varying_rescale="allow"))
+    assert any("use their own RescaleSlope/RescaleIntercept" in w for w in assembled.warnings)
     expected = phantom_array() + 10 * np.arange(10)[None, None, :]  # slice k got intercept + 10 k
     assert np.array_equal(assembled.volume.array, expected)

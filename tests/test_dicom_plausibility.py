@@ -75,3 +75,19 @@ def test_few_slices_and_tiny_field_of_view_are_flagged():
                         "case: tiny field of view: 10.0 x 10.0 mm in-plane (< 30 mm)"]
     assert check_plausibility(_ct(shape=(20, 20, 2), spacing=(0.5, 0.5, 1.0)), "case",
                               PlausibilityOptions(min_slices=1, min_field_of_view_mm=5)) == []
+
+
+def test_training_volume_refuses_nan_shear_and_few_slices_unless_allowed():
+    from pipeline.dicom.plausibility import check_training_volume
+
+    nan = _ct()
+    nan.array[0, 0, 0] = np.nan
+    sheared = _ct()
+    sheared.affine[:3, 2] = [0.0, 0.5, 2.0]
+    single = _ct(shape=(64, 64, 1))
+    for volume, setting in ((nan, "allow_non_finite"), (sheared, "allow_sheared"), (single, "allow_few_slices")):
+        with pytest.raises(InputError, match=rf"case must be a finite CT volume .* set ingest.plausibility.{setting}"):
+            check_training_volume(volume, "case")
+        warnings = check_training_volume(volume, "case", PlausibilityOptions(**{setting: True}))
+        assert len(warnings) == 1  # accepted, with the problem named
+    assert check_training_volume(_ct(), "case") == []

@@ -220,7 +220,7 @@ def test_localizer_inside_an_axial_series_becomes_its_own_part(tmp_path):
     parts = sorted(scan_export(tmp_path).series, key=lambda s: s.part)
     assert [(p.orientation_label, p.slice_count) for p in parts] == [("axial", 10), ("coronal", 2)]
     assert parts[0].split_reason.startswith("series mixes orientations (10 images 40x36 axial, 2 images 40x36 "
-                                            "coronal); split into 2 parts")
+                                            "coronal [IM0001.dcm, IM0002.dcm]); split into 2 parts")
 
 
 def test_secondary_capture_sharing_a_series_uid_is_split_by_sop_class(tmp_path):

@@ -90,7 +90,7 @@ def test_dicom_export_gives_an_anonymous_case_and_a_valid_dicom_seg(tmp_path: Pa
                     SeriesWriteOptions(patient_name="DOE^JOHN", patient_id="PID-4711", modality="MR",
                                        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", series_number=2))
     found = discover_cases(export)
-    assert len(found.cases) == 1 and found.cases[0].case_id.startswith("ct-")
+    assert len(found.cases) == 1 and found.cases[0].case_id.startswith("case_")
     assert any("not selected" in note for note in found.skipped)
     case = found.cases[0]
     assert "DOE" not in case.case_id and "4711" not in case.source

@@ -99,3 +99,31 @@ def test_killed_ingest_resumes_without_corrupt_files(tmp_path):
         assert load_volume(path).array.shape == (160, 160, 80)  # every file is complete and readable
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["cases"]) == 8
+
+
+def test_any_exception_fails_only_its_case_and_the_stage_completes(tmp_path, caplog):
+    """MemoryError, a library's exception or a bug inside one case: recorded with its traceback, batch goes on."""
+    from nibabel.spatialimages import HeaderDataError
+
+    outputs = tmp_path / "stage"
+    run = StageRun.open("demo-stage", outputs, "hash-a")
+    failures = {"a": MemoryError("Unable to allocate 8.00 GiB"), "b": HeaderDataError("shape does not fit"),
+                "c": KeyError("bug")}
+    for case_id in ["a", "ok1", "b", "c", "ok2"]:
+        with run.case(case_id) as record:
+            if case_id in failures:
+                raise failures[case_id]
+            record.outputs = {}
+    report = run.finish(allow_failed=True)
+    assert report["counts"] == {"cases": 5, "ok": 2, "failed": 3, "resumed": 0}
+    records = {r["id"]: r for r in report["cases"]}
+    assert "unexpected MemoryError: Unable to allocate 8.00 GiB" in records["a"]["error"]
+    assert "HeaderDataError" in records["b"]["traceback"] and "Traceback" in records["b"]["traceback"]
+    assert json.loads((outputs / "cases" / "c.json").read_text())["traceback"].count("KeyError") >= 1
+    assert (outputs / "errors.log").read_text().count("Traceback") == 3
+    assert "Traceback" not in caplog.text  # the traceback is logged at debug level only (stderr with --debug)
+    done = json.loads((outputs / "done.json").read_text())
+    assert done["failed_cases"] == ["a", "b", "c"]
+    # a rerun is not "up to date": it retries the failed cases and resumes the finished ones
+    again = StageRun.open("demo-stage", outputs, "hash-a")
+    assert not again.skipped_up_to_date and again.is_case_done("ok1") and not again.is_case_done("a")

@@ -18,7 +18,8 @@ start=$(date +%s)
 timeout 130 python3 -m pipeline demo --experiment gpu --set train.device=cuda --set predict.device=cuda 2>&1 | tr '\r' '\n' | grep -v "step/s" > "$OUT/demo.txt"
 echo "demo on the GPU: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s"; tail -n 8 "$OUT/demo.txt"
 for f in outputs/gpu/train/report.json outputs/gpu/predict/report.json; do [ -f "$f" ] && cp "$f" "$OUT/$(echo "$f" | tr / _)"; done
-# finding 1 on the real machine: two training ranks per GPU must be refused (exit 2, one line), before any NCCL call
+# finding 1 on the real machine: more training ranks than GPUs must be refused before any NCCL call (each rank
+# prints one line and exits 2; torchrun itself then exits 1)
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 timeout 40 python3 -m torch.distributed.run --standalone --nproc_per_node $((gpus + 1)) -m pipeline train \
   -c "$(python3 -c 'from pipeline.demo import demo_config_path; print(demo_config_path())')" --experiment gpu \

@@ -38,7 +38,9 @@ the origin moved to the last row (``origin + (R−1)·column_j``). Columns and s
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -78,6 +80,24 @@ class AssemblyOptions:
     dtype: Literal["auto", "int16", "float32"] = field(default="auto", metadata={
         "help": "Voxel type: 'auto' is int16 when the rescale gives integer HU, float32 otherwise."})
     workers: int = field(default=2, metadata={"help": "Threads decoding pixel data."})
+    on_damaged: Literal["refuse", "exclude"] = field(default="refuse", metadata={
+        "help": "A damaged slice (an unreadable or truncated file beside the series, pixel attributes that "
+                "disagree with the series, pixel data that cannot be decoded, a position off the series' "
+                "line): refuse the case naming the file ('refuse'), or leave the slice out, name it in the "
+                "case's warnings and treat it as a missing slice, so the gap rules apply ('exclude')."})
+    off_line_tolerance: float = field(default=0.5, metadata={
+        "help": "A slice whose position is further than this fraction of the slice spacing from the line "
+                "through the other slices' positions is damaged."})
+    max_extent_mm: float = field(default=2000.0, metadata={
+        "help": "Largest physical extent of the assembled grid along any axis, in mm; a series that would "
+                "need more is refused (a corrupted position or spacing, not a body)."})
+    memory_budget_mb: int = field(default=0, metadata={
+        "help": "Largest memory one case may need, estimated from its headers before anything is "
+                "allocated, in MB; a case above it is refused with the size it needs. 0 = half of this "
+                "machine's physical memory."})
+    varying_rescale: Literal["refuse", "allow"] = field(default="refuse", metadata={
+        "help": "CT images of one series whose RescaleSlope or RescaleIntercept differ: refuse (a strong "
+                "sign of a damaged header) or apply each image's own values and name them in the warnings."})
 
 
 @dataclass
@@ -93,12 +113,24 @@ def assemble_series(series: SeriesInfo, options: Optional[AssemblyOptions] = Non
     """Read ``series``'s pixels into one HU volume on its exact grid (see module docstring)."""
     options = options or AssemblyOptions()
     _check_assemblable(series, options)
-    slices = _sorted_slices(series)
-    dtype = output_dtype(slices, options.dtype)
-    stack = np.empty((len(slices), series.rows, series.columns), dtype=dtype)
-    stats = decode_into(slices, stack, options.padding_hu, options.workers, series.name)
     warnings: list[str] = []
     corrections: list[dict] = []
+    _check_rescale(series, options, warnings)
+    slices = _sorted_slices(series)
+    damaged = list(series.damaged_files) + _pixel_module_outliers(slices) + _position_outliers(slices, series,
+                                                                                                options)
+    slices = _handle_damaged(slices, damaged, series, options, warnings, corrections)
+    dtype = output_dtype(slices, options.dtype)
+    _check_size(slices, series, options, dtype)
+    stack = np.empty((len(slices), series.rows, series.columns), dtype=dtype)
+    failures: list[tuple[Path, str]] = []
+    stats = decode_into(slices, stack, options.padding_hu, options.workers, series.name, failures=failures)
+    if failures:
+        bad = {path for path, _ in failures}
+        keep = [i for i, s in enumerate(slices) if s.path not in bad]
+        _handle_damaged(slices, [_Damaged(path, reason) for path, reason in failures], series, options, warnings,
+                        corrections)
+        stack, slices = stack[keep], [slices[i] for i in keep]
     if series.split_reason:
         warnings.append(f"{series.name} is part {series.part} of a split series: {series.split_reason}")
     stack, slices = _drop_duplicates(stack, slices, series, warnings, corrections)
@@ -159,6 +191,217 @@ def _check_assemblable(series: SeriesInfo, options: AssemblyOptions) -> None:
             abs(float(np.dot(series.orientation[:3], series.orientation[3:6]))) > 1e-3:
         raise InputError(f"{series.name} must have perpendicular unit row and column cosines "
                          f"(ImageOrientationPatient), got {series.orientation}. Re-export the series.")
+
+
+@dataclass(frozen=True)
+class _Damaged:
+    """A damaged slice (or file) of a series and what is wrong with it."""
+
+    path: Path
+    reason: str
+
+
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _check_rescale(series: SeriesInfo, options: AssemblyOptions, warnings: list[str]) -> None:
+    """CT needs a valid RescaleSlope/RescaleIntercept in every image, the same in all of them."""
+    if series.modality != "CT" or series.sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX):
+        return
+    for slice_ref in series.slices:
+        if slice_ref.has_modality_lut:
+            raise InputError(f"{series.name} must map stored values to HU with RescaleSlope/RescaleIntercept, got a "
+                             f"Modality LUT Sequence in {_frame_name(slice_ref)}, which ingest does not apply. "
+                             f"Re-export the series with a linear rescale.")
+        if slice_ref.rescale_problem:
+            raise InputError(f"{series.name} must give a valid RescaleSlope and RescaleIntercept in every CT image "
+                             f"(HU = stored × slope + intercept), got {slice_ref.rescale_problem} in "
+                             f"{_frame_name(slice_ref)}. HU cannot be computed for it: re-copy or re-export the "
+                             f"series.")
+    pairs: dict[tuple[float, float], list[SliceRef]] = {}
+    for slice_ref in series.slices:
+        pairs.setdefault((slice_ref.rescale_slope, slice_ref.rescale_intercept), []).append(slice_ref)
+    if len(pairs) < 2:
+        return
+    common = max(pairs, key=lambda pair: len(pairs[pair]))
+    odd = [s for pair, members in pairs.items() if pair != common for s in members]
+    listed = ", ".join(f"{_frame_name(s)} (slope {s.rescale_slope:g}, intercept {s.rescale_intercept:g})"
+                       for s in odd[:3]) + (", …" if len(odd) > 3 else "")
+    if options.varying_rescale == "refuse":
+        raise InputError(f"{series.name} must use one RescaleSlope/RescaleIntercept for all its CT images, got "
+                         f"{len(pairs)} different pairs: most images slope {common[0]:g}, intercept {common[1]:g}, "
+                         f"but {listed}. In CT this is a sign of a damaged header: re-copy or re-export the "
+                         f"series, or set varying_rescale to 'allow' if the scanner really wrote them.")
+    warnings.append(f"{series.name}: {len(odd)} image(s) use their own RescaleSlope/RescaleIntercept ({listed}); "
+                    f"each was applied to its own image (varying_rescale: allow)")
+
+
+def _frame_name(slice_ref: SliceRef) -> str:
+    return slice_ref.path.name if slice_ref.frame is None else f"{slice_ref.path.name} frame {slice_ref.frame + 1}"
+
+
+PIXEL_MODULE = ("rows", "columns", "bits_allocated", "bits_stored", "pixel_representation", "samples_per_pixel",
+                "photometric", "padding_value", "padding_range_limit")
+_PIXEL_KEYWORDS = {"rows": "Rows", "columns": "Columns", "bits_allocated": "BitsAllocated",
+                   "bits_stored": "BitsStored", "pixel_representation": "PixelRepresentation",
+                   "samples_per_pixel": "SamplesPerPixel", "photometric": "PhotometricInterpretation",
+                   "padding_value": "PixelPaddingValue", "padding_range_limit": "PixelPaddingRangeLimit"}
+
+
+def _pixel_module_outliers(slices: list[SliceRef]) -> list[_Damaged]:
+    """Slices whose pixel module disagrees with the most common one of the series."""
+    def module(slice_ref: SliceRef) -> tuple:
+        return tuple(getattr(slice_ref.pixel, name) for name in PIXEL_MODULE)
+
+    counts: dict[tuple, int] = {}
+    for slice_ref in slices:
+        counts[module(slice_ref)] = counts.get(module(slice_ref), 0) + 1
+    if len(counts) < 2:
+        return []
+    common = max(counts, key=counts.get)
+    damaged = []
+    for slice_ref in slices:
+        values = module(slice_ref)
+        if values == common:
+            continue
+        differences = ", ".join(f"{_PIXEL_KEYWORDS[name]} {value} (series: {expected})"
+                                for name, value, expected in zip(PIXEL_MODULE, values, common) if value != expected)
+        damaged.append(_Damaged(slice_ref.path, f"pixel module disagrees with the series: {differences}"))
+    return damaged
+
+
+def _position_outliers(slices: list[SliceRef], series: SeriesInfo, options: AssemblyOptions) -> list[_Damaged]:
+    """Slices (sorted along the normal) off the line through the others, or far beyond the series' ends."""
+    if len(slices) < 3:
+        return []
+    orientation = np.asarray(series.orientation, dtype=np.float64)
+    row, column, normal = orientation[:3], orientation[3:6], slice_normal(orientation)
+    positions = np.array([s.position for s in slices], dtype=np.float64)
+    w = positions @ normal
+    steps = np.diff(w)
+    valid = steps >= DUPLICATE_POSITION_MM
+    if not valid.any():
+        return []
+    spacing = float(np.median(steps[valid]))
+    tolerance = max(options.off_line_tolerance * spacing, options.spacing_tolerance_mm)
+    damaged = []
+    residual = _line_residuals(positions, row, column, w, steps, valid)
+    for index in np.flatnonzero(residual > tolerance):
+        damaged.append(_Damaged(slices[index].path, f"ImagePositionPatient {_position_text(slices[index])} lies "
+                                                    f"{residual[index]:.1f} mm off the line of the other slices "
+                                                    f"(tolerance {tolerance:.2f} mm)"))
+    # an end slice separated from the rest by more than the gap rules allow is misplaced, not a gap
+    limit = options.max_gap_slices * spacing + max(options.spacing_tolerance * spacing, options.spacing_tolerance_mm)
+    if options.max_gap_mm > 0:
+        limit = min(limit, options.max_gap_mm + options.spacing_tolerance_mm)
+    for index, gap in ((0, steps[0]), (len(slices) - 1, steps[-1])):
+        if gap > limit and gap > 10 * spacing:
+            damaged.append(_Damaged(slices[index].path, f"ImagePositionPatient {_position_text(slices[index])} lies "
+                                                        f"{gap:.1f} mm beyond the other slices ({spacing:.2f} mm "
+                                                        f"apart)"))
+    unique: dict[Path, _Damaged] = {}
+    for item in damaged:
+        unique.setdefault(item.path, item)
+    return list(unique.values())
+
+
+def _line_residuals(positions: np.ndarray, row: np.ndarray, column: np.ndarray, w: np.ndarray, steps: np.ndarray,
+                    valid: np.ndarray) -> np.ndarray:
+    """In-plane distance (mm) of each position from the robust line through all of them (tilt allowed)."""
+    squared = np.zeros(len(positions))
+    for axis in (row, column):
+        u = positions @ axis
+        slope = float(np.median(np.diff(u)[valid] / steps[valid]))  # tilt: in-plane drift per mm along normal
+        intercept = float(np.median(u - slope * w))
+        squared += (u - (intercept + slope * w)) ** 2
+    return np.sqrt(squared)
+
+
+def _off_line_files(slices: list[SliceRef], orientation: np.ndarray, tolerance_mm: float) -> list[str]:
+    """Names of the slices whose positions lie off the robust line of the others by more than tolerance_mm."""
+    if len(slices) < 3:
+        return []
+    row, column = orientation[:3], orientation[3:6]
+    positions = np.array([s.position for s in slices], dtype=np.float64)
+    w = positions @ slice_normal(orientation)
+    steps = np.diff(w)
+    valid = steps >= DUPLICATE_POSITION_MM
+    if not valid.any():
+        return []
+    residual = _line_residuals(positions, row, column, w, steps, valid)
+    return [_frame_name(slices[i]) for i in np.flatnonzero(residual > tolerance_mm)]
+
+
+def _position_text(slice_ref: SliceRef) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in slice_ref.position) + ")"
+
+
+def _handle_damaged(slices: list[SliceRef], damaged: list, series: SeriesInfo, options: AssemblyOptions,
+                    warnings: list[str], corrections: list[dict]) -> list[SliceRef]:
+    """Refuse the series naming the damaged files, or leave them out and name them (on_damaged)."""
+    if not damaged:
+        return slices
+    unique: dict[Path, str] = {}
+    for item in damaged:
+        unique.setdefault(Path(item.path), item.reason)
+    listed = "; ".join(f"{path.name}: {reason}" for path, reason in list(unique.items())[:3])
+    more = f" (and {len(unique) - 3} more)" if len(unique) > 3 else ""
+    if options.on_damaged == "refuse":
+        raise InputError(f"{series.name} must have every slice intact, got {len(unique)} damaged file(s) in its "
+                         f"folder: {listed}{more}. A damaged file may be a lost slice: re-copy or re-export the "
+                         f"series, or set ingest.assembly.on_damaged to 'exclude' to leave such files out "
+                         f"(named in the warnings; the gap rules then apply).")
+    kept = [s for s in slices if s.path not in unique]
+    if not kept:
+        raise InputError(f"{series.name} must keep at least one intact slice, got only damaged ones: {listed}{more}. "
+                         f"Re-copy or re-export the series.")
+    for path, reason in unique.items():
+        warnings.append(f"{series.name}: left out damaged file {path.name} ({reason}); it is treated as a missing "
+                        f"slice")
+    corrections.append({"type": "damaged_files_excluded", "files": [p.name for p in unique],
+                        "reasons": list(unique.values()), "slices_left_out": len(slices) - len(kept)})
+    return kept
+
+
+def _check_size(slices: list[SliceRef], series: SeriesInfo, options: AssemblyOptions, dtype: np.dtype) -> None:
+    """Refuse a grid that is physically implausible or would not fit the memory budget, before allocating."""
+    reference = slices[0]
+    rows, columns = reference.pixel.rows, reference.pixel.columns
+    row_spacing, column_spacing = series.pixel_spacing
+    orientation = np.asarray(series.orientation, dtype=np.float64)
+    positions = np.array([s.position for s in slices], dtype=np.float64)
+    offsets = positions - positions[0]
+    span = lambda axis: float(np.ptp(offsets @ axis)) if len(slices) > 1 else 0.0  # noqa: E731
+    extents = {"along rows (i)": columns * column_spacing + span(orientation[:3]),
+               "along columns (j)": rows * row_spacing + span(orientation[3:6]),
+               "along the slice normal (k)": span(slice_normal(orientation))}
+    # the stack, plus one resampled copy (tilt or spacing correction) and the stored copy written to disk
+    in_plane_growth = (1 + span(orientation[:3]) / max(columns * column_spacing, 1e-6)) * (
+        1 + span(orientation[3:6]) / max(rows * row_spacing, 1e-6))
+    needed = len(slices) * rows * columns * np.dtype(dtype).itemsize * (2 + in_plane_growth)
+    budget = memory_budget_bytes(options)
+    if needed > budget:
+        raise InputError(f"{series.name} must fit the memory budget of {budget / 2**20:.0f} MB, got an estimated "
+                         f"{needed / 2**20:.0f} MB ({len(slices)} slices of {columns}x{rows} pixels, from the "
+                         f"headers). Raise ingest.assembly.memory_budget_mb on a machine with more memory, or check "
+                         f"Rows/Columns in the files.")
+    for axis, extent in extents.items():
+        if extent > options.max_extent_mm:
+            raise InputError(f"{series.name} must fit a grid of at most {options.max_extent_mm:g} mm per axis, got "
+                             f"{extent:.0f} mm {axis} (Rows {rows}, Columns {columns}, PixelSpacing "
+                             f"{series.pixel_spacing}, slice positions from {_position_text(slices[0])} to "
+                             f"{_position_text(slices[-1])}). A position or spacing is corrupted: re-export the "
+                             f"series, or raise ingest.assembly.max_extent_mm.")
+
+
+def memory_budget_bytes(options: AssemblyOptions) -> float:
+    """The memory budget of one case in bytes (half of physical memory when not configured)."""
+    if options.memory_budget_mb > 0:
+        return float(options.memory_budget_mb) * 2**20
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    except (ValueError, OSError, AttributeError):
+        return 8.0 * 2**30
 
 
 def _sorted_slices(series: SeriesInfo) -> list[SliceRef]:
@@ -233,14 +476,16 @@ def _regular_grid(stack: np.ndarray, slices: list[SliceRef], series: SeriesInfo,
 
     if tilt <= options.tilt_tolerance_deg and wander_mm <= tolerance(np.linalg.norm(step)):
         along = offsets @ direction
-        stack, spacing, regular = _even_along(stack, along, series, options, warnings, corrections, tolerance)
+        stack, spacing, regular = _even_along(stack, along, series, options, warnings, corrections, tolerance, slices)
         affine[:3, 2] = step if regular else direction * spacing
         geometry.update(slice_spacing_mm=float(np.linalg.norm(affine[:3, 2])), regular=regular,
                         max_position_residual_mm=_residual(along))
         return stack, affine, geometry
 
-    reason = (f"gantry tilt {tilt:.2f}°" if tilt > options.tilt_tolerance_deg
-              else f"slice positions {wander_mm:.3f} mm off a straight line")
+    off_files = _off_line_files(slices, orientation, tolerance(np.linalg.norm(step)))
+    named = f" ({', '.join(off_files[:5])}{', …' if len(off_files) > 5 else ''})" if off_files else ""
+    reason = (f"gantry tilt {tilt:.2f}°{named}" if tilt > options.tilt_tolerance_deg
+              else f"slice positions {wander_mm:.3f} mm off a straight line{named}")
     if options.tilt == "refuse":
         raise InputError(f"{series.name} must have slices stacked along their normal, got {reason} (measured from "
                          f"ImagePositionPatient and ImageOrientationPatient). Set tilt to 'correct' to resample it "
@@ -254,11 +499,11 @@ def _regular_grid(stack: np.ndarray, slices: list[SliceRef], series: SeriesInfo,
                         "max_shift_columns": round(float(np.abs(shift_i).max()), 3),
                         "rows_added": int(stack.shape[1] - series.rows),
                         "columns_added": int(stack.shape[2] - series.columns),
-                        "fill_hu": fill, "interpolation": "linear within each slice"})
+                        "fill_hu": fill, "interpolation": "linear within each slice", "off_line_files": off_files})
     warnings.append(f"{series.name}: corrected {reason} by shifting each slice within its plane onto an "
                     f"orthogonal grid ({stack.shape[2]}x{stack.shape[1]} pixels)")
     along = offsets @ normal
-    stack, spacing, regular = _even_along(stack, along, series, options, warnings, corrections, tolerance)
+    stack, spacing, regular = _even_along(stack, along, series, options, warnings, corrections, tolerance, slices)
     affine[:3, 2] = normal * spacing
     geometry.update(slice_spacing_mm=float(spacing), regular=regular, max_position_residual_mm=_residual(along))
     return stack, affine, geometry
@@ -270,7 +515,7 @@ def _residual(along: np.ndarray) -> float:
 
 
 def _even_along(stack: np.ndarray, along: np.ndarray, series: SeriesInfo, options: AssemblyOptions,
-                warnings: list[str], corrections: list[dict], tolerance):
+                warnings: list[str], corrections: list[dict], tolerance, slices: list[SliceRef]):
     """Make slices equidistant along the stacking axis; return (stack, spacing, was it regular)."""
     n = len(along)
     spacing = (along[-1] - along[0]) / (n - 1)
@@ -280,22 +525,37 @@ def _even_along(stack: np.ndarray, along: np.ndarray, series: SeriesInfo, option
     nominal = float(np.median(gaps))
     largest = float(gaps.max())
     where = int(np.argmax(gaps))
+    between = f"{_frame_name(slices[where])} and {_frame_name(slices[where + 1])}"
     if largest > options.max_gap_slices * nominal + tolerance(nominal) or \
             (options.max_gap_mm > 0 and largest > options.max_gap_mm + tolerance(nominal)):
         raise InputError(
             f"{series.name} must have evenly spaced slices or gaps of at most {options.max_gap_slices:g} slice "
             f"spacings ({options.max_gap_mm:g} mm), got a {largest:.2f} mm gap between slices {where} and "
-            f"{where + 1} where slices are {nominal:.2f} mm apart. Slices are missing: re-export the complete "
-            f"series, or raise max_gap_slices/max_gap_mm to interpolate across the gap.")
+            f"{where + 1} ({between}) where slices are {nominal:.2f} mm apart. Slices are missing: re-export the "
+            f"complete series, or raise max_gap_slices/max_gap_mm to interpolate across the gap.")
     count = int(round((along[-1] - along[0]) / nominal)) + 1
     targets = np.linspace(along[0], along[-1], count)
+    # the files whose positions are off the regular grid of the median spacing (named in the warning)
+    index = np.round((along - along[0]) / nominal)
+    anchor = float(np.median(along - nominal * index))  # the grid most slices sit on, whichever slice moved
+    grid = anchor + nominal * index
+    off = [_frame_name(slices[i]) for i in np.flatnonzero(np.abs(along - grid) > tolerance(nominal))]
+    missing = int(round(float(np.sum(np.maximum(np.round(gaps / nominal) - 1, 0)))))
     stack = _interpolate_slices(stack, along, targets)
     new_spacing = float((along[-1] - along[0]) / (count - 1))
     corrections.append({"type": "uneven_spacing_resampled", "source_slices": n, "output_slices": count,
                         "median_spacing_mm": round(nominal, 5), "largest_gap_mm": round(largest, 5),
+                        "largest_gap_between": [_frame_name(slices[where]), _frame_name(slices[where + 1])],
+                        "missing_slices_interpolated": missing, "off_grid_files": off,
                         "output_spacing_mm": round(new_spacing, 6), "interpolation": "linear along k"})
-    warnings.append(f"{series.name}: uneven slice spacing (largest gap {largest:.2f} mm, median {nominal:.2f} mm) "
-                    f"resampled linearly to {count} slices {new_spacing:.3f} mm apart")
+    detail = []
+    if missing:
+        detail.append(f"{missing} missing slice(s) interpolated, largest gap between {between}")
+    if off:
+        detail.append(f"positions off the {nominal:.2f} mm grid: {', '.join(off[:5])}{', …' if len(off) > 5 else ''}")
+    warnings.append(f"{series.name}: uneven slice spacing (largest gap {largest:.2f} mm, median {nominal:.2f} mm"
+                    f"{'; ' + '; '.join(detail) if detail else ''}) resampled linearly to {count} slices "
+                    f"{new_spacing:.3f} mm apart")
     return stack, new_spacing, False
 
 

@@ -53,11 +53,23 @@ HEADER_TAGS = [Tag(keyword) for keyword in (
     "Columns", "PixelSpacing", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
     "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleIntercept", "RescaleSlope",
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "ReferencedSeriesSequence",
-    "ReferencedFrameOfReferenceSequence", "StructureSetROISequence", "DirectoryRecordSequence")]
+    "ReferencedFrameOfReferenceSequence", "StructureSetROISequence", "DirectoryRecordSequence",
+    "ModalityLUTSequence")]
+
+DICOM_UID_ROOT = b"1.2.840.10008"
 
 
 class SkipFile(Exception):
-    """A file that scan lists as skipped; the message is the reason."""
+    """A file that scan lists as skipped; the message is the reason.
+
+    ``damaged`` is True when the file looks like a DICOM object that was cut or corrupted (it may be a
+    lost slice of a series beside it), False for files that are simply not images (text, DICOMDIR).
+    """
+
+    def __init__(self, reason: str, damaged: bool = True):
+        super().__init__(reason)
+        self.damaged = damaged
+        self.series_uid = ""  # SeriesInstanceUID when the header could be read that far (attribution)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,10 @@ class SliceRef:
     pixel: PixelFormat
     # attributes that tell two images at the same position apart (acquisition, temporal position, ...)
     discriminators: tuple[tuple[str, str], ...] = ()
+    # what is wrong with RescaleSlope/RescaleIntercept as written ("" when both are valid numbers, slope
+    # non-zero); rescale_slope/intercept then hold 1/0 and a CT series must be refused (assemble)
+    rescale_problem: str = ""
+    has_modality_lut: bool = False
 
 
 @dataclass
@@ -141,22 +157,33 @@ def read_header(path: Path) -> FileHeader:
     except OSError as exc:
         raise SkipFile(f"unreadable ({exc.strerror or exc})") from exc
     if size == 0:
-        raise SkipFile("empty file (0 bytes)")
+        raise SkipFile("empty file (0 bytes)", damaged=True)
     try:
         handle = open(path, "rb")
     except OSError as exc:
         raise SkipFile(f"unreadable ({exc.strerror or exc})") from exc
+    dataset = None
     try:
         with handle:
             dataset = _read_dataset(handle)
             _skip_directory(dataset)
             _check_complete(dataset, handle.tell(), size)
             pixel_location = _pixel_data_location(handle, size, dataset)
-    except SkipFile:
+        return _file_header(path, dataset, _media_class(dataset), pixel_location)
+    except SkipFile as exc:
+        exc.series_uid = _series_uid(dataset)
         raise
     except Exception as exc:  # pydicom raises many types for damaged headers
-        raise SkipFile(f"truncated or corrupt DICOM header ({type(exc).__name__}: {_short(exc)})") from exc
-    return _file_header(path, dataset, _media_class(dataset), pixel_location)
+        skip = SkipFile(f"truncated or corrupt DICOM header ({type(exc).__name__}: {_short(exc)})")
+        skip.series_uid = _series_uid(dataset)
+        raise skip from exc
+
+
+def _series_uid(dataset) -> str:
+    try:
+        return _text(dataset, "SeriesInstanceUID") if dataset is not None else ""
+    except Exception:  # noqa: BLE001 - a damaged data set: no attribution
+        return ""
 
 
 def _media_class(dataset) -> str:
@@ -166,7 +193,7 @@ def _media_class(dataset) -> str:
 
 def _skip_directory(dataset) -> None:
     if _media_class(dataset) == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in dataset:
-        raise SkipFile("DICOMDIR media storage directory (an index of the export, not an image)")
+        raise SkipFile("DICOMDIR media storage directory (an index of the export, not an image)", damaged=False)
 
 
 def _read_dataset(handle) -> pydicom.Dataset:
@@ -178,7 +205,10 @@ def _read_dataset(handle) -> pydicom.Dataset:
     handle.seek(0)
     start = handle.read(4)
     if len(start) < 4 or start[:2] not in (b"\x08\x00", b"\x02\x00"):
-        raise SkipFile("not a DICOM file (no DICM preamble and no DICOM data set at the start)")
+        handle.seek(0)
+        if DICOM_UID_ROOT in handle.read(4096):  # a DICOM object whose preamble or first bytes were damaged
+            raise SkipFile("corrupt DICOM file (no valid DICM preamble or data set start, but DICOM UIDs inside)")
+        raise SkipFile("not a DICOM file (no DICM preamble and no DICOM data set at the start)", damaged=False)
     handle.seek(0)
     dataset = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=True)
     if "SOPClassUID" not in dataset and "Modality" not in dataset:
@@ -294,6 +324,8 @@ def _file_header(path: Path, dataset, media_class: str, pixel_location) -> FileH
     has_pixels = pixel_location is not None or ("Rows" in dataset and _is_deflated(syntax))
     if not has_pixels and header.sop_class_uid in IMAGE_SOP_CLASSES:
         raise SkipFile("image object without pixel data (truncated or incomplete file)")
+    if pixel_location is not None and ("Rows" not in dataset or "Columns" not in dataset):
+        raise SkipFile("damaged pixel module: pixel data without Rows and Columns")
     if "Rows" in dataset and "Columns" in dataset:
         if not has_pixels:
             raise SkipFile("image header without pixel data")
@@ -319,9 +351,10 @@ def _pixel_format(dataset, syntax: str, pixel_location) -> PixelFormat:
         expected = rows * columns * frames * samples * bits_allocated // 8
         if bits_allocated == 1:
             expected = math.ceil(rows * columns * frames * samples / 8)
-        if length is not None and length < expected:
-            raise SkipFile(f"truncated or inconsistent: pixel data holds {length} bytes, Rows×Columns×frames "
-                           f"needs {expected}")
+        if length is not None and length not in (expected, expected + (expected % 2)):
+            raise SkipFile(f"damaged pixel module: pixel data holds {length} bytes but Rows {rows} × Columns "
+                           f"{columns} × frames {frames} × SamplesPerPixel {samples} × BitsAllocated "
+                           f"{bits_allocated} needs {expected}")
     return PixelFormat(
         transfer_syntax=syntax, rows=rows, columns=columns, bits_allocated=bits_allocated,
         bits_stored=_int(_value(dataset, "BitsStored")) or bits_allocated,
@@ -340,6 +373,8 @@ def _slices(path: Path, dataset, header: FileHeader, pixel: PixelFormat) -> list
                   orientation=_floats(_value(dataset, "ImageOrientationPatient"), 6),
                   pixel_spacing=_floats(_value(dataset, "PixelSpacing"), 2),
                   instance_number=_int(_value(dataset, "InstanceNumber")))
+    common["rescale_problem"] = _rescale_problem(_value(dataset, "RescaleSlope"), _value(dataset, "RescaleIntercept"))
+    common["has_modality_lut"] = _value(dataset, "ModalityLUTSequence") is not None
     base_discriminators = _discriminators(dataset, header)
     if pixel.frames == 1 and per_frame is None and shared is None:
         return [_slice_ref(path, None, header, pixel, common, base_discriminators)]
@@ -353,10 +388,11 @@ def _slices(path: Path, dataset, header: FileHeader, pixel: PixelFormat) -> list
             or common["orientation"]
         values["pixel_spacing"] = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing", 2) \
             or common["pixel_spacing"]
-        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope", 1)
-        intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept", 1)
-        values["rescale_slope"] = slope[0] if slope else common["rescale_slope"]
-        values["rescale_intercept"] = intercept[0] if intercept else common["rescale_intercept"]
+        transform = _group_item(groups, "PixelValueTransformationSequence")
+        if transform is not None:
+            raw_slope, raw_intercept = _value(transform, "RescaleSlope"), _value(transform, "RescaleIntercept")
+            values["rescale_slope"], values["rescale_intercept"] = _float(raw_slope), _float(raw_intercept)
+            values["rescale_problem"] = _rescale_problem(raw_slope, raw_intercept)
         content = _group_item(groups, "FrameContentSequence")
         values["instance_number"] = _int(_value(content, "InStackPositionNumber")) if content is not None else None
         if values["instance_number"] is None:
@@ -374,7 +410,38 @@ def _slice_ref(path, frame, header, pixel, values, discriminators) -> SliceRef:
         rescale_slope=1.0 if slope in (None, 0.0) else float(slope),
         rescale_intercept=float(values["rescale_intercept"] or 0.0),
         instance_number=values["instance_number"], sop_instance_uid=header.sop_instance_uid, pixel=pixel,
-        discriminators=discriminators)
+        discriminators=discriminators, rescale_problem=values["rescale_problem"],
+        has_modality_lut=values["has_modality_lut"])
+
+
+def _rescale_problem(slope, intercept) -> str:
+    """What is wrong with a RescaleSlope/RescaleIntercept pair as written; "" when both are usable."""
+    problems = [p for p in (_number_problem("RescaleSlope", slope), _number_problem("RescaleIntercept", intercept))
+                if p]
+    if not problems and _float(slope) == 0.0:
+        problems.append("RescaleSlope is 0")
+    return "; ".join(problems)
+
+
+def _number_problem(keyword: str, value) -> str:
+    items = _split(value)
+    if not items or (isinstance(items[0], str) and not items[0].strip()):
+        return f"{keyword} is missing"
+    if len(items) > 1:
+        return f"{keyword} must be one number, got {len(items)} values"
+    text = items[0]
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        return f"{keyword} is not a number ({_printable(text)!r})"
+    if not math.isfinite(number):
+        return f"{keyword} is not finite ({number})"
+    return ""
+
+
+def _printable(value) -> str:
+    text = str(value)[:24]
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _discriminators(dataset, header: FileHeader) -> tuple[tuple[str, str], ...]:

@@ -46,8 +46,13 @@ def output_dtype(slices: list[SliceRef], requested: str = "auto") -> np.dtype:
 
 
 def decode_into(slices: list[SliceRef], out: np.ndarray, air_hu: float, workers: int = 2,
-                series_name: str = "series") -> DecodeStats:
-    """Decode ``slices[k]`` into ``out[k]`` (shape (n, rows, cols)) as HU, in parallel by file."""
+                series_name: str = "series", failures: Optional[list] = None) -> DecodeStats:
+    """Decode ``slices[k]`` into ``out[k]`` (shape (n, rows, cols)) as HU, in parallel by file.
+
+    A file that cannot be decoded raises :class:`InputError` naming it; when ``failures`` is a list,
+    ``(path, reason)`` is appended to it instead, the other files are still decoded and that file's
+    rows of ``out`` are left unset (the caller drops them).
+    """
     by_file: dict[Path, list[tuple[int, SliceRef]]] = defaultdict(list)
     for index, slice_ref in enumerate(slices):
         by_file[slice_ref.path].append((index, slice_ref))
@@ -55,7 +60,19 @@ def decode_into(slices: list[SliceRef], out: np.ndarray, air_hu: float, workers:
 
     def run(job) -> DecodeStats:
         path, members = job
-        return _decode_file(path, members, out, air_hu, series_name)
+        try:
+            return _decode_file(path, members, out, air_hu, series_name)
+        except InputError as exc:
+            if failures is None:
+                raise
+            failures.append((path, f"pixel data could not be decoded: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a codec or a damaged file: name the file, never the batch
+            message = f"{path.name} in {series_name} could not be decoded ({type(exc).__name__}: " \
+                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''}). Re-copy or re-export the file."
+            if failures is None:
+                raise InputError(message) from exc
+            failures.append((path, f"pixel data could not be decoded: {message}"))
+        return DecodeStats()
 
     stats = DecodeStats()
     if workers <= 1 or len(jobs) == 1:

@@ -1,7 +1,8 @@
 """Plausibility checks for a CT volume (from DICOM or NIfTI): does it look like CT in HU on a sane grid?
 
 :func:`check_plausibility` returns one warning per problem, and raises :class:`InputError` instead
-when :attr:`PlausibilityOptions.refuse` is set. It flags intensities that are not HU (display
+when :attr:`PlausibilityOptions.refuse` is set. :func:`check_training_volume` (ingest) also refuses
+NaN/infinite voxels, a sheared grid and too few slices unless the matching ``allow_*`` option is set. It flags intensities that are not HU (display
 values such as uint8 0–255, or no air anywhere), NaN or infinite voxels, direction cosines that are
 not orthonormal, too few slices and a tiny field of view.
 """
@@ -32,6 +33,13 @@ class PlausibilityOptions:
         "help": "A CT in HU holds air below this value somewhere; a volume whose minimum is higher is flagged."})
     max_display_value: float = field(default=255.0, metadata={
         "help": "Volumes with no air and a maximum at or below this look like 8-bit display values."})
+    allow_non_finite: bool = field(default=False, metadata={
+        "help": "Ingest refuses a volume with NaN or infinite voxels unless this is true (then a warning)."})
+    allow_sheared: bool = field(default=False, metadata={
+        "help": "Ingest refuses a volume whose direction cosines are not orthonormal (a sheared grid) unless "
+                "this is true (then a warning)."})
+    allow_few_slices: bool = field(default=False, metadata={
+        "help": "Ingest refuses a volume with fewer than min_slices slices unless this is true (then a warning)."})
 
 
 def check_plausibility(volume: Volume, source: str, options: PlausibilityOptions | None = None) -> list[str]:
@@ -43,6 +51,30 @@ def check_plausibility(volume: Volume, source: str, options: PlausibilityOptions
                          f"Check that the file is the original CT (not a screenshot or display export), or "
                          f"set plausibility refuse to false to accept it with warnings.")
     return [f"{source}: {problem}" for problem in problems]
+
+
+NON_FINITE, SHEARED, FEW_SLICES = "voxels are not finite", "direction cosines are not orthonormal", "slice(s) <"
+
+
+def check_training_volume(volume: Volume, source: str, options: PlausibilityOptions | None = None) -> list[str]:
+    """:func:`check_plausibility` for ingest: NaN/inf voxels, a sheared grid and too few slices refuse.
+
+    Each of the three refuses unless its ``allow_*`` option is set; the other checks stay warnings
+    (unless ``refuse``). Returns the warnings.
+    """
+    options = options or PlausibilityOptions()
+    warnings = check_plausibility(volume, source, options)
+    refused = [(marker, setting) for marker, setting in ((NON_FINITE, "allow_non_finite"), (SHEARED, "allow_sheared"),
+                                                         (FEW_SLICES, "allow_few_slices"))
+               if not getattr(options, setting)]
+    for warning in warnings:
+        for marker, setting in refused:
+            if marker in warning:
+                raise InputError(f"{source} must be a finite CT volume on an orthonormal grid with at least "
+                                 f"{options.min_slices} slices to be used for training, got: "
+                                 f"{warning.split(': ', 1)[-1]}. Check the source, or set "
+                                 f"ingest.plausibility.{setting}: true to accept it with a warning.")
+    return warnings
 
 
 def _intensity_problems(array: np.ndarray, options: PlausibilityOptions) -> list[str]:

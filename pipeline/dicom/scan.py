@@ -48,6 +48,9 @@ class SkippedFile:
 
     path: Path
     reason: str
+    damaged: bool = True  # looks like a cut or corrupted DICOM object (maybe a lost slice), see SkipFile
+    series_uid: str = ""  # its SeriesInstanceUID when the header could be read that far
+
 
 
 @dataclass
@@ -85,6 +88,10 @@ class SeriesInfo:
     referenced_series_uids: tuple[str, ...] = ()
     referenced_sop_uids: tuple[str, ...] = ()
     referenced_frame_of_reference_uids: tuple[str, ...] = ()
+    # files beside this series' images that could not be read as images, or that are images of this
+    # series that disagree with it (size, pixel spacing): each may be a lost slice. Assembly refuses
+    # the series or, when configured, leaves them out and names them.
+    damaged_files: list[SkippedFile] = field(default_factory=list, repr=False)
 
     @property
     def short_key(self) -> str:
@@ -149,8 +156,14 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
         raise InputError(f"{root} does not exist. Point ingest at the folder (or file) of the DICOM export.")
     paths = _list_files(root)
     result = ScanResult(root=root)
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        outcomes = list(pool.map(_read_one, paths))
+    from pipeline.progress import Progress
+
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool, \
+            Progress(len(paths), "scanning DICOM headers", unit="file") as progress:
+        outcomes = []
+        for outcome in pool.map(_read_one, paths):
+            outcomes.append(outcome)
+            progress.update()
     headers = []
     for path, outcome in zip(paths, outcomes):
         if isinstance(outcome, SkippedFile):
@@ -162,6 +175,8 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
     for key, grouping, members in _group(headers, base, result):
         result.series.extend(_series_from_group(key, grouping, members, base))
     _make_keys_unique(result.series)
+    _attach_damaged_files(result)
+    _attach_stray_series(result)
     result.series.sort(key=lambda s: (s.folder, s.series_number if s.series_number is not None else 1 << 30,
                                       s.key))
     return result
@@ -194,7 +209,30 @@ def _read_one(path: Path):
     try:
         return read_header(path)
     except SkipFile as exc:
-        return SkippedFile(path, str(exc))
+        return SkippedFile(path, str(exc), exc.damaged, exc.series_uid)
+    except Exception as exc:  # noqa: BLE001 - one unreadable file must never end the scan
+        return SkippedFile(path, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+
+
+def _attach_damaged_files(result: ScanResult) -> None:
+    """A damaged file in the folder of an image series may be one of its slices: the series must know."""
+    damaged_by_folder: dict[Path, list[SkippedFile]] = defaultdict(list)
+    for skipped in result.skipped:
+        if skipped.damaged:
+            damaged_by_folder[skipped.path.parent].append(skipped)
+    if not damaged_by_folder:
+        return
+    # a damaged file that names another series found in the export (an RTSTRUCT, another CT) is that
+    # series' loss, not this one's; a damaged or unknown SeriesInstanceUID may be this series'
+    known = {s.series_uid for s in result.series if s.series_uid}
+    for info in result.series:
+        if not info.is_image:
+            continue
+        folders = {path.parent for path in info.files}
+        for folder in sorted(folders):
+            info.damaged_files.extend(
+                f for f in damaged_by_folder.get(folder, [])
+                if not (f.series_uid and f.series_uid != info.series_uid and f.series_uid in known))
 
 
 def _drop_repeated_instances(headers: list[FileHeader], result: ScanResult) -> list[FileHeader]:
@@ -206,12 +244,23 @@ def _drop_repeated_instances(headers: list[FileHeader], result: ScanResult) -> l
         if uid:
             owner = (header.series_uid, uid)
             if owner in first_path:
-                result.skipped.append(SkippedFile(header.path, f"duplicate of {first_path[owner].name} "
-                                                               f"(same SOPInstanceUID)"))
+                # an identical copy is harmless; a copy that differs means one of the two is damaged
+                same = _same_bytes(header.path, first_path[owner])
+                result.skipped.append(SkippedFile(
+                    header.path, f"duplicate of {first_path[owner].name} (same SOPInstanceUID"
+                                 f"{', identical bytes' if same else ', but different content: one of them is damaged'})",
+                    damaged=not same))
                 continue
             first_path[owner] = header.path
         kept.append(header)
     return kept
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def _patient_hash(patient_id: str) -> str:
@@ -269,12 +318,15 @@ def _series_from_group(key: str, grouping: str, headers: list[FileHeader], base:
     for header in images:
         by_class[header.sop_class_uid].extend(header.slices)
     clusters = [c for sop_class in sorted(by_class) for c in _geometry_clusters(by_class[sop_class])]
+    clusters, stray = _absorb_stray_images(clusters)
     by_path = {h.path: h for h in images}
 
     def make(part_key: str, piece: list[SliceRef], part: int, reason: str) -> SeriesInfo:
         part_headers = [by_path[p] for p in dict.fromkeys(s.path for s in piece)]
         info = _make_series(part_key, grouping, part_headers, piece, base)
         info.part, info.split_reason = part, reason
+        if stray and piece and piece[0] in stray[0]:
+            info.damaged_files.extend(stray[1])
         return info
 
     if grouping == "fallback":  # without UIDs, each geometry is its own series, not a split one
@@ -296,6 +348,121 @@ def _series_from_group(key: str, grouping: str, headers: list[FileHeader], base:
         else:
             series.append(make(f"{key}#part{number}", piece, number, reason))
     return series
+
+
+STRAY_FRACTION = 0.1  # a geometry cluster this small (or of ≤ 2 images) inside a larger one is damage
+
+
+def _absorb_stray_images(clusters: list[list[SliceRef]]):
+    """Images that sit among a series' slices but disagree with them in size or pixel spacing are damaged.
+
+    A genuine second geometry in one series (a localizer, a reformat) has its own orientation or its
+    own extent; one or two images with the series' orientation, inside its slice range, whose Rows,
+    Columns or PixelSpacing differ are a corrupted header. They are taken out of the clusters and
+    returned as (set of the main cluster's slices, [SkippedFile]) so the series names them.
+    """
+    if len(clusters) < 2:
+        return clusters, None
+    main = max(clusters, key=len)
+    along = _positions_along_normal(main)
+    if along is None or len(main) < 3:
+        return clusters, None
+    normal = slice_normal(main[0].orientation)
+    steps = np.diff(np.sort(along))
+    steps = steps[steps >= DUPLICATE_POSITION_MM]
+    step = float(np.median(steps)) if len(steps) else 0.0
+    low, high = float(along.min()) - step, float(along.max()) + step
+    limit = max(2, int(len(main) * STRAY_FRACTION))
+    kept, damaged = [main], []
+    for cluster in clusters:
+        if cluster is main:
+            continue
+        inside = len(cluster) <= limit and all(
+            s.position is not None and (_same_orientation(s, main[0]) or not _valid_orientation(s.orientation))
+            and low <= float(np.dot(s.position, normal)) <= high for s in cluster)
+        if not inside:
+            kept.append(cluster)
+            continue
+        reference = main[0]
+        for s in cluster:
+            what = []
+            if (s.pixel.rows, s.pixel.columns) != (reference.pixel.rows, reference.pixel.columns):
+                what.append(f"Rows/Columns {s.pixel.rows}/{s.pixel.columns} (series: {reference.pixel.rows}/"
+                            f"{reference.pixel.columns})")
+            if s.pixel_spacing != reference.pixel_spacing:
+                what.append(f"PixelSpacing {s.pixel_spacing} (series: {reference.pixel_spacing})")
+            if not _same_orientation(s, reference):
+                what.append(f"ImageOrientationPatient {s.orientation} (series: {reference.orientation})")
+            if not what:
+                what.append("SOPClassUID")
+            damaged.append(SkippedFile(s.path, f"damaged: {' and '.join(what) or 'geometry'} differ from the rest "
+                                               f"of the series although the image lies among its slices"))
+    if not damaged:
+        return clusters, None
+    order = {id(c): i for i, c in enumerate(clusters)}
+    kept.sort(key=lambda c: order[id(c)])
+    return kept, (set(main), damaged)
+
+
+def _valid_orientation(orientation) -> bool:
+    """Unit, perpendicular row and column cosines (a damaged ImageOrientationPatient rarely is)."""
+    if orientation is None:
+        return False
+    values = np.asarray(orientation, dtype=np.float64)
+    return bool(abs(np.linalg.norm(values[:3]) - 1) <= 1e-3 and abs(np.linalg.norm(values[3:6]) - 1) <= 1e-3
+                and abs(float(values[:3] @ values[3:6])) <= 1e-3)
+
+
+STRAY_SERIES_IMAGES = 2  # a "series" of at most this many images lying among another's slices is damage
+
+
+def _attach_stray_series(result: ScanResult) -> None:
+    """One or two images beside a series, among its slices, that form a series of their own are damaged.
+
+    A damaged SeriesInstanceUID, StudyInstanceUID, PatientID or SOP class moves a slice of a series
+    into a "series" of its own; the series would silently lose it. Such images (same orientation, or
+    none valid; inside the series' slice range along its normal, at a position the series does not
+    already cover) are named as damaged files of it. Images at positions the series covers (key
+    images saved as a series of their own) leave it complete and are left alone.
+    """
+    images = [s for s in result.series if s.is_image]
+    for info in images:
+        if info.slice_count < 3 or info.orientation is None:
+            continue
+        along = _positions_along_normal(info.slices)
+        if along is None:
+            continue
+        step = float(info.slice_spacing or 0.0)
+        low, high = float(along.min()) - 2 * step, float(along.max()) + 2 * step
+        normal = slice_normal(info.orientation)
+        folders = {path.parent for path in info.files}
+        for other in images:
+            if other is info or other.slice_count > STRAY_SERIES_IMAGES or other.slice_count >= info.slice_count:
+                continue
+            if not {path.parent for path in other.files} <= folders:
+                continue
+            # same Study/Series UIDs but kept apart because PatientID differs: a damaged PatientID
+            patient_split = bool(other.series_uid) and other.series_uid == info.series_uid and \
+                other.study_uid == info.study_uid and "#patient-" in other.key
+            if not patient_split and not all(
+                    s.position is not None and (_same_orientation(s, info.slices[0])
+                                                or not _valid_orientation(s.orientation))
+                    and low <= float(np.dot(s.position, normal)) <= high for s in other.slices):
+                continue
+            # an image at a position the series already covers (a key image, a saved copy) takes
+            # nothing from it: only one that fills a hole or extends an end can be a lost slice
+            if not patient_split and all(float(np.min(np.abs(along - float(np.dot(s.position, normal)))))
+                                         <= 0.25 * step for s in other.slices):
+                continue
+            differing = [name for name, a, b in (
+                ("StudyInstanceUID", other.study_uid, info.study_uid), ("SeriesInstanceUID", other.series_uid,
+                                                                        info.series_uid),
+                ("PatientID", other.patient_id, info.patient_id), ("SOPClassUID", other.sop_class_uid,
+                                                                   info.sop_class_uid),
+                ("Modality", other.modality, info.modality)) if a != b] or ["its grouping attributes"]
+            for path in other.files:
+                info.damaged_files.append(SkippedFile(path, f"damaged: lies among the series' slices with the same "
+                                                            f"geometry but differs in {', '.join(differing)}"))
 
 
 def _geometry_signature(slice_ref: SliceRef) -> str:
@@ -344,8 +511,15 @@ def _describe_split(clusters: list[list[SliceRef]], sop_classes: int) -> str:
             differences.add("orientations")
         else:
             differences.add("pixel spacings")
-    sizes = ", ".join(f"{len(c)} images {_geometry_label(c[0])}" for c in clusters)
+    sizes = ", ".join(f"{len(c)} images {_geometry_label(c[0])}{_few_names(c)}" for c in clusters)
     return f"series mixes {' and '.join(sorted(differences))} ({sizes}); split into {len(clusters)} parts"
+
+
+def _few_names(cluster: list[SliceRef]) -> str:
+    """The file names of a small part, so that a warning about a split names the odd files out."""
+    if len(cluster) > 3:
+        return ""
+    return " [" + ", ".join(dict.fromkeys(s.path.name for s in cluster)) + "]"
 
 
 def _same_orientation(a: SliceRef, b: SliceRef) -> bool:
@@ -402,10 +576,14 @@ def _natural(value: str):
 def _make_series(key: str, grouping: str, headers: list[FileHeader], slices: list[SliceRef],
                  base: Path) -> SeriesInfo:
     first = headers[0]
+    # attributes that decide selection are the series' majority, so that one damaged header (often the
+    # first file) cannot change what the series is
     info = SeriesInfo(
-        key=key, grouping=grouping, modality=first.modality, sop_class_uid=first.sop_class_uid,
-        image_type=first.image_type, series_description=first.series_description,
-        series_number=first.series_number, convolution_kernel=first.convolution_kernel,
+        key=key, grouping=grouping, modality=_majority(h.modality for h in headers), sop_class_uid=first.sop_class_uid,
+        image_type=_majority(h.image_type for h in headers),
+        series_description=_majority(h.series_description for h in headers),
+        series_number=_majority(h.series_number for h in headers),
+        convolution_kernel=_majority(h.convolution_kernel for h in headers),
         slice_thickness=first.slice_thickness, study_uid=first.study_uid, series_uid=first.series_uid,
         frame_of_reference_uid=first.frame_of_reference_uid, patient_id=first.patient_id,
         manufacturer=first.manufacturer, folder=_relative_folder(first.path, base),
@@ -417,6 +595,14 @@ def _make_series(key: str, grouping: str, headers: list[FileHeader], slices: lis
     if slices:
         _describe_geometry(info, first)
     return info
+
+
+def _majority(values: Iterable):
+    """The most common value (the first one seen among equally common values)."""
+    counts: dict = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return max(counts, key=counts.get)
 
 
 def _merge(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:

@@ -72,17 +72,35 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> tuple[list[tuple[str, Path, Pat
 
 
 def class_names(cfg: Config, pred_dir: Path) -> dict[int, str] | None:
-    """Label names from the dataset, else from predict's label sidecar; None = use the values present."""
+    """Label names: from the configured dataset, else from what ``ctseg predict`` wrote beside its label maps.
+
+    Predict writes ``<case>.labels.json`` per case and ``labels.ctbl`` (a Slicer colour table,
+    ``value name r g b a``) per folder; a ``labels.json`` of the folder is read too. None: no names
+    are known, and classes are named by the values present.
+    """
     if cfg.dataset:
         from pipeline.dataset import load_dataset
 
         return {s.value: s.name for s in load_dataset(cfg.dataset).foreground()}
-    sidecar = pred_dir / "labels.json"
-    if sidecar.is_file():
-        data = json.loads(sidecar.read_text())
-        entries = data.get("labels", data) if isinstance(data, dict) else data
-        return {int(e["value"]): e["name"] for e in entries if int(e["value"]) != 0}
-    return None
+    names: dict[int, str] = {}
+    for sidecar in [pred_dir / "labels.json", *sorted(pred_dir.glob("*.labels.json"))]:
+        if not sidecar.is_file():
+            continue
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            entries = data.get("labels", data) if isinstance(data, dict) else data
+            for entry in entries:
+                if int(entry["value"]) != 0:
+                    names.setdefault(int(entry["value"]), str(entry["name"]))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("evaluate: label sidecar %s could not be read (%s); skipping it", sidecar, exc)
+    table = pred_dir / "labels.ctbl"
+    if table.is_file():
+        for line in table.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and not line.lstrip().startswith("#") and parts[0].isdigit() and int(parts[0]) != 0:
+                names.setdefault(int(parts[0]), parts[1])
+    return names or None
 
 
 def _inputs_key(pairs) -> list:

@@ -7,21 +7,46 @@ Output layout (``outputs/<experiment>/ingest/`` or ``--output DIR``)::
     provenance/<case>.json        source UIDs, chosen series and rule, corrections, warnings
     manifest.json                 what later stages read
     series.csv / series.json      every scanned series and why it was or was not selected
+    structures/<case>/*.nii.gz    one binary mask per RTSTRUCT ROI / SEG segment (pipeline.labels.structures)
+    structures.csv / .json        the structure inventory: names, types, volumes, label mapped to or why not
+    dataset.suggested.yaml        the structure names grouped into suggested labels (pipeline.labels.suggest)
     private/case_mapping.csv      case id → patient ID and UIDs (the only place patient IDs appear)
-    report.json, done.json        the stage contract (pipeline.stage)
+    private/sources.csv           case id → full input path; private/skipped_files.csv: every skipped file
+    report.json, done.json        the stage contract (pipeline.stage); errors.log: unexpected failures
 
-Case ids from a scanned export are ``case_<hash of study+series UID>``: stable across reruns and free
-of patient names or IDs, and sanitised so that no tag value can write outside the output folder.
+Privacy: input folder and file names often name the patient (``DOE_JOHN_12345/``). By default they
+appear only under ``private/`` (owner-only); logs, report.json, ``cases/`` and provenance name a case
+id, an input folder hash (``input folder #1a2b3c4d``) and file names within a series folder, and every
+error text is passed through :meth:`PathPrivacy.redact`. ``ingest.full_paths: true`` writes full paths.
+
+Isolation: any failure inside one case fails that case only (:class:`pipeline.stage.StageRun`);
+the stage completes with the others, lists the failed ones in ``done.json`` and retries them on a
+rerun. ``ctseg ingest`` exits 3 when some cases failed (as predict), 1 when none could be ingested.
+
+Ingest needs no dataset description: without one the images, the inventory and the masks are
+written, and no label maps. With one (``--set dataset=...``) each case's structures are mapped to
+its labels (:func:`pipeline.labels.names.map_structures`); a case whose required label is missing,
+empty or ambiguous is ingested but left out of training, with the reason in ``structures.csv`` and
+the report. Where structures overlap in a label map, the smaller one wins (a GTV inside a PTV
+inside BODY stays GTV). A rerun into the same folder whose export (file names, sizes, times) and
+ingest settings are unchanged reuses the images and masks written before and reads no DICOM: it
+only maps the structures again.
+
+Case ids of scanned series come from :func:`pipeline.case_ids.series_case_id`, the same function
+predict uses: stable across reruns, free of patient names or IDs, and safe as file names.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
+import hashlib
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,13 +54,17 @@ from pipeline import atomic
 from pipeline.config import Config, section_hash
 from pipeline.dataset import DatasetCase, DatasetDescription, load_dataset
 from pipeline.errors import CaseError, ConfigError, CtsegError, InputError
-from pipeline.geometry import Volume
-from pipeline.stage import StageRun, safe_name
+from pipeline.geometry import Grid, Volume
+from pipeline.labels.structures import LabelObject, Structure
+from pipeline.progress import Progress
+from pipeline.stage import StageRun, check_output_outside_inputs, read_done, safe_name
 from pipeline.volume_io import is_volume_file, load_volume, save_nifti, strip_volume_suffix
 
 log = logging.getLogger("ctseg")
 
 MANIFEST = "manifest.json"
+NO_LABEL_OBJECTS = "no RTSTRUCT or DICOM SEG in the export references this image series"
+NOT_MAPPED = "not mapped: no dataset description given (see dataset.suggested.yaml)"
 
 
 @dataclass
@@ -48,7 +77,58 @@ class CaseSource:
     series: object | None = None        # pipeline.dicom.scan.SeriesInfo for DICOM images
     selection_reason: str = ""
     label_path: Path | None = None
+    label_objects: list[LabelObject] = field(default_factory=list)  # RTSTRUCT/SEG drawn on this image
     private: dict = field(default_factory=dict)
+    previous: dict | None = None      # manifest entry of an earlier run whose images and masks are reused
+
+
+class PathPrivacy:
+    """How ingest names input paths outside ``private/`` (see the module docstring)."""
+
+    def __init__(self, roots: list[Path], full: bool):
+        self.full = full
+        forms = set()
+        for root in roots:
+            if root is not None:
+                forms |= {str(Path(root).absolute()), str(Path(root).resolve())}
+        self._pattern = re.compile("|".join(re.escape(f) + r"[^\s'\"(),;]*" for f in
+                                            sorted(forms, key=len, reverse=True))) if forms else None
+
+    @staticmethod
+    def folder_id(folder: Path) -> str:
+        return hashlib.sha1(str(Path(folder).resolve()).encode("utf-8")).hexdigest()[:8]
+
+    def describe(self, path: Path | None) -> str | None:
+        """A file as 'name in input folder #id', a folder as 'input folder #id' (full path with full_paths)."""
+        if path is None:
+            return None
+        path = Path(path)
+        if self.full:
+            return str(path)
+        if path.is_dir():
+            return f"input folder #{self.folder_id(path)}"
+        return f"{path.name} in input folder #{self.folder_id(path.parent)}"
+
+    def relative(self, path: Path | None, folder: Path) -> str | None:
+        """``path`` relative to a case's series folder (full path with full_paths)."""
+        if path is None:
+            return None
+        if self.full:
+            return str(path)
+        relative = os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+        return relative if not relative.startswith("../..") else self.describe(path)
+
+    def redact(self, text: str) -> str:
+        """Replace every input path in ``text`` by its file name ('…/IM0001.dcm') or folder hash."""
+        if self.full or self._pattern is None or not text:
+            return text
+
+        def short(match) -> str:
+            path = Path(match.group(0).rstrip(".:"))
+            tail = match.group(0)[len(str(path)):]
+            return (f"<input folder #{self.folder_id(path)}>" if path.is_dir() else f"…/{path.name}") + tail
+
+        return self._pattern.sub(short, text)
 
 
 def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = None, force: bool = False) -> dict:
@@ -58,35 +138,152 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
         raise ConfigError("ingest needs an input: give an export folder (ctseg ingest EXPORT --output DIR) or a "
                           "dataset description (--set dataset=datasets/<name>/dataset.yaml).")
     out = Path(output) if output else cfg.stage_dir("ingest")
-    inputs_key = {"source": str(Path(source).resolve()) if source else None,
+    source = Path(source).absolute() if source else None
+    dataset_root = dataset.resolve(dataset.source) if dataset is not None and dataset.source else None
+    check_output_outside_inputs(out, [source, dataset_root], "--output" if output else "the ingest folder")
+    inputs_key = {"source": str(source.resolve()) if source else None,
                   "dataset": dataset.content_hash() if dataset else None}
+    root = _scan_root(dataset, Path(source) if source else None)
+    images_key = _images_key(cfg, root)
+    reusable = None if force or images_key is None else _reusable_cases(out, images_key)
     run = StageRun.open("ingest", out, section_hash(cfg.ingest, inputs_key), force=force)
     if run.skipped_up_to_date:
         log.info("ingest: %s is up to date (config and inputs unchanged); nothing to do", out)
         return {"stage": "ingest", "status": "up_to_date", "folder": str(out)}
+    privacy = PathPrivacy([source, dataset_root, Path(dataset.path).parent if dataset is not None else None],
+                          cfg.ingest.full_paths)
+    run.redact = privacy.redact
 
-    cases, scan_summary = discover_cases(cfg, dataset, Path(source) if source else None, out)
-    run.extra["scan"] = scan_summary
-    manifest_cases = []
-    for case in cases:
-        inputs = {"image": str(case.image_path), "label": str(case.label_path) if case.label_path else None}
-        with run.case(case.id, inputs) as record:
-            if record is None:  # done in an earlier, interrupted run
-                manifest_cases.append(run.records[case.id].extra["manifest"])
-                continue
-            entry = ingest_case(cfg, dataset, case, out, record)
-            record.extra["manifest"] = entry
-            manifest_cases.append(entry)
+    if reusable is not None:
+        cases = _reused_cases(reusable, dataset)
+        run.extra["scan"] = {"reused": f"the export is unchanged since the last run ({len(cases)} case(s)): "
+                                       f"images and structure masks already written are reused, no DICOM is read"}
+        log.info("ingest: export unchanged; relabelling %d case(s) from the masks already written", len(cases))
+    else:
+        cases, scan_summary = discover_cases(cfg, dataset, source, out, privacy)
+        run.extra["scan"] = scan_summary
+    manifest_cases, inventory = [], []
+    with Progress(len(cases), "ingest: cases", unit="case") as progress:
+        for case in cases:
+            inputs = {"image": privacy.describe(case.image_path), "label": privacy.describe(case.label_path),
+                      "label_objects": [o.object_id for o in case.label_objects]}
+            with run.case(case.id, inputs) as record:
+                if record is None:  # done in an earlier, interrupted run
+                    entry = run.records[case.id].extra["manifest"]
+                    manifest_cases.append(entry)
+                    inventory.extend(_case_rows(out, entry))
+                    progress.update()
+                    continue
+                if case.previous is not None:
+                    entry, rows = relabel_case(cfg, dataset, case, out, record)
+                else:
+                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy)
+                record.extra["manifest"] = entry
+                manifest_cases.append(entry)
+                inventory.extend(rows)
+            progress.update()
     if not manifest_cases and cases:
-        first = run.failed[0].error if run.failed else "unknown"
         run.finish(complete=False)
-        raise InputError(f"no case could be ingested; the first error was: {first}")
+        raise InputError(f"no case could be ingested: all {len(cases)} case(s) failed, each with the reason "
+                         f"printed above and listed in {out / 'report.json'}. Fix those inputs and rerun.")
     labels = dataset.label_json() if dataset else []
-    atomic.write_json(out / MANIFEST, {"format": "ctseg-ingest/1", "labels": labels,
+    atomic.write_json(out / MANIFEST, {"format": "ctseg-ingest/1", "labels": labels, "images_key": images_key,
                                        "cases": sorted(manifest_cases, key=lambda c: c["id"])})
     _write_private_mapping(out, cases)
-    report = run.finish()
+    _finish_inventory(run, out, inventory, manifest_cases, root, dataset)
+    # a failed case has its reason in report.json and cases/; the others are complete (exit 3, see cli)
+    report = run.finish(allow_failed=True)
     return report
+
+
+def _finish_inventory(run: StageRun, out: Path, inventory: list[Structure], manifest_cases: list[dict],
+                      root: Path | None, dataset: DatasetDescription | None) -> None:
+    """structures.csv/.json, dataset.suggested.yaml, and the left-out cases in the report."""
+    from pipeline.labels.structures import write_inventory
+    from pipeline.labels.suggest import write_suggested
+
+    left_out = [{"case": c["id"], "reason": c["left_out"]} for c in manifest_cases if c.get("left_out")]
+    run.extra["left_out"] = left_out
+    for item in left_out:
+        log.warning("ingest: case %s left out of training: %s", item["case"], item["reason"])
+    if not inventory:
+        return
+    write_inventory(out, inventory)
+    suggested = write_suggested(out, inventory, len({r.case for r in inventory}),
+                                root if root is not None and root.is_dir() else None)
+    run.extra["structures"] = {"count": len(inventory), "cases": len({r.case for r in inventory}),
+                               "inventory": str(out / "structures.csv"), "suggested_dataset": str(suggested)}
+    if dataset is None:
+        log.info("ingest: %d structure(s) inventoried in %s; no dataset description was given, so no label maps "
+                 "were made. Edit %s and rerun with --set dataset=%s", len(inventory), out / "structures.csv",
+                 suggested, suggested)
+
+
+def _case_rows(out: Path, entry: dict) -> list[Structure]:
+    from pipeline.labels.structures import read_case_inventory
+
+    if not entry.get("structures"):
+        return []
+    return read_case_inventory(out, entry["id"]) or []
+
+
+def _scan_root(dataset: DatasetDescription | None, source: Path | None) -> Path | None:
+    if source is not None:
+        return source
+    if dataset is not None and not dataset.cases and dataset.source:
+        return dataset.resolve(dataset.source)
+    return None
+
+
+def _images_key(cfg: Config, root: Path | None) -> str | None:
+    """Hash of the ingest settings and the export's file listing (names, sizes, modification times).
+
+    Equal keys mean the images and masks of the last run still hold, without reading a file.
+    """
+    if root is None or not root.is_dir():
+        return None
+    listing = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            listing.append((path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns))
+    return section_hash(cfg.ingest, {"root": str(root.resolve()), "files": listing})
+
+
+def _reusable_cases(out: Path, images_key: str) -> list[dict] | None:
+    """The manifest cases of a complete earlier run with the same images key, when all their files remain."""
+    from pipeline.labels.structures import read_case_inventory
+
+    if read_done(out) is None or not (out / MANIFEST).is_file():
+        return None
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("images_key") != images_key:
+        return None
+    cases = manifest.get("cases", [])
+    for entry in cases:
+        if not entry.get("scanned") or not (out / entry["image"]).is_file():
+            return None
+        if entry.get("structures") and read_case_inventory(out, entry["id"]) is None:
+            return None
+    return cases or None
+
+
+def _reused_cases(entries: list[dict], dataset: DatasetDescription | None) -> list[CaseSource]:
+    test_ids = set(dataset.test_cases) if dataset else set()
+    cases = []
+    for entry in entries:
+        role = "test" if entry["id"] in test_ids else entry.get("source_role", "train")
+        cases.append(CaseSource(entry["id"], role, Path(entry.get("image_source") or entry["image"]),
+                                previous=entry))
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +291,8 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
 # ---------------------------------------------------------------------------------------------
 
 def discover_cases(cfg: Config, dataset: DatasetDescription | None, source: Path | None,
-                   out: Path) -> tuple[list[CaseSource], dict]:
+                   out: Path, privacy: PathPrivacy | None = None) -> tuple[list[CaseSource], dict]:
+    privacy = privacy or PathPrivacy([source], cfg.ingest.full_paths)
     test_ids = set(dataset.test_cases) if dataset else set()
     if source is None and dataset is not None and dataset.cases:
         return [_explicit_case(cfg, dataset, case) for case in dataset.cases], {"cases": "listed in dataset"}
@@ -108,7 +306,7 @@ def discover_cases(cfg: Config, dataset: DatasetDescription | None, source: Path
     volumes = sorted(p for p in root.rglob("*") if p.is_file() and is_volume_file(p))
     if volumes and not _has_dicom(root):
         return _volume_folder_cases(volumes, test_ids), {"volume_files": len(volumes)}
-    cases, summary = _scanned_cases(cfg, root, out)
+    cases, summary = _scanned_cases(cfg, root, out, privacy)
     for case in cases:
         if case.id in test_ids:
             case.role = "test"
@@ -149,13 +347,18 @@ def _explicit_case(cfg: Config, dataset: DatasetDescription, case: DatasetCase) 
     return CaseSource(safe_name(case.id), role, image, label_path=label)
 
 
-def _scanned_cases(cfg: Config, root: Path, out: Path) -> tuple[list[CaseSource], dict]:
+def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> tuple[list[CaseSource], dict]:
     from pipeline.dicom.scan import labels_for, scan_export
     from pipeline.dicom.select import select_series, write_series_table
 
+    from pipeline.case_ids import series_case_id
+
+    log.info("ingest: scanning %s", root)
     scan = scan_export(root, workers=cfg.workers)
     for skipped in scan.skipped:
-        log.info("ingest: skipped %s (%s)", skipped.path, skipped.reason)
+        log.info("ingest: skipped %s (%s)", privacy.describe(skipped.path), privacy.redact(skipped.reason))
+    _write_private_table(out, "skipped_files.csv", ["path", "reason"],
+                         [[str(s.path), s.reason] for s in scan.skipped])
     decisions = select_series(scan.series, cfg.ingest.select)
     write_series_table(decisions, out)
     cases = []
@@ -163,16 +366,17 @@ def _scanned_cases(cfg: Config, root: Path, out: Path) -> tuple[list[CaseSource]
         if not decision.selected:
             continue
         series = decision.series
-        case_id = _case_id(cfg, series)
-        matches = labels_for(series, scan.series)
-        label = Path(matches[0].label.files[0]) if matches else None
+        case_id = series_case_id(series, cfg.ingest.anonymise_case_ids)
+        objects = [LabelObject(Path(path), match.label.modality, f"{match.label.modality} {match.label.short_key}")
+                   for match in labels_for(series, scan.series) for path in sorted(match.label.files)]
         cases.append(CaseSource(case_id, "train", root / series.folder, series=series,
-                                selection_reason=decision.reason, label_path=label,
+                                selection_reason=decision.reason, label_objects=objects,
                                 private={"patient_id": series.patient_id, "study_uid": series.study_uid,
                                          "series_uid": series.series_uid}))
     summary = {"files_skipped": len(scan.skipped), "series": len(scan.series),
                "series_selected": len(cases),
-               "skipped_files": [{"path": str(s.path), "reason": s.reason} for s in scan.skipped]}
+               "skipped_files": [{"path": privacy.describe(s.path), "reason": privacy.redact(s.reason)}
+                                 for s in scan.skipped]}
     if not cases:
         raise InputError(f"{root} holds no CT series that ingest can use ({len(scan.series)} series found, "
                          f"{len(scan.skipped)} files skipped). See {out / 'series.csv'} for the reason per "
@@ -180,74 +384,230 @@ def _scanned_cases(cfg: Config, root: Path, out: Path) -> tuple[list[CaseSource]
     return cases, summary
 
 
-def _case_id(cfg: Config, series) -> str:
-    if cfg.ingest.anonymise_case_ids:
-        digest = hashlib.sha256(f"{series.study_uid}|{series.series_uid}|{series.key}".encode()).hexdigest()
-        return f"case_{digest[:10]}"
-    return safe_name(f"{series.patient_id}_{series.series_number}")
-
-
 # ---------------------------------------------------------------------------------------------
 # One case
 # ---------------------------------------------------------------------------------------------
 
-def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record) -> dict:
-    try:
-        image, provenance, warnings = _read_image(cfg, case)
-        from pipeline.dicom.plausibility import check_plausibility
+def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record,
+                privacy: PathPrivacy | None = None) -> tuple[dict, list[Structure]]:
+    """Read one case's image and labels and write them; returns its manifest entry and inventory rows."""
+    from pipeline.labels.structures import read_structures, write_case_structures
 
-        warnings += check_plausibility(image, f"case {case.id}", cfg.ingest.plausibility)
-        label = _read_label(cfg, dataset, case, image) if case.label_path else None
+    privacy = privacy or PathPrivacy([], True)
+    rows: list[Structure] = []
+    left_out = None
+    objects: list[LabelObject] = []
+    try:
+        image, provenance, warnings = _read_image(cfg, case, privacy)
+        from pipeline.dicom.plausibility import check_training_volume
+
+        warnings += check_training_volume(image, f"case {case.id}", cfg.ingest.plausibility)
+        image_warnings = warnings  # what reading the image and its structures found (not the label mapping)
+        objects = case.label_objects or _dicom_label_objects(case.label_path)
+        label = None
+        if objects:
+            found = read_structures(case.id, objects, image.grid, warnings)
+            rows, masks = write_case_structures(out, case.id, found, image.grid, cfg.ingest.compresslevel)
+            if dataset is not None:
+                image_warnings = list(warnings)
+                label, left_out, mapping_warnings = label_from_structures(rows, masks, image.grid.shape, dataset)
+                warnings += mapping_warnings
+            else:
+                for row in rows:
+                    row.note = "; ".join(n for n in (row.problem, NOT_MAPPED) if n)
+            write_case_inventory_rows(out, case.id, rows)
+        elif case.label_path:
+            label = _read_label(cfg, dataset, case, image, privacy)
+        elif dataset is not None and case.series is not None and case.role == "train":
+            left_out = NO_LABEL_OBJECTS
     except CtsegError as exc:
         raise CaseError(case.id, str(exc)) from exc
     except (OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        raise CaseError(case.id, f"{case.image_path} could not be ingested ({type(exc).__name__}: {exc}). "
-                                 f"Check that the files are complete; run with --debug for details.") from exc
+        raise CaseError(case.id, f"{privacy.describe(case.image_path)} could not be ingested ({type(exc).__name__}: "
+                                 f"{exc}). Check that the files are complete; run with --debug for details.") from exc
+    warnings = [privacy.redact(w) for w in warnings]
+    image_warnings = [privacy.redact(w) for w in image_warnings]
 
     split = "Tr" if case.role == "train" else "Ts"
     image_rel = f"images{split}/{case.id}_0000.nii.gz"
     save_nifti(_as_storage_dtype(image), out / image_rel, compresslevel=cfg.ingest.compresslevel)
-    label_rel = None
-    if label is not None:
-        label_rel = f"labels{split}/{case.id}.nii.gz"
-        dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
-        save_nifti(Volume(label.astype(dtype), image.affine), out / label_rel)
-    provenance = {**provenance, "case": case.id, "role": case.role, "image_source": str(case.image_path),
-                  "label_source": str(case.label_path) if case.label_path else None,
+    label_rel = _write_label(out, case.id, split, label, image.affine)
+    series_folder = case.image_path if case.image_path.is_dir() else case.image_path.parent
+    provenance = {**provenance, "case": case.id, "role": case.role,
+                  "image_source": privacy.describe(case.image_path),
+                  "label_source": privacy.relative(case.label_path, series_folder),
+                  "label_objects": [o.object_id for o in objects],
                   "selected_because": case.selection_reason or "listed in the dataset description",
-                  "warnings": warnings}
+                  "structures": _structure_summary(rows), "left_out_of_training": left_out,
+                  "image_warnings": image_warnings, "warnings": warnings}
     provenance_rel = f"provenance/{case.id}.json"
     atomic.write_json(out / provenance_rel, provenance)
-    record.outputs = {"image": str(out / image_rel), "label": str(out / label_rel) if label_rel else None,
-                      "provenance": str(out / provenance_rel)}
-    record.outputs = {k: v for k, v in record.outputs.items() if v}
+    entry = {"id": case.id, "role": case.role, "image": image_rel, "label": label_rel,
+             "provenance": provenance_rel, "scanned": case.series is not None and bool(case.private),
+             "source_role": "train", "image_source": privacy.describe(case.image_path),
+             "structures": f"structures/{case.id}/structures.json" if rows else None, "left_out": left_out}
+    _record(record, out, entry, warnings, rows)
+    return entry, rows
+
+
+def relabel_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record
+                 ) -> tuple[dict, list[Structure]]:
+    """Map a case of an earlier run again from its written masks (no DICOM is read); move it if its role changed."""
+    from pipeline.labels.structures import load_mask, read_case_inventory
+
+    previous = dict(case.previous)
+    try:
+        image_path = out / previous["image"]
+        grid = _nifti_grid(image_path)
+        rows = read_case_inventory(out, case.id) or [] if previous.get("structures") else []
+        for row in rows:
+            row.label, row.note = "", row.problem or ("" if dataset is not None else NOT_MAPPED)
+        label, left_out, warnings = None, None, []
+        if rows and dataset is not None:
+            label, left_out, warnings = label_from_structures(rows, lambda i: load_mask(out, rows[i], grid),
+                                                              grid.shape, dataset)
+        elif dataset is not None and case.role == "train":
+            left_out = NO_LABEL_OBJECTS
+        if rows:
+            write_case_inventory_rows(out, case.id, rows)
+    except CtsegError as exc:
+        raise CaseError(case.id, str(exc)) from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise CaseError(case.id, f"the files of the earlier run in {out} could not be reused ({type(exc).__name__}: "
+                                 f"{exc}). Rerun ingest with --force.") from exc
+    split = "Tr" if case.role == "train" else "Ts"
+    image_rel = f"images{split}/{case.id}_0000.nii.gz"
+    if image_rel != previous["image"]:
+        os.replace(out / previous["image"], out / image_rel)
+    old_label = previous.get("label")
+    label_rel = _write_label(out, case.id, split, label, grid.affine)
+    if old_label and old_label != label_rel and (out / old_label).is_file():
+        (out / old_label).unlink()
+    provenance_path = out / previous["provenance"]
+    provenance = json.loads(provenance_path.read_text(encoding="utf-8")) if provenance_path.is_file() else {}
+    kept = list(provenance.get("image_warnings", []))
+    provenance.update({"role": case.role, "structures": _structure_summary(rows), "left_out_of_training": left_out,
+                       "image_warnings": kept, "warnings": kept + warnings,
+                       "relabelled": "from the structure masks of the earlier run; no DICOM read"})
+    atomic.write_json(provenance_path, provenance)
+    entry = {**previous, "role": case.role, "image": image_rel, "label": label_rel, "left_out": left_out}
+    _record(record, out, entry, kept + warnings, rows)
+    return entry, rows
+
+
+def _record(record, out: Path, entry: dict, warnings: list[str], rows: list[Structure]) -> None:
+    outputs = {"image": str(out / entry["image"]), "label": str(out / entry["label"]) if entry.get("label") else None,
+               "provenance": str(out / entry["provenance"]),
+               "structures": [str(out / r.mask) for r in rows if r.mask]}
+    record.outputs = {k: v for k, v in outputs.items() if v}
     record.warnings = warnings
+    mapped = {row.label: row.name for row in rows if row.label}
+    if mapped:
+        record.extra["labels"] = mapped  # which structure became which label, per case
+    if entry.get("left_out"):
+        record.extra["left_out"] = entry["left_out"]
     for warning in warnings:
-        log.warning("ingest: case %s: %s", case.id, warning)
-    return {"id": case.id, "role": case.role, "image": image_rel, "label": label_rel, "provenance": provenance_rel}
+        log.warning("ingest: case %s: %s", entry["id"], warning)
 
 
-def _read_image(cfg: Config, case: CaseSource) -> tuple[Volume, dict, list[str]]:
+def _write_label(out: Path, case_id: str, split: str, label: np.ndarray | None, affine: np.ndarray) -> str | None:
+    if label is None:
+        return None
+    label_rel = f"labels{split}/{case_id}.nii.gz"
+    dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
+    save_nifti(Volume(label.astype(dtype), affine), out / label_rel)
+    return label_rel
+
+
+def _nifti_grid(path: Path) -> Grid:
+    from pipeline.volume_io import load_volume
+
+    return load_volume(path).grid
+
+
+def _structure_summary(rows: list[Structure]) -> list[dict]:
+    return [{"object": r.object, "number": r.number, "name": r.name, "voxels": r.voxels, "label": r.label,
+             "note": r.note} for r in rows]
+
+
+def write_case_inventory_rows(out: Path, case_id: str, rows: list[Structure]) -> None:
+    from pipeline.labels.structures import write_case_inventory
+
+    write_case_inventory(out, case_id, rows)
+
+
+def label_from_structures(rows: list[Structure], mask_of: Callable[[int], np.ndarray], shape: tuple[int, ...],
+                          dataset: DatasetDescription) -> tuple[np.ndarray | None, str | None, list[str]]:
+    """The case's label map (None when the case is left out), the reason it is left out, and warnings.
+
+    ``mask_of(i)`` gives the boolean mask of ``rows[i]`` (only mapped structures are asked for).
+    Fills each row's ``label`` / ``note``. Where mapped structures overlap, the smaller one wins.
+    """
+    from pipeline.labels.names import map_structures
+
+    specs = dataset.foreground()
+    mapping = map_structures([r.name for r in rows], [r.empty for r in rows], specs,
+                             dataset.exclude, where=f"dataset description {dataset.path}")
+    for index, row in enumerate(rows):
+        row.label = mapping.label_of.get(index, "")
+        note = mapping.notes.get(index, "")
+        row.note = "; ".join(n for n in (row.problem, note) if n)
+    warnings = list(mapping.warnings)
+    if mapping.left_out is not None:
+        return None, mapping.left_out, warnings
+    high = max((s.value for s in specs), default=0)
+    label = np.zeros(shape, dtype=np.uint8 if high <= 255 else np.uint16)
+    by_size = sorted(mapping.chosen.items(), key=lambda item: -rows[item[1]].voxels)  # larger first, smaller win
+    names = {s.value: s.name for s in specs}
+    for value, index in by_size:
+        mask = mask_of(index)
+        overlap = int(np.count_nonzero(mask & (label != 0)))
+        if overlap:
+            below = sorted({names[int(v)] for v in np.unique(label[mask & (label != 0)])})
+            warnings.append(f"{overlap} voxel(s) of '{rows[index].name}' (label {names[value]}) overlap {below}; "
+                            f"the smaller structure '{rows[index].name}' wins there")
+        label[mask] = value
+    return label, None, warnings
+
+
+def _dicom_label_objects(path: Path | None) -> list[LabelObject]:
+    """An explicit DICOM label file (RTSTRUCT or SEG) as a label object; [] for none or a volume file."""
+    if path is None or is_volume_file(path):
+        return []
+    import pydicom
+
+    if not path.exists():
+        raise InputError(f"label {path} does not exist. Fix the 'label' path in the dataset description.")
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+    modality = str(header.get("Modality", ""))
+    if modality not in ("RTSTRUCT", "SEG"):
+        raise InputError(f"label {path} must be an RTSTRUCT, a DICOM SEG, or a NIfTI/NRRD label map, "
+                         f"got DICOM modality '{modality}'.")
+    return [LabelObject(path, modality, f"{modality} {safe_name(path.name)}")]
+
+
+def _read_image(cfg: Config, case: CaseSource, privacy: PathPrivacy) -> tuple[Volume, dict, list[str]]:
     if case.image_path.is_file() and is_volume_file(case.image_path):
         return load_volume(case.image_path), {"source_format": "volume"}, []
     if case.series is None:  # an explicit case pointing at a DICOM folder
-        case.series, case.selection_reason = _single_series(cfg, case.image_path)
+        case.series, case.selection_reason = _single_series(cfg, case.image_path, privacy)
     from pipeline.dicom.assemble import assemble_series
 
     assembled = assemble_series(case.series, cfg.ingest.assembly)
     return assembled.volume, {"source_format": "dicom", **assembled.provenance}, list(assembled.warnings)
 
 
-def _single_series(cfg: Config, folder: Path):
+def _single_series(cfg: Config, folder: Path, privacy: PathPrivacy):
     from pipeline.dicom.scan import scan_export
     from pipeline.dicom.select import select_series
 
     if not folder.exists():
-        raise InputError(f"image folder {folder} does not exist. Fix the 'image' path in the dataset description.")
+        raise InputError(f"image folder {privacy.describe(folder) if privacy.full else folder.name} does not exist. "
+                         f"Fix the 'image' path in the dataset description.")
     scan = scan_export(folder, workers=cfg.workers)
     chosen = [d for d in select_series(scan.series, cfg.ingest.select) if d.selected]
     if not chosen:
-        raise InputError(f"{folder} must hold one usable CT series, got none ({len(scan.series)} series, "
+        raise InputError(f"{privacy.describe(folder)} must hold one usable CT series, got none ({len(scan.series)} series, "
                          f"{len(scan.skipped)} files skipped). Check the folder or the ingest.select rules.")
     if len(chosen) > 1:
         largest = max(chosen, key=lambda d: d.series.slice_count)
@@ -255,51 +615,22 @@ def _single_series(cfg: Config, folder: Path):
     return chosen[0].series, chosen[0].reason
 
 
-def _read_label(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, image: Volume) -> np.ndarray:
+def _read_label(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, image: Volume,
+                privacy: PathPrivacy) -> np.ndarray:
+    """A NIfTI/NRRD label map on the image's grid, with values the dataset describes."""
     path = case.label_path
     if not path.exists():
-        raise InputError(f"label {path} does not exist. Fix the 'label' path in the dataset description.")
-    specs = dataset.labels if dataset else []
-    if is_volume_file(path):
-        from pipeline.labels.labelmap import load_label_map
+        raise InputError(f"label {privacy.describe(path)} does not exist. Fix the 'label' path in the dataset "
+                         f"description.")
+    from pipeline.labels.labelmap import load_label_map
 
-        label = load_label_map(path, image.grid, image_path=case.image_path)
-    else:
-        label = _read_dicom_label(path, image, specs)
+    label = load_label_map(path, image.grid, image_path=case.image_path)
     if dataset is not None:
         unknown = sorted(set(np.unique(label).tolist()) - dataset.label_values())
         if unknown:
-            raise InputError(f"label {path} holds values {unknown} that {dataset.path} does not describe "
+            raise InputError(f"label {privacy.describe(path)} holds values {unknown} that {dataset.path} does not describe "
                              f"(known: {sorted(dataset.label_values())}). Add them to the dataset's labels.")
     return label
-
-
-def _read_dicom_label(path: Path, image: Volume, specs) -> np.ndarray:
-    import pydicom
-
-    modality = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", "")
-    if not specs:
-        raise InputError(f"reading {modality or 'DICOM'} labels from {path} needs a dataset description that "
-                         f"maps ROI names to label values. Pass --set dataset=datasets/<name>/dataset.yaml.")
-    from pipeline.labels.names import map_names_to_values, merge_masks
-
-    foreground = [spec for spec in specs if spec.value]
-    if modality == "RTSTRUCT":
-        from pipeline.labels.rtstruct import rasterise_rtstruct, read_rtstruct
-
-        names = [roi.name for roi in read_rtstruct(path)]
-        mapping = map_names_to_values(names, foreground, source=str(path))
-        return merge_masks(rasterise_rtstruct(path, image.grid, list(mapping)), mapping)
-    if modality == "SEG":
-        from pipeline.labels.seg import read_dicom_seg
-
-        _, segment_names = read_dicom_seg(path, image.grid)
-        mapping = map_names_to_values(list(segment_names.values()), foreground, source=str(path))
-        to_value = {number: mapping[name] for number, name in segment_names.items() if name in mapping}
-        label, _ = read_dicom_seg(path, image.grid, segment_to_value=to_value)
-        return label
-    raise InputError(f"label {path} must be an RTSTRUCT, a DICOM SEG, or a NIfTI/NRRD label map, "
-                     f"got DICOM modality '{modality}'.")
 
 
 def _as_storage_dtype(volume: Volume) -> Volume:
@@ -314,7 +645,22 @@ def _as_storage_dtype(volume: Volume) -> Volume:
     return Volume(array.astype(np.float32, copy=False), volume.affine)
 
 
+def _write_private_table(out: Path, name: str, header: list[str], rows: list[list]) -> None:
+    """A CSV under ``private/`` (owner-only folder and file): the one place full input paths are kept."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    folder = out / "private"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    atomic.write_text(folder / name, buffer.getvalue())
+    os.chmod(folder / name, 0o600)
+
+
 def _write_private_mapping(out: Path, cases: list[CaseSource]) -> None:
+    _write_private_table(out, "sources.csv", ["case_id", "image_source", "label_source"],
+                         [[c.id, str(c.image_path), str(c.label_path or "")] for c in cases])
     rows = [c for c in cases if c.private]
     if not rows:
         return

@@ -22,6 +22,13 @@ class LabelSpec:
     synonyms: list[str] = field(default_factory=list, metadata={
         "help": "Other structure names meaning this label, e.g. GTV_Mass_CT. Matching ignores case, and treats "
                 "spaces, '-' and '_' alike."})
+    regex: list[str] = field(default_factory=list, metadata={
+        "help": "Regular expressions (Python re, searched in the name, case-insensitive) for further structure "
+                "names meaning this label, e.g. '^gtv'. Used only when no name or synonym matches exactly."})
+    required: bool = field(default=True, metadata={
+        "help": "A case whose structure for this label is missing, empty or ambiguous is left out of training "
+                "(with the reason in structures.csv). false: such a case is kept and the label is left out "
+                "of its label map (its voxels count as background)."})
 
 
 def normalise_name(name: str) -> str:
@@ -93,3 +100,106 @@ def merge_masks(masks: dict[str, np.ndarray], mapping: dict[str, int]) -> np.nda
                         value, previous, name)
         label[mask] = value
     return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping a case's structures to labels, with a reason for every decision
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StructureMapping:
+    """How one case's structures map to labels (see :func:`map_structures`)."""
+
+    chosen: dict[int, int]            # label value -> index of the structure that became it
+    label_of: dict[int, str]          # structure index -> label name it was mapped to
+    notes: dict[int, str]             # structure index -> why it was not mapped
+    left_out: str | None = None       # why the case cannot be used for training (None: it can)
+    warnings: list[str] = field(default_factory=list)
+
+
+def compile_patterns(patterns: list[str], where: str) -> list[re.Pattern]:
+    """Case-insensitive compiled regular expressions; a bad one is a ConfigError naming ``where``."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(str(pattern), re.IGNORECASE))
+        except re.error as exc:
+            raise ConfigError(f"{where}: '{pattern}' must be a valid regular expression, got error: {exc}. "
+                              f"Fix or quote the pattern (Python re syntax).") from exc
+    return compiled
+
+
+def map_structures(names: list[str], empty: list[bool], specs: list[LabelSpec], exclude: list[str] = (),
+                   where: str = "the dataset description") -> StructureMapping:
+    """Map one case's structure ``names`` to the foreground ``specs``; never raises for the data.
+
+    A structure matching an ``exclude`` pattern is never used. For each label, structures whose
+    name equals its name or a synonym (ignoring case, and spaces/'-'/'_') are its candidates; only
+    when there are none, structures matching one of its ``regex`` are. One candidate becomes the
+    label; none is "missing", two or more are "ambiguous" (nothing is guessed), a candidate with no
+    voxels is "empty". A structure claimed by two labels is ambiguous for both. A required label
+    that is missing, empty or ambiguous leaves the case out of training (``left_out``).
+    """
+    excluded = compile_patterns(list(exclude), f"{where} exclude")
+    notes: dict[int, str] = {}
+    usable = []
+    for index, name in enumerate(names):
+        hit = next((p.pattern for p in excluded if p.search(name)), None)
+        if hit is not None:
+            notes[index] = f"excluded by '{hit}'"
+        else:
+            usable.append(index)
+    candidates: dict[int, list[int]] = {}
+    for spec in specs:
+        keys = {normalise_name(alias) for alias in [spec.name, *spec.synonyms]}
+        exact = [i for i in usable if normalise_name(names[i]) in keys]
+        if not exact and spec.regex:
+            patterns = compile_patterns(spec.regex, f"{where} label '{spec.name}' regex")
+            exact = [i for i in usable if any(p.search(names[i]) for p in patterns)]
+        candidates[spec.value] = exact
+    claimed: dict[int, list[LabelSpec]] = {}
+    for spec in specs:
+        for index in candidates[spec.value]:
+            claimed.setdefault(index, []).append(spec)
+    result = StructureMapping(chosen={}, label_of={}, notes=notes)
+    problems = []
+    for spec in specs:
+        found = candidates[spec.value]
+        shared = [i for i in found if len(claimed[i]) > 1]
+        problem = None
+        if not found:
+            problem = f"label '{spec.name}': no structure matches (structures: {_listing(names, notes)})"
+        elif len(found) > 1:
+            problem = (f"label '{spec.name}' is ambiguous: {', '.join(repr(names[i]) for i in found)} all match; "
+                       f"rename, exclude or narrow the synonyms")
+            for i in found:
+                notes[i] = f"ambiguous for label '{spec.name}'"
+        elif shared:
+            others = [s.name for s in claimed[found[0]]]
+            problem = f"structure '{names[found[0]]}' matches several labels {others}"
+            notes[found[0]] = f"matches several labels {others}"
+        elif empty[found[0]]:
+            problem = f"label '{spec.name}': structure '{names[found[0]]}' is empty"
+            notes[found[0]] = f"empty: label '{spec.name}' has no voxels in this case"
+        else:
+            result.chosen[spec.value] = found[0]
+            result.label_of[found[0]] = spec.name
+            continue
+        if spec.required or "ambiguous" in problem or "several labels" in problem:
+            problems.append(problem)
+        else:
+            result.warnings.append(f"{problem}; optional label left out of this case's label map")
+    for index in range(len(names)):
+        if index not in result.label_of and index not in notes:
+            notes[index] = "matches no label"
+    if problems:
+        result.left_out = "; ".join(problems)
+        for index in list(result.label_of):
+            notes[index] = f"would be label '{result.label_of.pop(index)}', but the case is left out"
+        result.chosen = {}
+    return result
+
+
+def _listing(names: list[str], notes: dict[int, str]) -> str:
+    shown = [repr(n) + (" (excluded)" if notes.get(i, "").startswith("excluded") else "") for i, n in enumerate(names)]
+    return ", ".join(shown) if shown else "none"

@@ -26,11 +26,13 @@ PLANARITY_TOLERANCE = 0.25
 
 @dataclass
 class RoiContours:
-    """One ROI's CLOSED_PLANAR contours as LPS point arrays."""
+    """One ROI's CLOSED_PLANAR contours as LPS point arrays, with its display colour and RT type."""
 
     number: int
     name: str
     contours: list[np.ndarray]
+    color: tuple[int, int, int] | None = None   # ROIDisplayColor
+    interpreted_type: str = ""                   # RTROIInterpretedType (ORGAN, PTV, GTV, EXTERNAL, ...)
 
 
 def read_rtstruct(rtstruct_path: Path) -> list[RoiContours]:
@@ -54,6 +56,7 @@ def read_rtstruct(rtstruct_path: Path) -> list[RoiContours]:
     for roi_contour in dataset.get("ROIContourSequence", []):
         number = int(roi_contour.ReferencedROINumber)
         roi = rois.setdefault(number, RoiContours(number, f"ROI_{number}", []))
+        roi.color = _display_color(roi_contour)
         for contour in roi_contour.get("ContourSequence", []):
             kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
             points = _contour_data(contour)
@@ -67,9 +70,21 @@ def read_rtstruct(rtstruct_path: Path) -> list[RoiContours]:
                 skipped["degenerate"] = skipped.get("degenerate", 0) + 1
                 continue
             roi.contours.append(points.reshape(-1, 3))
+    for observation in dataset.get("RTROIObservationsSequence", []):
+        number = observation.get("ReferencedROINumber")
+        if number is not None and int(number) in rois:
+            rois[int(number)].interpreted_type = str(observation.get("RTROIInterpretedType", "") or "")
     if skipped:
         log.info("%s: skipped non-closed contours %s", rtstruct_path.name, skipped)
     return list(rois.values())
+
+
+def _display_color(roi_contour) -> tuple[int, int, int] | None:
+    try:
+        values = [int(v) for v in roi_contour.get("ROIDisplayColor", None) or []]
+    except (TypeError, ValueError):
+        return None
+    return tuple(min(max(v, 0), 255) for v in values) if len(values) == 3 else None
 
 
 def _contour_data(contour) -> np.ndarray | None:

@@ -7,6 +7,7 @@ cover only some slices and BINARY / FRACTIONAL / LABELMAP encodings all map exac
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,57 @@ def read_dicom_seg(seg_path: Path, image_grid: Grid | None = None, segment_to_va
     segments left out of the mapping are skipped). Where segments overlap the higher value wins.
     """
     seg_path = Path(seg_path)
+    return _label_map(_read(seg_path), seg_path, image_grid, segment_to_value)
+
+
+@dataclass
+class SegSegment:
+    """One segment of a DICOM SEG as a boolean mask on an image grid, with its label and colour."""
+
+    number: int
+    label: str
+    mask: np.ndarray
+    color: tuple[int, int, int] | None = None
+    property_type: str = ""   # SegmentedPropertyType code meaning, e.g. "Liver"
+
+
+def read_seg_segments(seg_path: Path, image_grid: Grid) -> list[SegSegment]:
+    """Every segment of a DICOM SEG as its own mask on ``image_grid`` (the file is parsed once).
+
+    Unlike :func:`read_dicom_seg` overlapping segments keep all their voxels.
+    """
+    seg_path = Path(seg_path)
     seg = _read(seg_path)
+    segments = []
+    for number in [int(n) for n in seg.get_segment_numbers()]:
+        label, _ = _label_map(seg, seg_path, image_grid, {number: 1})
+        description = seg.get_segment_description(number)
+        segments.append(SegSegment(number, _segment_label(seg, number), label.astype(bool),
+                                   _segment_color(description), _property_type(description)))
+    return segments
+
+
+def _segment_color(description) -> tuple[int, int, int] | None:
+    lab = description.get("RecommendedDisplayCIELabValue")
+    if lab is None or len(lab) != 3:
+        return None
+    try:
+        from highdicom.color import CIELabColor
+
+        return tuple(int(v) for v in CIELabColor.from_dicom_value([int(v) for v in lab]).to_rgb())
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _property_type(description) -> str:
+    try:
+        return str(description.SegmentedPropertyTypeCodeSequence[0].CodeMeaning)
+    except (AttributeError, IndexError, KeyError):
+        return ""
+
+
+def _label_map(seg, seg_path: Path, image_grid: Grid | None, segment_to_value: dict[int, int] | None
+               ) -> tuple[np.ndarray, dict[int, str]]:
     numbers = [int(n) for n in seg.get_segment_numbers()]
     mapping = {n: n for n in numbers} if segment_to_value is None else dict(segment_to_value)
     unknown = sorted(set(mapping) - set(numbers))

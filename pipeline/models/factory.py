@@ -6,13 +6,44 @@ rebuilds the very network that was trained, without the training config.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import inspect
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
 from pipeline.errors import ConfigError, InputError
 
 NETWORKS = ("UNet", "DynUNet", "SegResNet", "ClassicUNet")
+
+
+def network_class(name: str):
+    """The torch module class of a network name (imported on first use)."""
+    if name == "UNet":
+        from monai.networks.nets import UNet
+        return UNet
+    if name == "DynUNet":
+        from monai.networks.nets import DynUNet
+        return DynUNet
+    if name == "SegResNet":
+        from monai.networks.nets import SegResNet
+        return SegResNet
+    if name == "ClassicUNet":
+        from pipeline.models.classic_unet import ClassicUNet
+        return ClassicUNet
+    raise InputError(f"network name must be one of {', '.join(NETWORKS)}, got {name!r}. "
+                     f"The model folder may come from a newer ctseg; upgrade ctseg.")
+
+
+def check_network_kwargs(spec: dict, where: Optional[Path] = None) -> None:
+    """Refuse a ``kwargs`` key that the network's constructor does not take, naming the valid ones."""
+    parameters = inspect.signature(network_class(spec["name"]).__init__).parameters
+    valid = [n for n, p in parameters.items() if n not in ("self", "spatial_dims", "in_channels", "out_channels")
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(spec.get("kwargs") or {}) - set(valid))
+    if unknown:
+        raise InputError(f"{where or 'network spec'}: unknown key network.kwargs.{unknown[0]!r} for {spec['name']}; "
+                         f"valid keys are {', '.join(valid)}. Fix model.json or re-run 'ctseg train'.")
 
 
 def build_network(spec: dict) -> nn.Module:
@@ -27,20 +58,14 @@ def build_network(spec: dict) -> nn.Module:
     common: dict[str, Any] = {"spatial_dims": int(spec["spatial_dims"]), "in_channels": int(spec["in_channels"]),
               "out_channels": int(spec["out_channels"])}
     kwargs = dict(spec.get("kwargs") or {})
-    if name == "UNet":
-        from monai.networks.nets import UNet
-        return UNet(**common, **kwargs)
-    if name == "DynUNet":
-        from monai.networks.nets import DynUNet
-        return DynUNet(**common, **kwargs)
-    if name == "SegResNet":
-        from monai.networks.nets import SegResNet
-        return SegResNet(**common, **kwargs)
-    if name == "ClassicUNet":
-        from pipeline.models.classic_unet import ClassicUNet
-        return ClassicUNet(**common, **kwargs)
-    raise InputError(f"network name must be one of {', '.join(NETWORKS)}, got {name!r}. "
-                     f"The model folder may come from a newer ctseg; upgrade ctseg.")
+    cls = network_class(name)
+    try:
+        return cls(**common, **kwargs)
+    except (TypeError, ValueError, AssertionError, IndexError, KeyError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise InputError(f"network spec kwargs must be valid arguments of {name} ({', '.join(sorted(kwargs))}), got "
+                         f"{type(exc).__name__}: {first}. Fix network.kwargs in model.json or re-run 'ctseg train'."
+                         ) from exc
 
 
 def levels_for_patch(patch_size: Sequence[int], wanted: int) -> int:

@@ -52,6 +52,7 @@ class NodeBatch:
         options = self.cfg.predict
         self.ledger = open_ledger(self.output_dir, stale_minutes=options.stale_minutes, mode=options.ledger_mode,
                                   host=options.host_name, take_stale=options.take_stale)
+        self.ledger.reset_abandoned()
         clean_partials(self.output_dir, self.ledger)
         self.run_hash = settings_hash(sha256_file(self.model_dir / MODEL_FILE), self.cfg)
         self.batch = _Batch(self.cfg, self.model_dir, self.output_dir, self.device, self.run_hash, self.ledger)
@@ -72,7 +73,9 @@ class NodeBatch:
         ``redo``: the series changed since it was segmented (more instances arrived): its done cases are
         segmented again (and their new results sent)."""
         from pipeline.predict import cases as case_io
+        from pipeline.predict import privacy
 
+        hide = not self.cfg.predict.full_paths
         try:
             found = case_io.discover_cases(Path(folder), self.cfg.ingest, self.cfg.workers)
         except InputError as exc:
@@ -83,13 +86,15 @@ class NodeBatch:
         self.discovery.skipped.extend(found.skipped)
         known = {case.case_id for case in self.discovery.cases}
         self.discovery.cases.extend(case for case in found.cases if case.case_id not in known)
-        self.ledger.register([(case.case_id, case.source) for case in found.cases])
+        sources = {case.case_id: privacy.public_source(case, hide) for case in found.cases}
+        self.ledger.register([(case.case_id, sources[case.case_id]) for case in found.cases])
         states = []
         for case in found.cases:
             if redo and self.ledger.reopen(case.case_id):
                 log.info("%s: series %s changed since it was segmented (more instances): segmenting it again",
                          case.case_id, label)
-            outcome = self.batch.run_case(case, self.retry_failed)
+            outcome = self.batch.run_case(case, self.retry_failed, sources[case.case_id],
+                                          privacy.case_redactor(case, Path(folder), hide))
             self.outcomes[case.case_id] = outcome
             states.append(self.ledger.get(case.case_id).status)
         ids = [case.case_id for case in found.cases]
@@ -117,8 +122,9 @@ class NodeBatch:
         rows = self.ledger.rows([case.case_id for case in self.discovery.cases])
         mine = {case.case_id for case in self.discovery.cases}
         seconds = time.perf_counter() - self.clock
-        report = _report(self.cfg, self.spec, self.model_dir, self.output_dir, self.output_dir, None, self.device,
-                         rows, mine, self.outcomes, self.discovery, self.batch, self.started, seconds, self.run_hash)
+        report = _report(self.cfg, self.spec, self.model_dir, "DICOM node spool (private/pacs-spool)",
+                         self.output_dir, None, self.device, rows, mine, self.outcomes, list(self.discovery.skipped),
+                         self.batch, self.started, seconds, self.run_hash)
         from pipeline.pacs.send import read_sends
 
         report["ledger"] = self.ledger.describe()
@@ -136,6 +142,7 @@ class NodeBatch:
 
     def close(self) -> None:
         self.ledger.close()
+        self.batch.reserve.release()
 
 
 def _selection_reason(exc: InputError) -> str:

@@ -8,9 +8,9 @@ PATH may be:
 - a text file (``.txt`` / ``.lst``) listing inputs, one path per line, relative to the text file;
   blank lines and ``#`` comments are ignored; each entry is expanded like PATH itself;
 - anything else (a folder of DICOM files, a DICOMDIR, one DICOM file): a DICOM export, scanned and
-  filtered with the ingest selection rules; each selected CT series is a case whose id is
-  ``ct-`` + a hash of its Study and Series Instance UIDs, so no patient name or ID reaches a file
-  name or a log.
+  filtered with the ingest selection rules (``ingest.select``); each selected CT series is a case
+  whose id is :func:`pipeline.case_ids.series_case_id`, the same id ``ctseg ingest`` gives it, so
+  no patient name or ID reaches a file name or a log and predictions pair with ingested labels.
 
 Case ids contain only ``[A-Za-z0-9_-]`` (no dots: ``<case>.`` prefixes every output file). The
 list is sorted by case id; shards are ``cases[k]`` with ``k mod n == i`` (``shard_by: index``) or
@@ -45,6 +45,8 @@ class Case:
     path: Optional[Path] = None       # volume file
     series: Any = None                # pipeline.dicom.scan.SeriesInfo for DICOM cases
     notes: list[str] = field(default_factory=list)
+    error: Optional[str] = None       # refused while finding inputs (a bad list entry): fails with this reason
+    private: list[str] = field(default_factory=list)  # texts that name the input (list entries): private/ only
 
     @property
     def is_dicom(self) -> bool:
@@ -57,6 +59,7 @@ class Discovery:
 
     cases: list[Case]
     skipped: list[str] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)  # every input folder read (outputs must stay outside)
 
 
 @dataclass
@@ -91,8 +94,10 @@ def _expand(path: Path, discovery: Discovery, ingest_cfg, workers: int, seen_lis
     elif path.is_file() and is_volume_file(path):
         discovery.cases.append(_file_case(path))
     elif path.is_dir() and _volume_files(path):
+        discovery.folders.append(path)
         discovery.cases.extend(_file_case(p) for p in _volume_files(path))
     elif path.exists():
+        discovery.folders.append(path if path.is_dir() else path.parent)
         _expand_dicom(path, discovery, ingest_cfg, workers)
     else:
         raise InputError(f"input {path} does not exist. Fix the path (list entries are relative to the list file).")
@@ -118,10 +123,25 @@ def _expand_list(list_file: Path, discovery: Discovery, ingest_cfg, workers: int
         if not entry:
             continue
         target = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
+        where = f"input list {list_file.name} line {number}"
         if not target.exists():
-            raise InputError(f"input list {list_file} line {number}: {entry} must exist, got a missing path "
-                             f"(entries are relative to the list file's folder). Fix or remove the line.")
-        _expand(target, discovery, ingest_cfg, workers, seen_lists)
+            _refuse_entry(discovery, list_file, number, entry, target,
+                          f"{where}: the entry must be an existing file or folder, got a path that does not exist "
+                          f"(entries are relative to the list file's folder). Fix or remove the line.")
+            continue
+        found = len(discovery.cases)
+        try:
+            _expand(target, discovery, ingest_cfg, workers, seen_lists)
+        except InputError as exc:  # one bad entry is one failed case; the other entries still run
+            del discovery.cases[found:]
+            _refuse_entry(discovery, list_file, number, entry, target, f"{where}: {exc}")
+
+
+def _refuse_entry(discovery: Discovery, list_file: Path, number: int, entry: str, target: Path,
+                  reason: str) -> None:
+    """A list entry that yields no case becomes a failed case named after the list and the line."""
+    discovery.cases.append(Case(case_id=f"{_sanitise(list_file.stem)}-line{number}",
+                                source=str(target), error=reason, private=[entry]))
 
 
 def case_id_from_file(path: Path) -> str:
@@ -166,12 +186,13 @@ def _expand_dicom(root: Path, discovery: Discovery, ingest_cfg, workers: int) ->
     from pipeline.dicom.select import SelectionRules, select_series
 
     scan = scan_export(root, workers=workers)
-    rules = getattr(ingest_cfg, "selection", None) or SelectionRules()
+    rules = getattr(ingest_cfg, "select", None) or SelectionRules()
     decisions = select_series(scan.series, rules)
     for decision in decisions:
         series = decision.series
         if decision.selected:
-            discovery.cases.append(Case(case_id=dicom_case_id(series), source=f"{root} [series {series.short_key}]",
+            discovery.cases.append(Case(case_id=dicom_case_id(series, ingest_cfg),
+                                        source=f"{root} [series {series.short_key}]",
                                         series=series))
         else:
             discovery.skipped.append(f"{root}: {series.name} not selected: {decision.reason}")
@@ -184,15 +205,11 @@ def _expand_dicom(root: Path, discovery: Discovery, ingest_cfg, workers: int) ->
                          f"{' (' + decisions[0].reason + ')' if decisions else ''}. Check the path or the rules.")
 
 
-def dicom_case_id(series) -> str:
-    """Anonymous, stable case id of a DICOM series: a hash of its Study and Series Instance UIDs."""
-    if series.study_uid and series.series_uid:
-        basis = f"{series.study_uid}/{series.series_uid}"
-        if getattr(series, "part", 0):
-            basis += f"#part{series.part}"
-    else:  # blank UIDs: the scanner's fallback key (folder, patient hash, geometry) is still stable
-        basis = series.key
-    return "ct-" + hashlib.sha256(basis.encode("utf-8")).hexdigest()[:12]
+def dicom_case_id(series, ingest_cfg: Any = None) -> str:
+    """The case id of a DICOM series: the one ingest gives it (:func:`pipeline.case_ids.series_case_id`)."""
+    from pipeline.case_ids import series_case_id
+
+    return series_case_id(series, anonymise=getattr(ingest_cfg, "anonymise_case_ids", True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +269,8 @@ def select_shard(cases: list[Case], shard: Optional[tuple[int, int]], shard_by: 
 
 def read_case(case: Case, ingest_cfg: Any = None, refuse_implausible: bool = True) -> SourceImage:
     """Load the case's HU volume; raises InputError when it is unreadable or does not look like CT."""
+    if case.error is not None:
+        raise InputError(case.error)
     if case.is_dicom:
         image = _read_dicom(case, ingest_cfg)
     else:

@@ -1,8 +1,9 @@
 """The batch ledger: one SQLite row per case, so a batch resumes, and shards and hosts never do a case twice.
 
-Columns: case id, input, status (``pending``, ``running``, ``done``, ``failed``), error message, timings, output
-files with their SHA-256, shard, attempt count, the owning process (host, pid, process start time, run id), the
-settings hash and the update time.
+Columns: case id, input, status (``pending``, ``running``, ``done``, ``failed``), error message, the traceback of
+an unexpected error, whether a plain rerun retries a failure (disk full), timings, output files with their
+SHA-256, shard, attempt count, the owning process (host, pid, process start time, run id), the settings hash and
+the update time.
 
 Two layouts, chosen by ``predict.ledger_mode`` (auto: by the output folder's file system, see
 :func:`resolve_ledger_mode`); the report says which was used and why:
@@ -19,7 +20,8 @@ with other settings (model or config hash), when it failed and ``retry_failed`` 
 ``running`` but its owner is gone: on this host the owner's pid no longer exists or now belongs to another
 process (start time differs); from another host its heartbeat (refreshed every 30 s by a background thread)
 has stopped for ``stale_minutes``, and in the shared layout only when the run takes stale claims over
-(``--take-stale`` or ``--retry-failed``).
+(``--take-stale`` or ``--retry-failed``). At its start a run sets cases whose owner is gone back to ``pending``
+(:meth:`Ledger.reset_abandoned`), so that ``running`` always means a live process holds the case.
 """
 from __future__ import annotations
 
@@ -50,8 +52,10 @@ CREATE TABLE IF NOT EXISTS cases (
     case_id TEXT PRIMARY KEY, input TEXT NOT NULL, status TEXT NOT NULL, error TEXT, shard TEXT,
     attempts INTEGER NOT NULL DEFAULT 0, settings_hash TEXT, run_id TEXT, host TEXT, pid INTEGER,
     proc_start TEXT, started REAL, updated REAL NOT NULL, seconds REAL, timings TEXT, outputs TEXT,
-    warnings TEXT, summary TEXT);
+    warnings TEXT, summary TEXT, traceback TEXT, retryable INTEGER NOT NULL DEFAULT 0);
 """
+# columns newer than the first schema: added to older ledgers when they are opened
+_ADDED_COLUMNS = {"traceback": "TEXT", "retryable": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def sha256_file(path: Path) -> str:
@@ -100,6 +104,8 @@ class CaseRow:
     outputs: dict
     warnings: list
     summary: dict
+    traceback: Optional[str] = None
+    retryable: int = 0  # failed for a reason outside the input (disk full): a plain rerun tries again
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> "CaseRow":
@@ -129,6 +135,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connection = self._connect()
         self._connection.executescript(_SCHEMA)
+        self._add_columns()
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
@@ -152,6 +159,16 @@ class Ledger:
         connection.execute(f"PRAGMA journal_mode = {self.journal_mode}")
         connection.execute("PRAGMA synchronous = NORMAL")
         return connection
+
+    def _add_columns(self) -> None:
+        have = {row["name"] for row in self._connection.execute("PRAGMA table_info(cases)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in have:
+                try:
+                    self._connection.execute(f"ALTER TABLE cases ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @contextmanager
     def _transaction(self, connection: Optional[sqlite3.Connection] = None) -> Iterator[sqlite3.Connection]:
@@ -181,11 +198,16 @@ class Ledger:
         """Extra liveness signals of a subclass (claim files), refreshed with every heartbeat."""
 
     def close(self) -> None:
+        """Mark this run finished (if the disk still allows it) and close; never raises for a full disk."""
         self._stop.set()
-        with self._transaction() as db:
-            db.execute("UPDATE runs SET finished = ?, heartbeat = ? WHERE run_id = ?",
-                       (time.time(), time.time(), self.run_id))
-        self._connection.close()
+        try:
+            with self._transaction() as db:
+                db.execute("UPDATE runs SET finished = ?, heartbeat = ? WHERE run_id = ?",
+                           (time.time(), time.time(), self.run_id))
+        except sqlite3.Error:  # disk full: the run is then seen as gone once this process exits
+            pass
+        finally:
+            self._connection.close()
 
     # -- liveness ------------------------------------------------------------------------------
     def owner_alive(self, host: Optional[str], pid: Optional[int], proc_start: Optional[str],
@@ -211,6 +233,23 @@ class Ledger:
         rows = self._connection.execute("SELECT case_id, host, pid, proc_start, run_id FROM cases "
                                         "WHERE status = 'running' AND run_id != ?", (self.run_id,)).fetchall()
         return {r["case_id"] for r in rows if self.owner_alive(r["host"], r["pid"], r["proc_start"], r["run_id"])}
+
+    def reset_abandoned(self) -> int:
+        """Set cases left ``running`` by a process that is gone back to ``pending``; returns how many.
+
+        So the ledger says "running" only for a case some live process is working on.
+        """
+        rows = self._connection.execute("SELECT case_id, host, pid, proc_start, run_id FROM cases "
+                                        "WHERE status = 'running' AND run_id != ?", (self.run_id,)).fetchall()
+        gone = [(r["case_id"], r["run_id"]) for r in rows
+                if not self.owner_alive(r["host"], r["pid"], r["proc_start"], r["run_id"])]
+        if gone:
+            with self._transaction() as db:
+                db.executemany("UPDATE cases SET status = 'pending', error = 'interrupted (its process ended before "
+                               "the case finished); redone on the next run', updated = ? WHERE case_id = ? AND "
+                               "status = 'running' AND run_id IS ?",
+                               [(time.time(), case_id, run_id) for case_id, run_id in gone])
+        return len(gone)
 
     # -- cases ---------------------------------------------------------------------------------
     def register(self, cases: list[tuple[str, str]]) -> None:
@@ -243,51 +282,63 @@ class Ledger:
                 return f"{name} output {entry['path']} changed since it was written (checksum differs)"
         return None
 
+    def needs_doing(self, current: Optional[CaseRow], settings_hash: str, retry_failed: bool) -> tuple[bool, str]:
+        """Whether a case in state ``current`` (None: never seen) is to be done now, and why; the one rule.
+
+        A case ``running`` in a live process is not decided here: each layout checks its owner first.
+        """
+        if current is None:
+            return True, "new"
+        if current.status == "done":
+            if current.settings_hash != settings_hash:
+                return True, "done with other settings (model or config changed): redoing"
+            problem = self.verify_outputs(current)
+            if problem is None:
+                return False, "done (outputs verified)"
+            return True, f"done, but {problem}: redoing"
+        if current.status == "failed":
+            if current.retryable:
+                return True, "retrying: failed earlier for a reason outside the input (disk full)"
+            if not retry_failed:
+                return False, "failed earlier (use --retry-failed to try again)"
+            return True, "retrying a failed case"
+        if current.status == "running":
+            return True, "left running by a process that is gone: redoing"
+        return True, "pending"
+
+    def _mark_running(self, db: sqlite3.Connection, case_id: str, source: str, settings_hash: str,
+                      attempts: int) -> None:
+        now = time.time()
+        db.execute("INSERT OR IGNORE INTO cases (case_id, input, status, updated) VALUES (?, ?, 'pending', ?)",
+                   (case_id, source, now))
+        db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, traceback = NULL, retryable = 0, "
+                   "shard = ?, attempts = ?, settings_hash = ?, run_id = ?, host = ?, pid = ?, proc_start = ?, "
+                   "started = ?, updated = ? WHERE case_id = ?",
+                   (source, self.shard, attempts, settings_hash, self.run_id, self.host, self.pid, self.proc_start,
+                    now, now, case_id))
+
     def claim(self, case_id: str, source: str, settings_hash: str, retry_failed: bool) -> tuple[bool, str]:
         """Take the case for this process if it needs doing; (taken, why)."""
         with self._transaction() as db:
             row = db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
             current = CaseRow.from_sql(row) if row else None
-            why = "new"
-            if current is not None:
-                if current.status == "running" and current.run_id != self.run_id and self.owner_alive(
-                        current.host, current.pid, current.proc_start, current.run_id):
-                    return False, "running in another live process"
-                if current.status == "done":
-                    if current.settings_hash != settings_hash:
-                        why = "done with other settings (model or config changed): redoing"
-                    else:
-                        problem = self.verify_outputs(current)
-                        if problem is None:
-                            return False, "done (outputs verified)"
-                        why = f"done, but {problem}: redoing"
-                elif current.status == "failed":
-                    if not retry_failed:
-                        return False, "failed earlier (use --retry-failed to try again)"
-                    why = "retrying a failed case"
-                elif current.status == "running":
-                    why = "left running by a process that is gone: redoing"
-                else:
-                    why = "pending"
-            now = time.time()
-            db.execute("INSERT OR IGNORE INTO cases (case_id, input, status, updated) VALUES (?, ?, 'pending', ?)",
-                       (case_id, source, now))
-            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, shard = ?, "
-                       "attempts = attempts + 1, settings_hash = ?, run_id = ?, host = ?, pid = ?, proc_start = ?, "
-                       "started = ?, updated = ? WHERE case_id = ?",
-                       (source, self.shard, settings_hash, self.run_id, self.host, self.pid, self.proc_start, now, now,
-                        case_id))
-            return True, why
+            if current is not None and current.status == "running" and current.run_id != self.run_id and \
+                    self.owner_alive(current.host, current.pid, current.proc_start, current.run_id):
+                return False, "running in another live process"
+            taken, why = self.needs_doing(current, settings_hash, retry_failed)
+            if taken:
+                self._mark_running(db, case_id, source, settings_hash, (current.attempts if current else 0) + 1)
+            return taken, why
 
     def finish(self, case_id: str, status: str, *, error: Optional[str] = None, seconds: float = 0.0,
                timings: Optional[dict] = None, outputs: Optional[dict] = None, warnings: Optional[list] = None,
-               summary: Optional[dict] = None) -> None:
+               summary: Optional[dict] = None, traceback: Optional[str] = None, retryable: bool = False) -> None:
         with self._transaction() as db:
             db.execute("UPDATE cases SET status = ?, error = ?, seconds = ?, timings = ?, outputs = ?, warnings = ?, "
-                       "summary = ?, updated = ? WHERE case_id = ? AND run_id = ?",
+                       "summary = ?, traceback = ?, retryable = ?, updated = ? WHERE case_id = ? AND run_id = ?",
                        (status, error, round(seconds, 3), json.dumps(timings or {}), json.dumps(outputs or {}),
-                        json.dumps(warnings or []), json.dumps(summary or {}, default=str), time.time(), case_id,
-                        self.run_id))
+                        json.dumps(warnings or []), json.dumps(summary or {}, default=str), traceback, int(retryable),
+                        time.time(), case_id, self.run_id))
 
     def release(self, case_id: str) -> None:
         """Put a case this process was working on back to pending (interrupted by the user)."""
@@ -456,34 +507,18 @@ class SharedLedger(Ledger):
     # -- cases ---------------------------------------------------------------------------------
     def claim(self, case_id: str, source: str, settings_hash: str, retry_failed: bool) -> tuple[bool, str]:
         current = self.get(case_id)
-        why = "new" if current is None else "pending"
-        if current is not None and current.status == "done":
-            if current.settings_hash != settings_hash:
-                why = "done with other settings (model or config changed): redoing"
-            else:
-                problem = self.verify_outputs(current)
-                if problem is None:
-                    return False, "done (outputs verified)"
-                why = f"done, but {problem}: redoing"
-        elif current is not None and current.status == "failed":
-            if not retry_failed:
-                return False, "failed earlier (use --retry-failed to try again)"
-            why = "retrying a failed case"
+        if current is not None and current.status == "running":  # the claim file says whether its owner lives
+            why = "pending"
+        else:
+            taken, why = self.needs_doing(current, settings_hash, retry_failed)
+            if not taken:
+                return False, why
         taken, claim_why = self._take_claim(case_id, retry_failed)
         if not taken:
             return False, claim_why
-        if claim_why:
-            why = claim_why
-        now = time.time()
         with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO cases (case_id, input, status, updated) VALUES (?, ?, 'pending', ?)",
-                       (case_id, source, now))
-            attempts = (current.attempts if current is not None else 0) + 1
-            db.execute("UPDATE cases SET status = 'running', input = ?, error = NULL, shard = ?, attempts = ?, "
-                       "settings_hash = ?, run_id = ?, host = ?, pid = ?, proc_start = ?, started = ?, updated = ? "
-                       "WHERE case_id = ?", (source, self.shard, attempts, settings_hash, self.run_id, self.host,
-                                             self.pid, self.proc_start, now, now, case_id))
-        return True, why
+            self._mark_running(db, case_id, source, settings_hash, (current.attempts if current else 0) + 1)
+        return True, claim_why or why
 
     def _take_claim(self, case_id: str, retry_failed: bool) -> tuple[bool, str]:
         path = self._claim_path(case_id)

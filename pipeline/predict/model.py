@@ -93,13 +93,28 @@ def resolve_device(wanted: str) -> torch.device:
     return device
 
 
+def network_budget_bytes(device: torch.device, budget_gb: Optional[float] = None) -> int:
+    """Memory the networks may take: ``budget_gb``, else the available RAM (CPU) or the GPU's total memory."""
+    if budget_gb:
+        return int(budget_gb * 1e9)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    from pipeline.predict.inference import available_ram_bytes
+
+    return int(available_ram_bytes())
+
+
 def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
-                   folds: Optional[Sequence[int]] = None) -> Predictor:
-    """Load the model folder's networks (all folds, or ``folds``) onto ``device`` (see module docstring)."""
+                   folds: Optional[Sequence[int]] = None, memory_budget_gb: Optional[float] = None) -> Predictor:
+    """Load the model folder's networks (all folds, or ``folds``) onto ``device`` (see module docstring).
+
+    A model whose estimated memory exceeds :func:`network_budget_bytes` is refused before it is built.
+    """
     from pipeline.models.loader import MODEL_FILE, class_values, load_model_folder
 
     model_dir = Path(model_dir)
-    bundle = load_model_folder(model_dir, device="cpu", folds=folds)
+    bundle = load_model_folder(model_dir, device="cpu", folds=folds,
+                               memory_budget_bytes=network_budget_bytes(device, memory_budget_gb))
     spec = bundle.spec
     values = class_values(spec)
     out_channels = int(spec["network"]["out_channels"])

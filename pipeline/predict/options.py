@@ -19,6 +19,10 @@ class MemoryOptions:
     budget_gb: Optional[float] = field(default=None, metadata={
         "help": "Memory the stitching may use (GB). null = 50% of available RAM on the CPU, or "
                 "gpu_fraction of free GPU memory."})
+    network_budget_gb: Optional[float] = field(default=None, metadata={
+        "help": "Memory the model's networks may need (GB): weights of every fold plus the activations of one "
+                "window, estimated from model.json before any network is built; a model above it is refused. "
+                "null = the available RAM (CPU) or the GPU's total memory."})
     gpu_fraction: float = field(default=0.8, metadata={
         "help": "Share of the free GPU memory (torch.cuda.mem_get_info) a case may plan to use; when the "
                 "volume's outputs do not fit, windows run on the GPU and are stitched on the CPU."})
@@ -81,8 +85,9 @@ class PredictConfig:
                 "report.json and each provenance). auto: fp32 on every CPU, so that every CPU writes the same "
                 "labels; bf16 on CUDA GPUs with native bf16, fp16 on older GPUs. bf16 on a CPU with AVX512-BF16/AMX "
                 "is opt-in: measured per-class Dice agreement with fp32 >= 0.9977 on the demo model (0.0026% of "
-                "voxels changed), about 2x faster for a spleen-size UNet at 96^3 but slower for the small demo "
-                "network (bench/README.md, Precision); emulated elsewhere and many times slower."})
+                "voxels changed); its speed against fp32 measured 0.8-1.4x on the small demo network and 1.6-2.5x "
+                "on a spleen-size UNet at 96^3 (bench/README.md, Precision). Emulated on other CPUs: many times "
+                "slower."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto uses CUDA when present, else the CPU."})
     optimize_network: bool = field(default=True, metadata={
@@ -103,8 +108,20 @@ class PredictConfig:
                 "give (MONAI Invertd style), interpolating only in cells that straddle a boundary; needs the "
                 "whole volume's probabilities in memory. auto: refined when they fit the memory budget."})
     refuse_implausible: bool = field(default=True, metadata={
-        "help": "Fail a case whose image does not look like CT in HU (e.g. 8-bit display values, MR) instead of "
-                "segmenting it with a warning."})
+        "help": "Fail a case whose image does not look like CT in HU (e.g. 8-bit display values, MR), holds NaN "
+                "or infinite voxels, has non-orthonormal direction cosines (a sheared grid), or is too short for "
+                "the model (min_slices, min_patch_coverage), instead of segmenting it with the problem named in "
+                "its warnings."})
+    min_slices: int = field(default=3, metadata={
+        "help": "A case with fewer slices is implausible (see refuse_implausible)."})
+    min_patch_coverage: float = field(default=0.25, metadata={
+        "help": "3D models: a case shorter along the body axis than this share of the model's patch extent "
+                "(patch slices x target spacing) is implausible: the network would see mostly padding."})
+    full_paths: bool = field(default=False, metadata={
+        "help": "Name inputs by their full paths in the ledger, reports, provenance and logs. Off by default: "
+                "export folders are often named after the patient, so full paths go only to the owner-only "
+                "private/inputs.json and everything else uses case ids and file names relative to the case's "
+                "folder."})
     shard_by: Literal["index", "hash"] = field(default="index", metadata={
         "help": "How --shard i/n splits the sorted cases: index (case k goes to shard k mod n; balanced, every "
                 "shard must see the same inputs) or hash (by case id; stable when inputs are added)."})

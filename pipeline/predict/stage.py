@@ -23,8 +23,15 @@ stop the whole batch (no model, no input, bad configuration) raise
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import json
 import logging
+import os
 import platform
+import shutil
+import socket
+import sqlite3
+import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -37,16 +44,18 @@ import torch
 
 from pipeline import atomic, devices
 from pipeline.config import Config, stable_hash, to_dict
-from pipeline.errors import CtsegError, InputError
+from pipeline.errors import ConfigError, CtsegError, InputError
 from pipeline.geometry import Volume
 from pipeline.predict import cases as case_io
+from pipeline.predict import privacy
 from pipeline.predict import report as reporting
 from pipeline.predict import writers
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
-from pipeline.predict.ledger import Ledger, open_ledger, sha256_file
+from pipeline.predict.ledger import Ledger, open_ledger, process_start_time, sha256_file
 from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
+from pipeline.progress import Progress
 from pipeline.stage import REPORT_FILE, versions
 
 log = logging.getLogger("ctseg.predict")
@@ -54,10 +63,14 @@ log = logging.getLogger("ctseg.predict")
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3
 COLOR_TABLE = "labels.ctbl"
+LOG_FILE = "predict.log"
 SHARED_FILES = ("report.json", "report.csv", "report.html", COLOR_TABLE)
+# files of the folder itself, never a case's output even when a case id equals their stem
+_NOT_CASE_FILES = frozenset(SHARED_FILES + (LOG_FILE, "config.yaml", "ledger.sqlite", "ledger.sqlite-wal",
+                                            "ledger.sqlite-shm", "ledger.sqlite-journal"))
 # settings that change speed or bookkeeping but not the written labels
 _NOT_IN_HASH = ("batch_size", "batch_size_2d", "device", "memory", "stale_minutes", "shard_by", "refuse_implausible",
-                "ledger_mode", "host_name", "take_stale", "send_to")
+                "full_paths", "ledger_mode", "host_name", "take_stale", "send_to")
 
 
 @dataclass
@@ -97,59 +110,157 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
         torch.set_num_threads(threads)
     if device.type == "cuda":
         devices.configure_cuda_kernels(deterministic=False)  # every window has the model's patch size
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ledger = open_ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
-                         stale_minutes=cfg.predict.stale_minutes, mode=cfg.predict.ledger_mode,
-                         host=cfg.predict.host_name, take_stale=cfg.predict.take_stale)
-    try:
-        removed = clean_partials(output_dir, ledger)
-        if removed:
-            log.info("predict: removed %d partial file(s) left by an interrupted run", removed)
-        discovery = case_io.discover_cases(input_path, cfg.ingest, cfg.workers)
-        mine = case_io.select_shard(discovery.cases, shard, cfg.predict.shard_by)
-        ledger.register([(case.case_id, case.source) for case in discovery.cases])
-        run_hash = settings_hash(sha256_file(model_dir / MODEL_FILE), cfg)
-        batch = _Batch(cfg, model_dir, output_dir, device, run_hash, ledger)
-        outcomes = {}
-        for case in mine:
-            outcomes[case.case_id] = batch.run_case(case, retry_failed)
-        rows = ledger.rows([case.case_id for case in discovery.cases])
-        mine_ids = {case.case_id for case in mine}
-        failed = [row.case_id for row in rows if row.case_id in mine_ids and row.status == "failed"]
-        # a case of this shard left unfinished by a dead owner (a stale claim not taken over) is not a success
-        busy = ledger.running_elsewhere()
-        stuck = [row.case_id for row in rows if row.case_id in mine_ids and row.status in ("pending", "running")
-                 and row.case_id not in busy]
-        if stuck:
-            log.warning("predict: %d case(s) not finished, claimed by a process that stopped: %s; rerun with "
-                        "--take-stale to take them over", len(stuck), ", ".join(stuck[:10]))
-            failed += stuck
-        report = _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, mine_ids, outcomes,
-                         discovery, batch, started, time.perf_counter() - wall, run_hash)
-        report["ledger"] = ledger.describe()
-        if stuck:
-            report.update({"status": "failed", "exit_code": EXIT_SOME_FAILED, "stuck_cases": stuck})
-        label_names = [label["name"] for label in spec.get("labels", [])] if batch.predictor is None else \
-            [info.name for info in batch.predictor.labels]
-        atomic.write_json(output_dir / REPORT_FILE, report)
-        reporting.write_csv(output_dir / "report.csv", rows, label_names)
-        summary = reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, discovery.skipped)
-        reporting.write_html(output_dir / "report.html", output_dir, rows, summary, label_names)
-    finally:
-        ledger.close()
-    exit_code = EXIT_SOME_FAILED if failed else EXIT_OK
+    hide = not cfg.predict.full_paths
+    check_output_folder(output_dir, [input_path] if input_path.is_dir() else [])
+    batch_redactor = privacy.input_redactor(input_path, hide)
+    with _RunLog(batch_redactor) as run_log:
+        try:
+            discovery = case_io.discover_cases(input_path, cfg.ingest, cfg.workers)
+        except InputError as exc:  # stderr and overnight logs get the message without the folder names
+            raise InputError(batch_redactor(str(exc))) from (exc if not hide else None)
+        check_output_folder(output_dir, discovery.folders)  # list entries are input folders too
+        redactors = {case.case_id: privacy.case_redactor(case, input_path, hide) for case in discovery.cases}
+        for redactor in redactors.values():
+            batch_redactor.absorb(redactor)
+        sources = {case.case_id: privacy.public_source(case, hide) for case in discovery.cases}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run_log.open_file(output_dir / LOG_FILE)
+        try:
+            if hide:
+                privacy.write_private(output_dir, privacy.INPUTS_FILE, {
+                    "input": str(input_path), "cases": {case.case_id: case.source for case in discovery.cases},
+                    "skipped_inputs": discovery.skipped})
+            ledger = open_ledger(output_dir, shard=f"{shard[0]}/{shard[1]}" if shard else "",
+                                 stale_minutes=cfg.predict.stale_minutes, mode=cfg.predict.ledger_mode,
+                                 host=cfg.predict.host_name, take_stale=cfg.predict.take_stale)
+        except (OSError, sqlite3.Error) as exc:  # nothing can be recorded: one line, not a raw OperationalError
+            if not disk_full(exc):
+                raise
+            raise CtsegError(f"predict: {disk_full_message(output_dir)} (nothing was started)") from None
+        batch = None
+        try:
+            reset = ledger.reset_abandoned()
+            if reset:
+                log.info("predict: %d case(s) left running by a process that is gone are pending again", reset)
+            removed = clean_partials(output_dir, ledger)
+            if removed:
+                log.info("predict: removed %d partial file(s) left by an interrupted run", removed)
+            mine = case_io.select_shard(discovery.cases, shard, cfg.predict.shard_by)
+            ledger.register([(case.case_id, sources[case.case_id]) for case in discovery.cases])
+            run_hash = settings_hash(sha256_file(model_dir / MODEL_FILE), cfg)
+            batch = _Batch(cfg, model_dir, output_dir, device, run_hash, ledger, run_log)
+            outcomes = {}
+            with Progress(len(mine), "predict", unit="case") as progress:
+                batch.progress = progress
+                for case in mine:
+                    outcomes[case.case_id] = batch.run_case(case, retry_failed, sources[case.case_id],
+                                                            redactors[case.case_id])
+                    progress.update()
+                    if batch.stopped:
+                        break
+            rows = ledger.rows([case.case_id for case in discovery.cases])
+            mine_ids = {case.case_id for case in mine}
+            failed = [row.case_id for row in rows if row.case_id in mine_ids and row.status == "failed"]
+            # a case of this shard left unfinished by a dead owner (a stale claim not taken over) is no success
+            busy = ledger.running_elsewhere()
+            stuck = [] if batch.stopped else [
+                row.case_id for row in rows if row.case_id in mine_ids and row.status in ("pending", "running")
+                and row.case_id not in busy]
+            if stuck:
+                log.warning("predict: %d case(s) not finished, claimed by a process that stopped: %s; rerun with "
+                            "--take-stale to take them over", len(stuck), ", ".join(stuck[:10]))
+                failed += stuck
+            skipped = batch_redactor.all(discovery.skipped)
+            report = _report(cfg, spec, model_dir, input_path if not hide else "<input> (see private/inputs.json)",
+                             output_dir, shard, device, rows, mine_ids, outcomes, skipped, batch, started,
+                             time.perf_counter() - wall, run_hash)
+            report["ledger"] = ledger.describe()
+            if batch.stopped:  # disk full: the cases not started stay pending for a plain rerun
+                report.update(stopped=batch.stopped, status="failed", exit_code=EXIT_SOME_FAILED)
+            if stuck:
+                report.update(stuck_cases=stuck, status="failed", exit_code=EXIT_SOME_FAILED)
+            label_names = [label["name"] for label in spec.get("labels", [])] if batch.predictor is None else \
+                [info.name for info in batch.predictor.labels]
+            summary = reporting.summary_block(rows, model_dir, str(device), time.perf_counter() - wall, skipped)
+            _write_reports(output_dir, report, rows, summary, label_names)
+        finally:
+            ledger.close()
+            if batch is not None:
+                batch.reserve.release()
+    exit_code = report["exit_code"]
     log.info("predict: %d case(s) in this shard, %d failed; report in %s", len(mine), len(failed),
              output_dir / "report.html")
     return PredictResult(report=report, exit_code=exit_code)
 
 
+def check_output_folder(output_dir: Path, input_folders: list[Path]) -> None:
+    """Refuse an output folder that is, or is inside, an input folder (its outputs would be read as inputs)."""
+    out = Path(os.path.abspath(output_dir))
+    try:
+        out = out.resolve()
+    except OSError:
+        pass
+    for folder in input_folders:
+        inside = Path(os.path.abspath(folder)).resolve()
+        if out == inside or inside in out.parents:
+            got = "the input folder itself" if out == inside else f"a folder inside an input folder ({out.name})"
+            raise ConfigError(f"--output must be a folder outside the input, got {got}: its outputs would be read "
+                              f"as new inputs. Choose an output folder elsewhere.")
+
+
+def _write_reports(output_dir: Path, report: dict, rows, summary: dict, label_names: list[str]) -> None:
+    """report.json, report.csv and report.html, each on its own: a full disk loses only what does not fit."""
+    writes = ((REPORT_FILE, lambda: atomic.write_json(output_dir / REPORT_FILE, report)),
+              ("report.csv", lambda: reporting.write_csv(output_dir / "report.csv", rows, label_names)),
+              ("report.html", lambda: reporting.write_html(output_dir / "report.html", output_dir, rows, summary,
+                                                           label_names)))
+    for name, write in writes:
+        try:
+            write()
+            continue
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+        # an earlier run's report must not stand in for this one: drop the old ones, then try again
+        for old, _ in writes[list(dict(writes)).index(name):]:
+            (output_dir / old).unlink(missing_ok=True)
+        try:
+            write()
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            log.error("predict: %s not written: %s", name, disk_full_message(output_dir))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is the disk or quota being full, from the OS or from SQLite."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                                               or "disk is full" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_message(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free / 2 ** 20
+    except OSError:
+        free = 0.0
+    return f"output disk full ({free:.0f} MB free); free space and rerun"
+
+
 def clean_partials(folder: Path, ledger: Ledger) -> int:
-    """Remove ``*.partial-*`` leftovers, except those a live process (another shard) is still writing."""
+    """Remove ``*.partial-*`` leftovers (files and case staging folders), except those a live process is writing."""
     busy_cases = ledger.running_elsewhere()
     others_alive = ledger.live_runs_elsewhere() > 0
     removed = 0
-    for leftover in folder.rglob(f"*{atomic.PARTIAL_MARK}*"):
-        if not leftover.is_file():
+    for leftover in sorted(folder.rglob(f"*{atomic.PARTIAL_MARK}*"), key=lambda p: len(p.parts)):
+        if privacy.PRIVATE_DIR in leftover.relative_to(folder).parts[:1]:
             continue
         target = leftover.name[1:].split(atomic.PARTIAL_MARK, 1)[0]
         if target in SHARED_FILES and others_alive:
@@ -157,34 +268,155 @@ def clean_partials(folder: Path, ledger: Ledger) -> int:
         if target.split(".", 1)[0] in busy_cases:
             continue
         try:
-            leftover.unlink()
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.is_file():
+                leftover.unlink()
+            else:
+                continue
             removed += 1
-        except FileNotFoundError:  # its writer finished meanwhile
+        except FileNotFoundError:  # its writer finished meanwhile, or it was inside a removed staging folder
             pass
     return removed
+
+
+def case_outputs(folder: Path, case_id: str) -> list[Path]:
+    """Files under their final names that belong to ``case_id`` (``<case>.<suffix>``; ids have no dots)."""
+    return [p for p in folder.glob(f"{case_id}.*")
+            if p.is_file() and p.name.split(".", 1)[0] == case_id and p.name not in _NOT_CASE_FILES]
+
+
+def publish(staging: Path, folder: Path, case_id: str) -> None:
+    """Move a case's finished outputs from its staging folder into place, all together, then drop the folder.
+
+    Earlier outputs of the case that this run did not write are removed first, so the folder never
+    mixes two runs' files of one case. Renames within one file system cannot fail for lack of space.
+    """
+    new = {p.name for p in staging.iterdir()}
+    for old in case_outputs(folder, case_id):
+        if old.name not in new:
+            old.unlink()
+    for name in sorted(new):
+        os.replace(staging / name, folder / name)
+    staging.rmdir()
+
+
+def withdraw(folder: Path, case_id: str, staging: Optional[Path]) -> None:
+    """Remove everything an unfinished case left: its staging folder and any of its final-named outputs."""
+    if staging is not None and staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+    for path in case_outputs(folder, case_id):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+class _Reserve:
+    """A small file kept free for the ledger: released on a full disk so the case's failure can still be recorded."""
+
+    SIZE = 256 * 1024
+    PREFIX = ".ctseg-reserve-"
+
+    def __init__(self, folder: Path):
+        host = socket.gethostname()
+        for stale in folder.glob(f"{self.PREFIX}{host}-*"):  # left by a killed run on this host
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and process_start_time(int(pid)) is None:
+                stale.unlink(missing_ok=True)
+        self.path: Optional[Path] = folder / f"{self.PREFIX}{host}-{os.getpid()}"
+        try:
+            with open(self.path, "wb") as handle:
+                handle.write(b"\0" * self.SIZE)
+        except OSError:
+            self.release()
+
+    def release(self) -> bool:
+        """Free the reserve; False when there was none left to free."""
+        if self.path is None:
+            return False
+        self.path.unlink(missing_ok=True)
+        self.path = None
+        return True
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that never disturbs the batch: a full disk drops log lines instead of raising."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
+class _RunLog:
+    """The run's log: redaction of every ctseg log record, and ``<OUT>/predict.log`` with tracebacks."""
+
+    def __init__(self, redactor: privacy.Redactor):
+        self.filter = privacy.RedactingFilter(redactor)
+        self.handler: Optional[logging.Handler] = None
+        self._filtered: list[logging.Handler] = []
+
+    def __enter__(self) -> "_RunLog":
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self.filter)
+            self._filtered.append(handler)
+        return self
+
+    def open_file(self, path: Path) -> None:
+        handler = _QuietFileHandler(path, mode="a", encoding="utf-8", delay=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        handler.addFilter(self.filter)
+        logging.getLogger("ctseg").addHandler(handler)
+        self.handler = handler
+
+    def traceback(self, case_id: str, text: str) -> None:
+        """A failed case's traceback: always into the log file; on stderr only with --debug (debug level)."""
+        log.debug("predict: %s traceback:\n%s", case_id, text)
+        if self.handler is not None:
+            record = logging.LogRecord("ctseg.predict", logging.ERROR, __file__, 0, "predict: %s traceback:\n%s",
+                                       (case_id, text), None)
+            if self.filter.filter(record):
+                self.handler.handle(record)
+
+    def __exit__(self, *exc) -> None:
+        for handler in self._filtered:
+            handler.removeFilter(self.filter)
+        if self.handler is not None:
+            logging.getLogger("ctseg").removeHandler(self.handler)
+            try:
+                self.handler.close()
+            except OSError:  # a full disk: the last lines are lost, the batch's outcome is not
+                pass
 
 
 class _Batch:
     """The model and per-batch state; runs one case at a time."""
 
     def __init__(self, cfg: Config, model_dir: Path, output_dir: Path, device: torch.device, run_hash: str,
-                 ledger: Ledger):
+                 ledger: Ledger, run_log: Optional[_RunLog] = None):
         self.cfg = cfg
         self.model_dir = model_dir
         self.output_dir = output_dir
         self.device = device
         self.run_hash = run_hash
         self.ledger = ledger
+        self.run_log = run_log
         self.predictor: Optional[Predictor] = None
         self.window_predictor: Optional[WindowPredictor] = None
         self.model_seconds = 0.0
+        self.stopped: Optional[str] = None  # why the batch stopped early (disk full)
+        self.reserve = _Reserve(output_dir)
+        self.progress: Optional[Progress] = None  # the batch's k/N display, set by run_predict
+
+    def _at(self) -> str:
+        return f"{self.progress.prefix()} " if self.progress is not None else ""
 
     def _load(self) -> None:
         start = time.perf_counter()
         options = self.cfg.predict
         devices.bind(self.device)  # this runs in a worker thread, and the current CUDA device is per thread
         self.predictor = load_predictor(self.model_dir, self.device, optimize=options.optimize_network,
-                                        folds=options.folds)
+                                        folds=options.folds, memory_budget_gb=options.memory.network_budget_gb)
         check_label_names(options.postprocess, [info.name for info in self.predictor.labels])
         reporting.volume_ranges(options.report)
         self.window_predictor = WindowPredictor(self.predictor, options.precision, options.tta, options.tta_axes)
@@ -197,38 +429,92 @@ class _Batch:
                  self.model_seconds, len(self.predictor.networks),
                  ", ".join(self.predictor.optimisation.get("applied", [])) or "as trained")
 
-    def run_case(self, case: case_io.Case, retry_failed: bool) -> str:
-        taken, why = self.ledger.claim(case.case_id, case.source, self.run_hash, retry_failed)
+    def run_case(self, case: case_io.Case, retry_failed: bool, source: Optional[str] = None,
+                 redact: Optional[privacy.Redactor] = None) -> str:
+        """Claim, predict, publish and record one case; any error inside the case fails that case only."""
+        source = case.source if source is None else source
+        redact = redact or privacy.Redactor(enabled=False)
+        try:
+            taken, why = self._ledger_write(self.ledger.claim, case.case_id, source, self.run_hash, retry_failed)
+        except sqlite3.Error as exc:
+            if not disk_full(exc):
+                raise
+            self.stopped = f"case {case.case_id} and later ones not started: {disk_full_message(self.output_dir)}"
+            log.error("predict: %s", self.stopped)
+            return "not started"
         if not taken:
-            log.info("predict: %s skipped: %s", case.case_id, why)
+            log.info("%s%s: skipped, %s", self._at(), case.case_id, why)
             return why
-        log.info("predict: %s started (%s)", case.case_id, why)
+        if why not in ("new", "pending"):  # a first try needs no explanation; a redo does
+            log.info("%s%s: %s", self._at(), case.case_id, why)
         start = time.perf_counter()
+        staging: Optional[Path] = None
         try:
             image, read_error, read_seconds = self._read_while_loading(case)
             try:
                 if read_error is not None:
                     raise read_error
+                withdraw(self.output_dir, case.case_id, None)  # an earlier run's outputs are not this run's
+                staging = Path(tempfile.mkdtemp(prefix=f".{case.case_id}{atomic.PARTIAL_MARK}", dir=self.output_dir))
                 outputs, summary, warnings, timings = predict_case(
-                    case, self.predictor, self.window_predictor, self.cfg, self.output_dir, self.run_hash,
-                    image=image, load_seconds=read_seconds)
+                    case, self.predictor, self.window_predictor, self.cfg, staging, self.run_hash,
+                    image=image, load_seconds=read_seconds, source=source, redact=redact)
+                publish(staging, self.output_dir, case.case_id)
+                self._ledger_write(self.ledger.finish, case.case_id, "done", seconds=time.perf_counter() - start,
+                                   timings=timings,
+                                   outputs=outputs, warnings=warnings, summary=summary)
             except Exception as exc:  # one bad case must not end the night; the error is recorded
-                message = _describe_failure(case, exc)
-                log.error("predict: %s failed: %s", case.case_id, message)
-                if not isinstance(exc, (CtsegError, torch.OutOfMemoryError, MemoryError)):
-                    log.debug("%s", "".join(traceback.format_exception(exc)))
+                withdraw(self.output_dir, case.case_id, staging)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                self.ledger.finish(case.case_id, "failed", error=message, seconds=time.perf_counter() - start)
-                return "failed"
+                return self._fail(case, exc, redact, time.perf_counter() - start)
         except BaseException:  # Ctrl-C, or the model itself cannot be loaded: hand the case back, stop the batch
-            self.ledger.release(case.case_id)
+            withdraw(self.output_dir, case.case_id, staging)
+            try:
+                self.ledger.release(case.case_id)
+            except sqlite3.Error:
+                pass
             raise
-        self.ledger.finish(case.case_id, "done", seconds=time.perf_counter() - start, timings=timings,
-                           outputs=outputs, warnings=warnings, summary=summary)
-        log.info("predict: %s done in %.1f s%s", case.case_id, time.perf_counter() - start,
-                 f" ({len(warnings)} warning(s))" if warnings else "")
+        count = len(warnings)
+        log.info("%s%s: done in %.1f s%s", self._at(), case.case_id, time.perf_counter() - start,
+                 f" ({count} warning{'s' if count != 1 else ''})" if count else "")
         return "done"
+
+    def _fail(self, case: case_io.Case, exc: Exception, redact: privacy.Redactor, seconds: float) -> str:
+        full = disk_full(exc)
+        message = redact(f"case {case.case_id}: {disk_full_message(self.output_dir)}" if full
+                         else _describe_failure(case, exc))
+        trace = None
+        if full or not isinstance(exc, CtsegError):  # an unexpected error leaves its traceback behind
+            trace = redact("".join(traceback.format_exception(exc)))
+        log.error("%s%s: failed: %s", self._at(), case.case_id, message)
+        if trace and self.run_log is not None:
+            self.run_log.traceback(case.case_id, trace)
+        if full:  # later cases would fail the same way: they stay pending for a plain rerun
+            self.stopped = f"stopped after case {case.case_id}: {disk_full_message(self.output_dir)}"
+        try:
+            self._ledger_write(self.ledger.finish, case.case_id, "failed", error=message, seconds=seconds,
+                               traceback=trace, retryable=full)
+        except sqlite3.Error as ledger_exc:
+            if not disk_full(ledger_exc):
+                raise
+            try:  # not even the failure fits: the case goes back to pending rather than staying "running"
+                self.ledger.release(case.case_id)
+            except sqlite3.Error:
+                pass
+            self.stopped = f"the ledger cannot be written: {disk_full_message(self.output_dir)}"
+            log.error("predict: stopping the batch: %s", self.stopped)
+        return "failed"
+
+    def _ledger_write(self, write, *args, **kwargs):
+        """A ledger change; on a full disk the reserve is freed and the change tried once more."""
+        try:
+            return write(*args, **kwargs)
+        except sqlite3.Error as exc:
+            if not disk_full(exc) or not self.reserve.release():
+                raise
+            log.warning("predict: output disk full; released the ledger's reserve to record the outcome")
+            return write(*args, **kwargs)
 
     def _read_while_loading(self, case: case_io.Case):
         """Read the case; the first time, load the model meanwhile in a second thread (both mostly release the GIL)."""
@@ -254,7 +540,8 @@ def _describe_failure(case: case_io.Case, exc: Exception) -> str:
         text = str(exc)
         return text if text.startswith(f"case {case.case_id}") else f"case {case.case_id}: {text}"
     first_line = (str(exc).splitlines() or [""])[0]
-    return f"case {case.case_id}: unexpected {type(exc).__name__}: {first_line}"
+    return (f"case {case.case_id}: unexpected {type(exc).__name__}: {first_line} (traceback in predict.log and the "
+            f"ledger)")
 
 
 def _measure_activations(predictor: Predictor, window_predictor: WindowPredictor, options) -> int:
@@ -283,10 +570,13 @@ def _measure_activations(predictor: Predictor, window_predictor: WindowPredictor
 
 def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: WindowPredictor, cfg: Config,
                  output_dir: Path, run_hash: str, image: Optional[case_io.SourceImage] = None,
-                 load_seconds: Optional[float] = None) -> tuple[dict, dict, list[str], dict]:
+                 load_seconds: Optional[float] = None, source: Optional[str] = None,
+                 redact: Optional[privacy.Redactor] = None) -> tuple[dict, dict, list[str], dict]:
     """Segment one case and write its outputs; returns (outputs with checksums, summary, warnings, timings).
 
-    ``image``: the case already read (then ``load_seconds`` is how long that took).
+    ``image``: the case already read (then ``load_seconds`` is how long that took). ``source``: how
+    provenance names the input (default ``case.source``); ``redact``: applied to warnings and
+    provenance (see :mod:`pipeline.predict.privacy`).
     """
     from pipeline.preprocess.transform import prepare_image
 
@@ -307,6 +597,8 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     else:
         timings["load"] = load_seconds if load_seconds is not None else 0.0
         total_start -= timings["load"]
+    redact = redact or privacy.Redactor(enabled=False)
+    fit_warnings = check_model_fit(image.volume, case, predictor, options)
     source_grid = image.volume.grid
     working, transposed = memory_order_view(image.volume)
     prepared = prepare_image(working, predictor.plan, predictor.crop_align)
@@ -330,7 +622,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     notes = postprocess(labels, source_grid, predictor.labels, options.postprocess)
     lap("postprocess")
     volumes, label_warnings = reporting.label_statistics(labels, source_grid, predictor.labels, options.report)
-    warnings = list(image.warnings) + label_warnings
+    warnings = redact.all(list(image.warnings) + fit_warnings + label_warnings)
 
     paths: dict[str, Path] = {}
     base = output_dir / case.case_id
@@ -369,8 +661,8 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     provenance = {
         "case_id": case.case_id,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "input": case.source,
-        "input_info": _anonymous_info(image.info),
+        "input": case.source if source is None else source,
+        "input_info": json.loads(redact(json.dumps(_anonymous_info(image.info), default=str))),
         "model": {"folder": str(predictor.folder), "model_json_sha256": predictor.spec_sha256,
                   "mode": predictor.mode, "patch_size": list(predictor.patch_size),
                   "network": predictor.spec["network"].get("name"),
@@ -397,6 +689,33 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     summary = {"volumes": volumes, "postprocess": notes, "memory_plan": result.plan.mode,
                "windows": result.stats["windows"], "reassembly": reassembly["method"]}
     return checksums, summary, warnings, timings
+
+
+def check_model_fit(volume: Volume, case: case_io.Case, predictor: Predictor, options) -> list[str]:
+    """Refuse (or, with ``predict.refuse_implausible: false``, warn about) a volume the model cannot segment.
+
+    Fewer than ``predict.min_slices`` slices, or for a 3D model a volume shorter along the body axis
+    than ``predict.min_patch_coverage`` of the model's patch (the network would see mostly padding,
+    as with a 3D model on a single slice).
+    """
+    from pipeline.geometry import canonical_grid
+
+    problems = []
+    slices = int(volume.array.shape[2])
+    if slices < options.min_slices:
+        problems.append(f"{slices} slice(s), fewer than predict.min_slices ({options.min_slices})")
+    if predictor.mode == "3d" and predictor.plan.get("target_spacing"):
+        canon = canonical_grid(volume.grid)
+        extent = float(canon.shape[2] * canon.spacing[2])
+        needed = float(predictor.patch_size[2] * float(predictor.plan["target_spacing"][2]))
+        if extent < options.min_patch_coverage * needed:
+            problems.append(f"it spans {extent:.1f} mm along the body axis, less than predict.min_patch_coverage "
+                            f"({options.min_patch_coverage:g}) of the 3D model's patch ({needed:.0f} mm)")
+    if problems and options.refuse_implausible:
+        raise InputError(f"{case.source} must be a volume the model can segment, got: {'; '.join(problems)}. Use a "
+                         f"model trained for such scans, or set predict.refuse_implausible: false to segment it "
+                         f"anyway (named in the case's warnings).")
+    return [f"segmented although implausible for the model: {problem}" for problem in problems]
 
 
 def memory_order_view(volume: Volume) -> tuple[Volume, bool]:
@@ -430,7 +749,7 @@ def _ctseg_version() -> str:
     return __version__
 
 
-def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, mine_ids, outcomes, discovery, batch,
+def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, mine_ids, outcomes, skipped, batch,
             started, seconds, run_hash) -> dict:
     mine_rows = [row for row in rows if row.case_id in mine_ids]
     failed_mine = [row for row in mine_rows if row.status == "failed"]
@@ -457,7 +776,7 @@ def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, m
             "failed_this_run": sum(outcome == "failed" for outcome in outcomes.values()),
             "resumed": sum(outcome.startswith("done (") for outcome in outcomes.values()),
         },
-        "skipped_inputs": discovery.skipped,
+        "skipped_inputs": skipped,
         "cases": _case_entries(rows),
     }
 
@@ -471,7 +790,7 @@ def _batch_counts(rows) -> dict:
 def _case_entries(rows) -> list[dict]:
     return [{"id": row.case_id, "status": "ok" if row.status == "done" else row.status, "input": row.input,
              "error": row.error, "warnings": row.warnings, "seconds": row.seconds, "attempts": row.attempts,
-             "shard": row.shard, "timings": row.timings,
+             "shard": row.shard, "timings": row.timings, **({"traceback": row.traceback} if row.traceback else {}),
              "outputs": {name: entry["path"] for name, entry in row.outputs.items()},
              "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()}}
             for row in rows]
@@ -483,8 +802,6 @@ def rewrite_report(output_dir: Path) -> dict:
     Shards each write the merged report when they finish, so the last one's is complete; this rebuilds it at any
     time (after a shard died, or while others still run) without loading a model or reading an image.
     """
-    import json
-
     from pipeline.models.loader import read_model_spec
     from pipeline.predict.ledger import has_ledger, read_case_rows
 
@@ -504,9 +821,7 @@ def rewrite_report(output_dir: Path) -> dict:
     report.update({"folder": str(output_dir), "status": "failed" if failed else "ok",
                    "exit_code": EXIT_SOME_FAILED if failed else EXIT_OK, "counts": _batch_counts(rows),
                    "cases": _case_entries(rows), "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
-    atomic.write_json(previous_path, report)
-    reporting.write_csv(output_dir / "report.csv", rows, label_names)
     summary = reporting.summary_block(rows, model_dir, str(report.get("device", "")), 0.0,
                                       report.get("skipped_inputs"))
-    reporting.write_html(output_dir / "report.html", output_dir, rows, summary, label_names)
+    _write_reports(output_dir, report, rows, summary, label_names)
     return report

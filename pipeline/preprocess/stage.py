@@ -25,6 +25,7 @@ from pipeline.preprocess import cache
 from pipeline.preprocess.fingerprint import TrainingCase, case_fingerprint, load_case, source_identity
 from pipeline.preprocess.plan import intensity_statistics, make_plan
 from pipeline.preprocess.transform import prepare_image, prepare_label
+from pipeline.progress import Progress
 from pipeline.stage import CaseRecord, StageRun, reset_folder, upstream_hash
 
 log = logging.getLogger("ctseg")
@@ -75,14 +76,16 @@ def run_preprocess(cfg: Config, force: bool = False) -> dict:
              plan["configurations"]["3d"]["batch_size"])
 
     index = []
-    for case in cases:
-        with run.case(case.id, {"image": str(case.image), "label": str(case.label)}) as record:
-            if record is None:
-                index.append(run.records[case.id].extra["index"])
-                continue
-            entry = _cache_case(case, plan, allowed, cfg, out, record)
-            record.extra["index"] = entry
-            index.append(entry)
+    with Progress(len(cases), "preprocess: caching", unit="case") as progress:
+        for case in cases:
+            with run.case(case.id, {"image": str(case.image), "label": str(case.label)}) as record:
+                if record is not None:
+                    entry = _cache_case(case, plan, allowed, cfg, out, record)
+                    record.extra["index"] = entry
+                    index.append(entry)
+                else:
+                    index.append(run.records[case.id].extra["index"])
+            progress.update()
     cache.write_index(out, plan["transform_key"], index)
     run.extra["plan"] = {k: plan[k] for k in ("target_spacing", "intensity", "configurations", "overrides")}
     run.extra["reused_arrays"] = sum(bool(r.extra.get("cache_reused")) for r in run.records.values())
@@ -96,16 +99,17 @@ def _fingerprint(cases: list[TrainingCase], labels: list[dict], allowed: set[int
                  run: StageRun) -> dict:
     options = cfg.preprocess
     records, samples, failed = [], [], []
-    for case in cases:
-        try:
-            image, label = load_case(case, allowed)
-            record, hu = case_fingerprint(case, image, label, options.body_threshold_hu,
-                                          options.intensity_samples_per_case)
-        except CaseError as exc:
-            failed.append(CaseRecord(id=case.id, status="failed", error=str(exc), hash=run.hash))
-            continue
-        records.append(record)
-        samples.append(hu)
+    with Progress(len(cases), "preprocess: fingerprint", unit="case") as progress:
+        for case in cases:
+            try:
+                image, label = load_case(case, allowed)
+                record, hu = case_fingerprint(case, image, label, options.body_threshold_hu,
+                                              options.intensity_samples_per_case)
+                records.append(record)
+                samples.append(hu)
+            except CaseError as exc:
+                failed.append(CaseRecord(id=case.id, status="failed", error=str(exc), hash=run.hash))
+            progress.update()
     if failed:  # every bad case is reported at once, before anything is cached or trained
         for record in failed:
             run.records[record.id] = record

@@ -1,8 +1,9 @@
 """Training one fold: optimiser, schedule, mixed precision, validation, checkpoints and exact resume.
 
 ``checkpoint_last.pt`` holds the full state (network, optimiser, scheduler, grad scaler, step,
-python/numpy/torch RNG states and the curve history) and is written at every validation and when
-a run stops early; ``checkpoint_best.pt`` the same at the best validation. Both load with
+python/numpy/torch RNG states and the curve history) and is written at every validation, every
+``train.checkpoint_minutes`` of training and when a run stops early; ``checkpoint_best.pt`` the same
+at the best validation. Both load with
 ``torch.load(weights_only=True)``. Because training patches are a function of the step (see
 :mod:`pipeline.train.data`), a resumed run continues with exactly the batches, random states and
 optimiser moments of an uninterrupted one.
@@ -266,6 +267,8 @@ class FoldTrainer:
         if job.resume and last.is_file():
             self.restore(last)
             log.info("train fold %d: resumed at step %d from %s", job.fold, self.step, last)
+        elif job.resume:
+            log.info("train fold %d: no checkpoint to resume, starting at step 0", job.fold)
         start = self.step
         stop = options.max_steps if not options.steps_per_run else min(options.max_steps,
                                                                         start + options.steps_per_run)
@@ -286,6 +289,8 @@ class FoldTrainer:
         cpu_began = time.process_time()
         # on CUDA "compute" is the time to queue a step; the GPU's own time shows up where the host waits
         timing = {"data": 0.0, "compute": 0.0, "validation": 0.0}
+        interval = float(options.checkpoint_minutes) * 60.0
+        saved = time.monotonic()
         mark = time.perf_counter()
         first_validation = True
         for step, images, labels in batches(dataset, start + 1, stop, job.batch_size, runtime.loader_workers,
@@ -305,6 +310,11 @@ class FoldTrainer:
                     self.validate_and_save(scalars)
                 first_validation = False
                 timing["validation"] += time.perf_counter() - mark
+                saved = time.monotonic()
+            elif interval and time.monotonic() - saved >= interval:
+                if runtime.is_main:
+                    _save(last, self.state())  # a crash now loses at most checkpoint_minutes of training
+                saved = time.monotonic()
             if bar is not None:
                 bar.update(1)
             mark = time.perf_counter()
@@ -376,8 +386,9 @@ class FoldTrainer:
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, description: str):
+    """The fold's step counter (pipeline.progress): validation lines print above the bar, not into it."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from pipeline.progress import Progress
 
-    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return Progress(total, f"train {description}", unit="step", initial=initial)

@@ -58,6 +58,10 @@ class TrainConfig:
     max_steps: int = field(default=400, metadata={"help": "Optimisation steps in total, per fold."})
     val_every: int = field(default=100, metadata={
         "help": "Validate (sliding window over whole validation volumes) and save checkpoint_last every N steps."})
+    checkpoint_minutes: float = field(default=10.0, metadata={
+        "help": "Also save checkpoint_last.pt every this many minutes of training (besides every validation), so "
+                "that a crash or a killed job loses at most this much; 0 = only at validations. Not part of the "
+                "stage hash."})
     val_overlap: float = field(default=0.25, metadata={"help": "Sliding-window overlap during validation."})
     optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={
         "help": "adamw, or sgd with Nesterov momentum 0.99 (nnU-Net's choice)."})

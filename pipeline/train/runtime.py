@@ -67,30 +67,6 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def channels_last_default(device: torch.device) -> bool:
-    """The layout measured or known to be faster on each device type, for ``train.channels_last: null``.
-
-    CPU: channels-last (several times faster 3D convolutions, bench/README.md). CUDA: contiguous. The
-    networks use InstanceNorm, whose CUDA kernel has no channels-last path and copies every activation
-    to contiguous and back (pytorch/pytorch#59168 measured nnU-Net-like networks 24-47% slower); not yet
-    measured here on a GPU (bench/gpu/gpu_smoke.py times both).
-    """
-    return device.type != "cuda"
-
-
-def loader_settings(requested, device: torch.device, local_world: int) -> tuple[int, bool]:
-    """(DataLoader workers, pin_memory): ``train.loader_workers``, else 0 on the CPU and a few on CUDA.
-
-    On the CPU, workers compete with the training threads for the same cores. On CUDA the GPU would
-    otherwise wait while the CPU crops and augments each batch; pinned batches make the
-    ``non_blocking`` copies asynchronous.
-    """
-    cuda = device.type == "cuda"
-    if requested is not None:
-        return max(0, int(requested)), cuda and int(requested) > 0
-    if not cuda:
-        return 0, False
-    return max(1, min(8, devices.usable_cores() // max(1, local_world) - 2)), True
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -140,6 +116,32 @@ def require_deterministic_cuda_start() -> None:
     devices.request_deterministic_cublas()
 
 
+def channels_last_default(device: torch.device) -> bool:
+    """The layout measured or known to be faster on each device type, for ``train.channels_last: null``.
+
+    CPU: channels-last (several times faster 3D convolutions, bench/README.md). CUDA: contiguous. The
+    networks use InstanceNorm, whose CUDA kernel has no channels-last path and copies every activation
+    to contiguous and back (pytorch/pytorch#59168 measured nnU-Net-like networks 24-47% slower); not yet
+    measured here on a GPU (bench/gpu/gpu_smoke.py times both).
+    """
+    return device.type != "cuda"
+
+
+def loader_settings(requested, device: torch.device, local_world: int) -> tuple[int, bool]:
+    """(DataLoader workers, pin_memory): ``train.loader_workers``, else 0 on the CPU and a few on CUDA.
+
+    On the CPU, workers compete with the training threads for the same cores. On CUDA the GPU would
+    otherwise wait while the CPU crops and augments each batch; pinned batches make the
+    ``non_blocking`` copies asynchronous.
+    """
+    cuda = device.type == "cuda"
+    if requested is not None:
+        return max(0, int(requested)), cuda and int(requested) > 0
+    if not cuda:
+        return 0, False
+    return max(1, min(8, devices.usable_cores() // max(1, local_world) - 2)), True
+
+
 def teardown_runtime(runtime: Runtime) -> None:
     if runtime.started_process_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -159,16 +161,13 @@ def barrier(runtime: Runtime) -> None:
         torch.distributed.barrier()
 
 
-NONDETERMINISTIC_ON_CUDA = ("the NLL loss inside DiceCE (nll_loss2d forward)",
-                            "interpolate backward (deep supervision, ClassicUNet)", "MaxPool3d backward")
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed python, numpy and torch; in deterministic mode also force deterministic kernels.
 
-    Exact on the CPU. On CUDA the kernels in NONDETERMINISTIC_ON_CUDA have no deterministic version, so
-    torch only warns (``warn_only``), and :class:`~pipeline.train.loop.FoldTrainer` logs each such warning
-    once: strict mode would stop the default configuration (DiceCE) at its first step on every GPU.
+    Exact on the CPU. On CUDA the NLL loss inside DiceCE (nll_loss2d forward), interpolate backward (deep
+    supervision, ClassicUNet) and MaxPool3d backward have no deterministic kernel, so torch only warns
+    (``warn_only``) and :class:`~pipeline.train.loop.FoldTrainer` logs each such warning once: strict mode
+    would stop the default configuration (DiceCE) at its first step on every GPU.
     """
     if deterministic:
         from monai.utils import set_determinism

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.config import Config, section_hash, to_dict
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.models import MODEL_FORMAT, network_spec
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
@@ -35,7 +35,7 @@ log = logging.getLogger("ctseg")
 
 # how or when, not what, is trained (the memory layout changes float rounding only, as threads and compile do)
 RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "compile", "channels_last",
-                "ddp_timeout_minutes")
+                "ddp_timeout_minutes", "checkpoint_minutes")
 
 
 def train_hash(cfg: Config) -> str:
@@ -74,6 +74,11 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
     bad = [f for f in folds if not 0 <= f < len(splits)]
     if bad:
         raise ConfigError(f"train.train_folds must hold fold numbers 0..{len(splits) - 1}, got {bad}.")
+    if options.checkpoint_minutes < 0:
+        raise ConfigError(f"train.checkpoint_minutes must be 0 (only at validations) or more, got "
+                          f"{options.checkpoint_minutes}.")
+    if resume:
+        check_resumable(out, len(splits), run)
     if runtime.is_main:
         atomic.write_json(out / "splits.json", {"seed": cfg.seed, "folds": splits})
     class_names = [label["name"] for label in plan["labels"]]
@@ -98,6 +103,7 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
         for case_id in split["train"] + split["val"]:
             if case_id not in arrays:
                 image, label, _ = load_cached_case(pre_dir, by_id[case_id])
+                check_finite(case_id, image)
                 arrays[case_id] = (image, label)
         for case_id in split["train"]:
             if case_id not in prepared:
@@ -146,6 +152,24 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
                  len(finished), len(splits))
     report = run.finish(complete=complete)
     return report
+
+
+def check_finite(case_id: str, image: np.ndarray) -> None:
+    """Refuse a cached training image with NaN or infinite voxels (they would poison every step's loss)."""
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        raise InputError(f"preprocessed case {case_id} must hold finite intensities, got {bad} NaN or infinite "
+                         f"voxel(s). Fix or drop that case's source volume and re-run 'ctseg ingest' and "
+                         f"'ctseg preprocess'.")
+
+
+def check_resumable(out: Path, n_folds: int, run) -> None:
+    """``--resume`` needs something to continue: a fold's checkpoint or a finished fold; else say so."""
+    checkpoints = [out / f"fold_{k}" / "checkpoint_last.pt" for k in range(n_folds)]
+    finished = run is not None and any(run.is_case_done(f"fold_{k}") for k in range(n_folds))
+    if not finished and not any(path.is_file() for path in checkpoints):
+        raise ConfigError(f"train --resume must continue a checkpoint, got none in {out} (no "
+                          f"fold_<k>/checkpoint_last.pt). Start the training with a plain 'ctseg train'.")
 
 
 def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -> tuple[SamplingSpec, int, dict]:
