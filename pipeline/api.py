@@ -102,6 +102,11 @@ def predict(cfg: Config, model_dir: Path | None = None, input_path: Path | None 
     output = Path(output) if output else cfg.stage_dir("predict")
     result = run_predict(cfg, model_dir, input_path, output, shard=shard, retry_failed=retry_failed)
     _record_config(cfg, output)
+    if cfg.predict.send_to:  # a destination that is down fails the sends (exit 3), never the segmentation
+        sent = send(cfg, output)
+        result.report["send"] = sent
+        if sent["status"] != "ok" and result.exit_code == 0:
+            result.exit_code = 3
     return result
 
 
@@ -110,6 +115,39 @@ def predict_report(output: Path) -> dict:
     from pipeline.predict.stage import rewrite_report
 
     return rewrite_report(Path(output))
+
+
+def send(cfg: Config, output: Path | None = None, to: list[str] | None = None, resend: bool = False) -> dict:
+    """Send the DICOM results (SEG, RTSTRUCT) of a predict folder's done cases to ``to`` (default predict.send_to)."""
+    from pipeline.pacs.send import send_results
+
+    output = Path(output) if output else cfg.stage_dir("predict")
+    report = send_results(cfg.pacs, output, list(to or cfg.predict.send_to), resend=resend)
+    atomic.write_json(output / "send-report.json", report)
+    return report
+
+
+def pull(cfg: Config, query: list[str], since: str | None = None, model_dir: Path | None = None,
+         output: Path | None = None, retry_failed: bool = False):
+    """Query the PACS (pacs.source), retrieve new series and segment them; ``.report`` and ``.exit_code``."""
+    from pipeline.pacs.pull import run_pull
+
+    model_dir = Path(model_dir) if model_dir else default_model_dir(cfg)
+    output = Path(output) if output else cfg.stage_dir("predict")
+    result = run_pull(cfg, model_dir, output, list(query), since=since, retry_failed=retry_failed)
+    _record_config(cfg, output)
+    return result
+
+
+def listen(cfg: Config, model_dir: Path | None = None, output: Path | None = None,
+           max_seconds: float | None = None) -> dict:
+    """Run the C-STORE receiver and segment what arrives until stopped; returns the report."""
+    from pipeline.pacs.listen import run_listen
+
+    model_dir = Path(model_dir) if model_dir else default_model_dir(cfg)
+    output = Path(output) if output else cfg.stage_dir("predict")
+    _record_config(cfg, output)
+    return run_listen(cfg, model_dir, output, max_seconds=max_seconds)
 
 
 def evaluate(cfg: Config, pred_dir: Path | None = None, ref_dir: Path | None = None,

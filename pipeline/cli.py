@@ -22,6 +22,9 @@ DESCRIPTION = """CT segmentation pipeline: ingest -> preprocess -> train -> pred
   ctseg run -c configs/my.yaml                 every stage of an experiment, in order
   ctseg predict --model M --input PATH --output OUT
   ctseg evaluate --pred DIR --ref DIR --output OUT
+  ctseg pull --since 24h --model M --output OUT   query the PACS, retrieve, segment, send back
+  ctseg listen --model M --output OUT          C-STORE receiver that segments what arrives
+  ctseg send --output OUT --to planning        send finished cases' SEG/RTSTRUCT (retries failed sends)
 """
 
 
@@ -67,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take over cases claimed by another host whose heartbeat stopped (a node that died)")
     p.add_argument("--report-only", type=Path, metavar="OUT",
                    help="rewrite the merged report of the batch folder OUT from its ledgers, and do nothing else")
+
+    p = verbs.add_parser("pull", parents=[common], help="query the PACS, retrieve new series and segment them")
+    p.add_argument("--query", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="C-FIND attributes, e.g. StudyDate=20261130 Modality=CT")
+    p.add_argument("--since", help="studies of the last 24h, 90m, 2d, ...")
+    p.add_argument("--model", type=Path, help="trained model folder (default: outputs/<experiment>/train/model)")
+    p.add_argument("--output", type=Path, help="output folder (default: outputs/<experiment>/predict)")
+    p.add_argument("--retry-failed", action="store_true", help="retrieve and segment again series that failed")
+
+    p = verbs.add_parser("listen", parents=[common], help="receive series by C-STORE and segment them")
+    p.add_argument("--model", type=Path, help="trained model folder (default: outputs/<experiment>/train/model)")
+    p.add_argument("--output", type=Path, help="output folder (default: outputs/<experiment>/predict)")
+    p.add_argument("--max-seconds", type=float, help="stop after this long (default: run until SIGTERM/Ctrl-C)")
+
+    p = verbs.add_parser("send", parents=[common], help="send finished cases' DICOM results to a peer")
+    p.add_argument("--output", type=Path, help="predict folder (default: outputs/<experiment>/predict)")
+    p.add_argument("--to", nargs="+", metavar="PEER", help="peer names of pacs.peers (default: predict.send_to)")
+    p.add_argument("--resend", action="store_true", help="send again what was already sent")
 
     p = verbs.add_parser("evaluate", parents=[common], help="Dice, HD95, surface Dice, volumes per case")
     p.add_argument("--pred", type=Path, help="predicted label volumes (folder)")
@@ -164,6 +185,20 @@ def dispatch(args) -> int:
                              shard=_parse_shard(args.shard), retry_failed=args.retry_failed)
         _summarise(result.report)
         return result.exit_code
+    elif verb == "pull":
+        result = api.pull(cfg, args.query, since=args.since, model_dir=args.model, output=args.output,
+                          retry_failed=args.retry_failed)
+        _summarise(result.report)
+        return result.exit_code
+    elif verb == "listen":
+        report = api.listen(cfg, model_dir=args.model, output=args.output, max_seconds=args.max_seconds)
+        _summarise(report)
+        return EXIT_OK
+    elif verb == "send":
+        report = api.send(cfg, output=args.output, to=args.to, resend=args.resend)
+        print(f"ctseg send: {report['sent']} sent, {report['already_sent']} already sent, {report['failed']} failed; "
+              f"report: {Path(report['folder']) / 'send-report.json'}")
+        return EXIT_PARTIAL if report["status"] != "ok" else EXIT_OK
     elif verb == "evaluate":
         if args.compare:
             report = api.compare(cfg, args.compare[0], args.compare[1], output=args.output)

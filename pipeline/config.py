@@ -22,6 +22,7 @@ from pipeline.demo_options import DemoConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate.options import EvaluateConfig
 from pipeline.ingest.options import IngestConfig
+from pipeline.pacs.options import PacsConfig
 from pipeline.predict.options import PredictConfig
 from pipeline.preprocess.options import PreprocessConfig
 from pipeline.train.options import TrainConfig
@@ -45,6 +46,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
 
     @property
     def experiment_dir(self) -> Path:

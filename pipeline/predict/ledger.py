@@ -346,6 +346,13 @@ class Ledger:
             db.execute("UPDATE cases SET status = 'pending', updated = ? WHERE case_id = ? AND run_id = ? "
                        "AND status = 'running'", (time.time(), case_id, self.run_id))
 
+    def reopen(self, case_id: str) -> bool:
+        """Mark a done case pending again because its input changed (a received series grew); returns whether
+        a done row of this ledger file was reopened. The next claim redoes it."""
+        with self._transaction() as db:
+            return db.execute("UPDATE cases SET status = 'pending', updated = ? WHERE case_id = ? AND status = 'done'",
+                              (time.time(), case_id)).rowcount == 1
+
 
 # ---------------------------------------------------------------------------------------------
 # Several hosts on one shared (network) folder

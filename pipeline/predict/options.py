@@ -176,6 +176,9 @@ class PredictConfig:
     host_name: str = field(default="", metadata={
         "help": "This machine's name in the ledger and claim files (default: the host name). Set it when "
                 "several nodes report the same host name, e.g. containers."})
+    send_to: list[str] = field(default_factory=list, metadata={
+        "help": "Peers of pacs.peers (by name) that each finished case's DICOM results (SEG, RTSTRUCT) are sent "
+                "to, by C-STORE or STOW-RS; a failed send leaves the case done and is retried by 'ctseg send'."})
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     outputs: OutputOptions = field(default_factory=OutputOptions)

@@ -73,7 +73,7 @@ _NOT_CASE_FILES = frozenset(SHARED_FILES + (LOG_FILE, "config.yaml", "ledger.sql
                                             "ledger.sqlite-shm", "ledger.sqlite-journal"))
 # settings that change speed or bookkeeping but not the written labels
 _NOT_IN_HASH = ("batch_size", "batch_size_2d", "device", "memory", "stale_minutes", "shard_by", "refuse_implausible",
-                "full_paths", "ledger_mode", "host_name", "take_stale")
+                "full_paths", "ledger_mode", "host_name", "take_stale", "send_to")
 
 
 @dataclass

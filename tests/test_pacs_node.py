@@ -1,0 +1,170 @@
+"""The DICOM node's parts: the receive spool's states, the sends table, the CLI's checks, every DICOM output sent."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pipeline.pacs.spool import Spool, instance_name, series_key
+
+
+def _store(spool: Spool, sop: str, association: str, series: str = "1.2.3.2") -> str:
+    return spool.store(b"\0" * 128 + b"DICM" + sop.encode(), "1.2.3.1", series, sop, "CT", association)
+
+
+def test_spool_completes_a_series_on_release_only_when_no_other_association_still_delivers(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    key = _store(spool, "1.9.1", "a")
+    _store(spool, "1.9.2", "b")
+    assert spool.association_ended("a", released=True) == []  # b still delivers to the series
+    assert spool.get(key)["state"] == "receiving"
+    assert spool.association_ended("b", released=True) == [key]
+    assert spool.get(key)["state"] == "complete" and spool.get(key)["instances"] == 2
+    assert sorted(p.name for p in spool.folder(key).iterdir()) == sorted([instance_name("1.9.1"),
+                                                                           instance_name("1.9.2")])
+    assert not [p for p in spool.folder(key).iterdir() if ".partial-" in p.name]
+    assert spool.take_complete() == (key, 2) and spool.get(key)["state"] == "segmenting"
+    _store(spool, "1.9.3", "c")  # more instances while it is segmented: the outcome is not recorded
+    assert spool.finish(key, "done", None, ["ct-x"], 2) is False
+    assert spool.get(key)["state"] == "receiving"
+    spool.close()
+
+
+def test_an_aborted_association_leaves_the_series_incomplete_until_a_resend(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    key = _store(spool, "1.9.1", "a")
+    assert spool.association_ended("a", released=False) == []
+    assert spool.check_quiet(0.0, "release", now=spool.get(key)["last"] + 1) == [key]
+    row = spool.get(key)
+    assert row["state"] == "incomplete" and "aborted" in row["reason"]
+    assert spool.take_complete() is None
+    _store(spool, "1.9.1", "b")  # the resend of the same instance replaces it, it is not counted twice
+    assert spool.get(key)["instances"] == 1 and spool.get(key)["state"] == "receiving"
+    assert spool.association_ended("b", released=True) == [key]
+    spool.close()
+
+
+def test_quiet_mode_completes_a_series_after_the_quiet_time_but_not_while_an_association_is_open(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    key = _store(spool, "1.9.1", "a")
+    later = spool.get(key)["last"] + 10
+    assert spool.check_quiet(5.0, "quiet", now=later) == []  # association a is still open
+    assert spool.association_ended("a", released=True, complete_on="quiet") == []  # a release is not the end
+    assert spool.get(key)["state"] == "receiving"
+    assert spool.check_quiet(5.0, "quiet", now=later) == [key]
+    assert spool.get(key)["state"] == "complete"
+    spool.close()
+
+
+def test_a_restart_marks_half_received_series_incomplete_and_requeues_interrupted_segmentation(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    half = _store(spool, "1.9.1", "a", series="1.2.3.2")
+    whole = _store(spool, "1.9.2", "b", series="1.2.3.3")
+    spool.association_ended("b", released=True)
+    assert spool.take_complete() == (whole, 1)
+    spool.close()  # the process dies here: one series half received, one being segmented
+    again = Spool(tmp_path / "spool")
+    assert again.recover() == {"incomplete": 1, "requeued": 1}
+    assert again.get(half)["state"] == "incomplete" and "interrupted" in again.get(half)["reason"]
+    assert again.get(whole)["state"] == "complete"
+    assert again.check_quiet(0.0, "quiet", now=again.get(half)["last"] + 100) == []  # never completed by time
+    again.close()
+
+
+def test_prune_deletes_old_segmented_series_and_keeps_failed_and_incomplete_ones(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    done = _store(spool, "1.9.1", "a", series="1.2.3.2")
+    failed = _store(spool, "1.9.2", "a", series="1.2.3.3")
+    incomplete = _store(spool, "1.9.3", "b", series="1.2.3.4")
+    spool.association_ended("a", released=True)
+    for key, state in ((done, "done"), (failed, "failed")):
+        assert spool.take_complete_key(key)
+        assert spool.finish(key, state, None, [], 1)
+    assert spool.prune(7.0) == 0  # not old yet
+    assert spool.prune(7.0, now=spool.get(done)["updated"] + 8 * 86400) == 1
+    assert spool.get(done) is None and not spool.folder(done).exists()
+    assert spool.folder(failed).is_dir() and spool.folder(incomplete).is_dir()
+    assert spool.prune(0.0, now=1e12) == 0
+    spool.close()
+
+
+def test_series_keys_and_file_names_are_hashes_without_uids():
+    key = series_key("1.2.840.99.1", "1.2.840.99.2")
+    assert key.startswith("s") and "840" not in key and len(key) == 17
+    assert "840" not in instance_name("1.2.840.99.3")
+
+
+def test_send_without_a_destination_or_with_an_unknown_peer_is_a_usage_error(tmp_path: Path):
+    from pipeline.cli import main
+
+    (tmp_path / "out").mkdir()
+    assert main(["send", "--output", str(tmp_path / "out")]) == 2
+    assert main(["send", "--output", str(tmp_path / "out"), "--to", "nowhere"]) == 2
+
+
+def test_pull_refuses_a_missing_source_and_a_bad_since(tmp_path: Path):
+    pytest.importorskip("pynetdicom")
+    from pipeline.cli import main
+
+    assert main(["pull", "--since", "24h", "--model", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    config = tmp_path / "c.yaml"
+    config.write_text("pacs: {source: p, peers: [{name: p, ae_title: PACS, port: 104}]}\n")
+    assert main(["pull", "-c", str(config), "--since", "yesterday", "--model", str(tmp_path),
+                 "--output", str(tmp_path / "o")]) == 2
+
+
+def test_config_checks_peer_lists_and_ae_titles(tmp_path: Path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.pacs.network import find_peer
+
+    cfg = load_config([], ["pacs.peers=[{name: planning, ae_title: TPS, host: 10.0.0.5, port: 4000}]"])
+    assert find_peer(cfg.pacs, "planning", "x").port == 4000
+    with pytest.raises(ConfigError, match="unknown setting 'pacs.peers.aet'"):
+        load_config([], ["pacs.peers=[{name: p, aet: TPS}]"])
+    bad = load_config([], ["pacs.peers=[{name: p, ae_title: A_TITLE_FAR_TOO_LONG}]"])
+    with pytest.raises(ConfigError, match="1 to 16 ASCII characters"):
+        find_peer(bad.pacs, "p", "x")
+
+
+def test_every_dicom_output_of_a_case_is_sent_so_an_rtstruct_is_picked_up(tmp_path: Path):
+    """A case whose ledger row lists a SEG and an RTSTRUCT (as the RTSTRUCT writer will record it): both arrive."""
+    from pacs_support import Orthanc, free_port, require_orthanc
+
+    require_orthanc()
+    from test_pacs_pull import node_config, write_export
+    from test_predict_helpers import LABELS, write_small_model
+
+    from pipeline import api
+    from pipeline.dicom.write import write_rtstruct
+    from pipeline.predict.ledger import sha256_file
+    from pipeline.volume_io import load_volume
+
+    server = Orthanc(tmp_path / "orthanc", ctseg_port=free_port()).start()
+    try:
+        [files] = write_export(tmp_path / "export", seeds=(21,))
+        cfg = node_config(server)
+        cfg.predict.send_to = []
+        cfg.predict.outputs.dicom_seg = True
+        out = tmp_path / "out"
+        result = api.predict(cfg, model_dir=write_small_model(tmp_path / "model"), input_path=files[0].parent,
+                             output=out)
+        [case] = result.report["cases"]
+        labels = load_volume(out / f"{case['id']}.nii.gz")
+        rtstruct = write_rtstruct(labels, files, out / f"{case['id']}.rtstruct.dcm",
+                                  {entry["value"]: entry["name"] for entry in LABELS})
+        db = sqlite3.connect(str(out / "ledger.sqlite"))
+        outputs = json.loads(db.execute("SELECT outputs FROM cases").fetchone()[0])
+        outputs["rtstruct"] = {"path": rtstruct.name, "sha256": sha256_file(rtstruct)}
+        db.execute("UPDATE cases SET outputs = ?", (json.dumps(outputs),))
+        db.commit()
+        db.close()
+        sent = api.send(cfg, output=out, to=["orthanc"])
+        assert sent["status"] == "ok" and sent["sent"] == 2, sent
+        assert sorted(row["output"] for row in sent["sends"]) == ["dicom_seg", "rtstruct"]
+        assert len(server.series_of("SEG")) == 1 and len(server.series_of("RTSTRUCT")) == 1
+        assert (out / "send-report.json").is_file()
+    finally:
+        server.stop()
