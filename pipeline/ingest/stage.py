@@ -256,10 +256,15 @@ def _images_key(cfg: Config, root: Path | None) -> str | None:
 
 
 def _reusable_cases(out: Path, images_key: str) -> list[dict] | None:
-    """The manifest cases of a complete earlier run with the same images key, when all their files remain."""
+    """The manifest cases of a complete earlier run with the same images key, when all their files remain.
+
+    An earlier run with failed cases is not reused: its failed cases must be read from the DICOM again (the rerun
+    retries them, and the finished ones resume).
+    """
     from pipeline.labels.structures import read_case_inventory
 
-    if read_done(out) is None or not (out / MANIFEST).is_file():
+    done = read_done(out)
+    if done is None or done.get("failed_cases") or not (out / MANIFEST).is_file():
         return None
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
