@@ -119,7 +119,7 @@ def test_a_batch_with_a_third_broken_finishes_every_good_case_and_names_each_bad
     report = json.loads((out / "report.json").read_text())
     cases = {c["id"]: c for c in report["cases"]}
     assert len(cases) == 15 and report["counts"]["ok"] == 10 and report["counts"]["failed"] == 5
-    assert [c["status"] for cid, c in cases.items() if cid.startswith("ct-")] == ["ok"]
+    assert [c["status"] for cid, c in cases.items() if cid.startswith("case_")] == ["ok"]
     for n in range(9):
         assert cases[f"case{n:02d}"]["status"] == "ok"
         label = nib.load(str(out / f"case{n:02d}.nii.gz"))
@@ -142,7 +142,7 @@ def test_a_batch_with_a_third_broken_finishes_every_good_case_and_names_each_bad
     assert leaks == []
     captured = capfd.readouterr()
     assert PATIENT not in captured.err and PATIENT not in captured.out
-    assert (out / "predict.log").is_file() and "tonight-line2 failed" in (out / "predict.log").read_text()
+    assert (out / "predict.log").is_file() and "tonight-line2: failed" in (out / "predict.log").read_text()
     private = out / "private"
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
     assert stat.S_IMODE((private / "inputs.json").stat().st_mode) == 0o600
