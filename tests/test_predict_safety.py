@@ -204,6 +204,20 @@ def test_implausible_volumes_are_refused_by_default_and_named_when_allowed(tmp_p
     assert any("min_patch_coverage" in w for w in provenance["warnings"])
 
 
+def test_an_implausibly_large_grid_is_refused_with_its_size_not_a_memory_error(tmp_path: Path, model_dir):
+    phantom = make_phantom(5, SMALL_PHANTOM)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    affine = phantom.image.affine.copy()
+    affine[:3, :3] *= 400.0  # spacing in the wrong unit: a body 25 m wide
+    save_nifti(Volume(phantom.image.array, affine), inputs / "giant.nii.gz")
+    refused = run_predict(_config(), model_dir, inputs, tmp_path / "out")
+    assert "max_extent_mm" in refused.report["cases"][0]["error"]
+    anyway = run_predict(_config(refuse_implausible=False), model_dir, inputs, tmp_path / "out2")
+    error = anyway.report["cases"][0]["error"]
+    assert anyway.exit_code == 3 and "must fit in memory on the model grid" in error and "GB available" in error
+
+
 def test_output_folder_equal_to_or_inside_the_input_is_refused(tmp_path: Path, model_dir, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -150,6 +150,9 @@ class PredictConfig:
                 "its warnings."})
     min_slices: int = field(default=3, metadata={
         "help": "A case with fewer slices is implausible (see refuse_implausible)."})
+    max_extent_mm: float = field(default=2000.0, metadata={
+        "help": "A case whose field of view exceeds this along any axis is implausible (a spacing in the wrong "
+                "unit, a damaged header): no CT scans a body 2 m wide or long."})
     min_patch_coverage: float = field(default=0.25, metadata={
         "help": "3D models: a case shorter along the body axis than this share of the model's patch extent "
                 "(patch slices x target spacing) is implausible: the network would see mostly padding."})

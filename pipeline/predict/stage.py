@@ -733,13 +733,21 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
 def check_model_fit(volume: Volume, case: case_io.Case, predictor: Predictor, options) -> list[str]:
     """Refuse (or, with ``predict.refuse_implausible: false``, warn about) a volume the model cannot segment.
 
-    Fewer than ``predict.min_slices`` slices, or for a 3D model a volume shorter along the body axis
+    Fewer than ``predict.min_slices`` slices, for a 3D model a volume shorter along the body axis
     than ``predict.min_patch_coverage`` of the model's patch (the network would see mostly padding,
-    as with a 3D model on a single slice).
+    as with a 3D model on a single slice), or an extent beyond ``predict.max_extent_mm`` along any
+    axis (spacing in the wrong unit, a damaged header). A volume whose model grid would not fit the
+    available memory is refused whatever the setting, with the size it would need: never a MemoryError.
     """
     from pipeline.geometry import canonical_grid
+    from pipeline.predict.inference import available_ram_bytes
+    from pipeline.preprocess.transform import resampled_grid
 
     problems = []
+    extent_mm = np.asarray(volume.grid.shape, dtype=float) * volume.grid.spacing
+    if float(extent_mm.max()) > options.max_extent_mm:
+        problems.append(f"its extent {' x '.join(f'{e:.0f}' for e in extent_mm)} mm exceeds predict.max_extent_mm "
+                        f"({options.max_extent_mm:g} mm) along an axis")
     slices = int(volume.array.shape[2])
     if slices < options.min_slices:
         problems.append(f"{slices} slice(s), fewer than predict.min_slices ({options.min_slices})")
@@ -754,6 +762,15 @@ def check_model_fit(volume: Volume, case: case_io.Case, predictor: Predictor, op
         raise InputError(f"{case.source} must be a volume the model can segment, got: {'; '.join(problems)}. Use a "
                          f"model trained for such scans, or set predict.refuse_implausible: false to segment it "
                          f"anyway (named in the case's warnings).")
+    if predictor.plan.get("target_spacing"):
+        shape = resampled_grid(volume.grid, predictor.plan).shape
+        # the model-grid image in float32, its resampling temporaries and the class map: ~12 bytes a voxel
+        need, have = float(np.prod(np.asarray(shape, dtype=float))) * 12.0, float(available_ram_bytes())
+        if need > have:
+            raise InputError(f"{case.source} must fit in memory on the model grid, got a grid of "
+                             f"{' x '.join(str(s) for s in shape)} voxels needing about {need / 1e9:.1f} GB, more "
+                             f"than the {have / 1e9:.1f} GB available. Check the file's voxel spacing, or run this "
+                             f"case on a larger machine.")
     return [f"segmented although implausible for the model: {problem}" for problem in problems]
 
 
