@@ -65,12 +65,14 @@ def test_folder_without_ct(tmp_path):
 
 
 def test_unreadable_file(tmp_path):
-    broken = tmp_path / "broken.nii.gz"
+    folder = tmp_path / "DOE_JOHN_12345"
+    folder.mkdir()
+    broken = folder / "broken.nii.gz"
     broken.write_bytes(b"\x1f\x8b\x08 this is not a real gzip stream")
     result = ctseg("ingest", broken, "--output", tmp_path / "out")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     # the file is named; its folder (which may name the patient) only with ingest.full_paths
-    assert "broken.nii.gz could not be read" in result.stderr and str(tmp_path) not in result.stderr
+    assert "broken.nii.gz could not be read" in result.stderr and "DOE_JOHN" not in result.stderr
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -225,7 +225,7 @@ def test_the_morning_report_lists_least_trustworthy_first_and_counts_what_needs_
     assert count and (int(count.group(1)), int(count.group(2))) == (len(flagged), 3)
     assert page.index("broken") < min(page.index(case) for case in done)
     order = [case for case in sorted(done, key=lambda c: (done[c]["confidence"], c))]
-    positions = [page.index(f"<tr><td>{case}<br>") for case in order]
+    positions = [page.index(f"<tr><td><a href='#{case}'>") for case in order]
     assert positions == sorted(positions)
     assert result.report["needs_review"] == sorted(flagged, key=lambda c: (done[c]["confidence"], c))
     assert page.index("needs review") < page.index("<th>cases</th>")  # the count sits at the top
