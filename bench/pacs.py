@@ -91,7 +91,10 @@ def main() -> None:
                 try:
                     times["receive_ctseg"].append(storescu(port, CTSEG_AET, files))
                     key = series_key(study_uid, series_uid)
-                    wait_until(lambda: spool.get(key) and spool.get(key)["state"] == "complete", 30, "release")
+                    try:
+                        wait_until(lambda: spool.get(key) and spool.get(key)["state"] == "complete", 60, "release")
+                    except AssertionError:
+                        raise AssertionError(f"series not complete after storescu: {spool.get(key)}") from None
                     assert spool.get(key)["instances"] == len(files)
                 finally:
                     server.shutdown()

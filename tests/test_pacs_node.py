@@ -32,6 +32,23 @@ def test_spool_completes_a_series_on_release_only_when_no_other_association_stil
     spool.close()
 
 
+def test_a_connection_closed_just_before_its_release_is_reported_still_completes_the_series(tmp_path: Path):
+    """pynetdicom may report the closed connection before the release (two threads): the release still counts."""
+    from pipeline.pacs import spool as spool_module
+
+    spool = Spool(tmp_path / "spool")
+    key = _store(spool, "1.9.1", "a")
+    spool.connection_closed("a")
+    assert spool.check_quiet(60.0, "release") == []  # within the grace time nothing is decided
+    assert spool.association_ended("a", released=True) == [key]
+    other = _store(spool, "1.9.2", "b", series="1.2.3.9")
+    spool.connection_closed("b")  # b vanished without a release: after the grace time it is an abort
+    spool._closed["b"] -= spool_module.CLOSE_GRACE_SECONDS + 1
+    assert spool.check_quiet(0.0, "release", now=spool.get(other)["last"] + 1) == [other]
+    assert spool.get(other)["state"] == "incomplete"
+    spool.close()
+
+
 def test_an_aborted_association_leaves_the_series_incomplete_until_a_resend(tmp_path: Path):
     spool = Spool(tmp_path / "spool")
     key = _store(spool, "1.9.1", "a")

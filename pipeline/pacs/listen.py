@@ -107,8 +107,14 @@ def start_receiver(cfg: Config, spool: Spool, host: str, port: int, allowed: lis
         log.warning("listen: association from %s calling AE title %r refused (not on pacs.listen.allowed_calling_aes,"
                     " or a called AE title other than %r)", requestor.address, requestor.ae_title, cfg.pacs.ae_title)
 
+    def closed(event):
+        spool.connection_closed(_association_key(event))
+
+    # EVT_CONN_CLOSE can come before EVT_RELEASED (the DUL thread sees the peer close the socket right after
+    # our release answer, while the association thread has yet to report the release): it must not count
+    # as an abort at once
     handlers = [(evt.EVT_C_STORE, store_handler(spool, _association_key)), (evt.EVT_RELEASED, ended(True)),
-                (evt.EVT_ABORTED, ended(False)), (evt.EVT_CONN_CLOSE, ended(False)), (evt.EVT_REJECTED, rejected)]
+                (evt.EVT_ABORTED, ended(False)), (evt.EVT_CONN_CLOSE, closed), (evt.EVT_REJECTED, rejected)]
     try:
         return ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=server_tls(cfg.pacs))
     except OSError as exc:
@@ -127,7 +133,8 @@ def run_listen(cfg: Config, model_dir: Path, output_dir: Path, stop: threading.E
         start_receiver(cfg, None, listen.host, listen.port, [])  # raises the allow-list error
     output_dir = Path(output_dir)
     stop = stop or threading.Event()
-    batch = NodeBatch(cfg, model_dir, output_dir)
+    # a series received again after its case failed is tried again: the sender's resend is the request
+    batch = NodeBatch(cfg, model_dir, output_dir, retry_failed=True)
     spool = Spool(spool_root(output_dir))
     server = None
     previous = None

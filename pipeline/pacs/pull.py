@@ -65,6 +65,8 @@ class SeriesHit:
     instances: int | None
     study_datetime: _dt.datetime | None = None
     key: str = ""
+    patient_id: str = ""     # only for predict's case id when ingest.anonymise_case_ids is false; never reported
+    series_number: str = ""
     state: str = "found"
     reason: str | None = None
     cases: list = field(default_factory=list)
@@ -142,8 +144,8 @@ def c_find_series(cfg: Config, peer: PeerOptions, query: dict[str, str], modalit
     assoc = _associate(ae, cfg, peer)
     hits: list[SeriesHit] = []
     try:
-        studies = _find(assoc, FIND, _dataset("STUDY", study_query, ("StudyInstanceUID", "StudyDate", "StudyTime")),
-                        peer)
+        studies = _find(assoc, FIND, _dataset("STUDY", study_query, ("StudyInstanceUID", "StudyDate", "StudyTime",
+                                                                    "PatientID")), peer)
         if len(studies) > cfg.pacs.max_series:
             raise ConfigError(f"the query must match at most pacs.max_series={cfg.pacs.max_series} studies, got "
                               f"{len(studies)}. Narrow it (a StudyDate, Modality=CT) or raise pacs.max_series.")
@@ -153,8 +155,8 @@ def c_find_series(cfg: Config, peer: PeerOptions, query: dict[str, str], modalit
                 continue
             when = _study_datetime(study)
             found = _find(assoc, FIND, _dataset("SERIES", {**series_query, "StudyInstanceUID": study_uid},
-                                                ("SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances")),
-                          peer)
+                                                ("SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances",
+                                                 "SeriesNumber")), peer)
             for series in found:
                 series_uid = str(series.get("SeriesInstanceUID", "") or "")
                 if not series_uid:
@@ -162,7 +164,9 @@ def c_find_series(cfg: Config, peer: PeerOptions, query: dict[str, str], modalit
                 count = series.get("NumberOfSeriesRelatedInstances", None)
                 hits.append(SeriesHit(study_uid, series_uid, str(series.get("Modality", "") or ""),
                                       int(count) if count not in (None, "") else None, when,
-                                      key=series_key(study_uid, series_uid)))
+                                      key=series_key(study_uid, series_uid),
+                                      patient_id=str(study.get("PatientID", "") or ""),
+                                      series_number=str(series.get("SeriesNumber", "") or "")))
             if len(hits) > cfg.pacs.max_series:
                 break
     finally:
@@ -300,7 +304,8 @@ def qido_series(peer: PeerOptions, query: dict[str, str], modalities: list[str],
         filters["Modality"] = modalities[0] if len(modalities) == 1 else ",".join(modalities)
     client = DICOMwebClient(url=peer.url)
     found = client.search_for_series(search_filters=filters, limit=limit + 1,
-                                     fields=["NumberOfSeriesRelatedInstances", "StudyDate", "StudyTime"])
+                                     fields=["NumberOfSeriesRelatedInstances", "StudyDate", "StudyTime", "PatientID",
+                                             "SeriesNumber"])
     hits = []
     for item in found:
         ds = Dataset.from_json(item)
@@ -309,7 +314,9 @@ def qido_series(peer: PeerOptions, query: dict[str, str], modalities: list[str],
             count = ds.get("NumberOfSeriesRelatedInstances", None)
             hits.append(SeriesHit(study_uid, series_uid, str(ds.get("Modality", "") or ""),
                                   int(count) if count not in (None, "") else None, _study_datetime(ds),
-                                  key=series_key(study_uid, series_uid)))
+                                  key=series_key(study_uid, series_uid),
+                                  patient_id=str(ds.get("PatientID", "") or ""),
+                                  series_number=str(ds.get("SeriesNumber", "") or "")))
     return hits
 
 
@@ -419,7 +426,8 @@ def preselect(hits: list[SeriesHit], rules, explicit_modality: bool, earliest) -
 
 
 def _pull_one(cfg, peer, hit: SeriesHit, spool: Spool, batch, moved: list, dicom_case_id) -> None:
-    case_id = dicom_case_id(SimpleNamespace(study_uid=hit.study_uid, series_uid=hit.series_uid, part=0, key=""))
+    case_id = dicom_case_id(SimpleNamespace(key=f"uid:{hit.study_uid}/{hit.series_uid}", patient_id=hit.patient_id,
+                                            series_number=hit.series_number), cfg.ingest)
     row = batch.ledger.get(case_id)
     if row is not None and row.status == "done" and batch.ledger.verify_outputs(row) is None:
         hit.state, hit.reason, hit.cases = "already_done", "segmented earlier (ledger, outputs verified)", [case_id]

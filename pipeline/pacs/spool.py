@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline import atomic
 
 SPOOL_DB = "spool.sqlite"
+CLOSE_GRACE_SECONDS = 10.0  # a closed connection's release event may arrive this much later (thread scheduling)
 FINAL_STATES = ("done", "failed", "skipped")
 
 _SCHEMA = """
@@ -53,6 +54,7 @@ class Spool:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.executescript(_SCHEMA)
         self._assocs: dict[str, set[str]] = {}  # live association id -> series keys it delivered to
+        self._closed: dict[str, float] = {}  # association id -> when its connection closed (release may follow)
 
     def close(self) -> None:
         with self._lock:
@@ -91,6 +93,7 @@ class Spool:
         mode (then check_quiet decides). Returns the keys that became complete."""
         with self._lock:
             keys = self._assocs.pop(association, set())
+            self._closed.pop(association, None)
             if not released or complete_on != "release":
                 return []
             busy = set().union(*self._assocs.values()) if self._assocs else set()
@@ -98,6 +101,14 @@ class Spool:
             for key in done:
                 self._set(key, "complete", None, only_from=("receiving",))
             return done
+
+    def connection_closed(self, association: str) -> None:
+        """The TCP connection of an association closed. pynetdicom may report this before the release that
+        preceded it (two threads), so the association is only given up after a grace time without a release
+        (see :meth:`check_quiet`): a peer that vanished leaves its series to the quiet rule."""
+        with self._lock:
+            if association in self._assocs:
+                self._closed.setdefault(association, time.time())
 
     def mark_complete(self, key: str) -> None:
         with self._lock:
@@ -108,6 +119,9 @@ class Spool:
         complete (complete_on quiet) or incomplete (complete_on release: the sender never released)."""
         now = time.time() if now is None else now
         with self._lock:
+            for association, closed in list(self._closed.items()):
+                if time.time() - closed > CLOSE_GRACE_SECONDS:  # closed without a release: an abort
+                    self.association_ended(association, released=False)
             busy = set().union(*self._assocs.values()) if self._assocs else set()
             rows = self._db.execute("SELECT key FROM series WHERE state = 'receiving' AND last < ?",
                                     (now - quiet_seconds,)).fetchall()
@@ -130,6 +144,7 @@ class Spool:
         writing was interrupted are removed (those older than a minute: a concurrent pull may be writing)."""
         with self._lock:
             self._assocs.clear()
+            self._closed.clear()
             now = time.time()
             for leftover in self.root.glob(f"s*/*{atomic.PARTIAL_MARK}*"):
                 try:
