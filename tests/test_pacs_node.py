@@ -146,18 +146,17 @@ def test_config_checks_peer_lists_and_ae_titles(tmp_path: Path):
         find_peer(bad.pacs, "p", "x")
 
 
-def test_every_dicom_output_of_a_case_is_sent_so_an_rtstruct_is_picked_up(tmp_path: Path):
-    """A case whose ledger row lists a SEG and an RTSTRUCT (as the RTSTRUCT writer will record it): both arrive."""
+def test_every_dicom_output_of_a_case_is_sent_and_a_new_dicom_output_is_picked_up(tmp_path: Path):
+    """predict's SEG and RTSTRUCT both arrive; an extra DICOM output recorded in the ledger is sent too, by content."""
     from pacs_support import Orthanc, free_port, require_orthanc
 
     require_orthanc()
-    from test_pacs_pull import node_config, write_export
-    from test_predict_helpers import LABELS, write_small_model
+    import shutil
 
     from pipeline import api
-    from pipeline.dicom.write import write_rtstruct
     from pipeline.predict.ledger import sha256_file
-    from pipeline.volume_io import load_volume
+    from test_pacs_pull import node_config, write_export
+    from test_predict_helpers import write_small_model
 
     server = Orthanc(tmp_path / "orthanc", ctseg_port=free_port()).start()
     try:
@@ -169,19 +168,22 @@ def test_every_dicom_output_of_a_case_is_sent_so_an_rtstruct_is_picked_up(tmp_pa
         result = api.predict(cfg, model_dir=write_small_model(tmp_path / "model"), input_path=files[0].parent,
                              output=out)
         [case] = result.report["cases"]
-        labels = load_volume(out / f"{case['id']}.nii.gz")
-        rtstruct = write_rtstruct(labels, files, out / f"{case['id']}.rtstruct.dcm",
-                                  {entry["value"]: entry["name"] for entry in LABELS})
-        db = sqlite3.connect(str(out / "ledger.sqlite"))
-        outputs = json.loads(db.execute("SELECT outputs FROM cases").fetchone()[0])
-        outputs["rtstruct"] = {"path": rtstruct.name, "sha256": sha256_file(rtstruct)}
-        db.execute("UPDATE cases SET outputs = ?", (json.dumps(outputs),))
-        db.commit()
-        db.close()
         sent = api.send(cfg, output=out, to=["orthanc"])
         assert sent["status"] == "ok" and sent["sent"] == 2, sent
         assert sorted(row["output"] for row in sent["sends"]) == ["dicom_seg", "rtstruct"]
         assert len(server.series_of("SEG")) == 1 and len(server.series_of("RTSTRUCT")) == 1
         assert (out / "send-report.json").is_file()
+        # a future writer's DICOM output (here: a copy of the CT's first image, a DICOM file like any other)
+        extra = out / f"{case['id']}.extra.dcm"
+        shutil.copy(files[0], extra)
+        db = sqlite3.connect(str(out / "ledger.sqlite"))
+        outputs = json.loads(db.execute("SELECT outputs FROM cases").fetchone()[0])
+        outputs["future_dicom"] = {"path": extra.name, "sha256": sha256_file(extra)}
+        db.execute("UPDATE cases SET outputs = ?", (json.dumps(outputs),))
+        db.commit()
+        db.close()
+        again = api.send(cfg, output=out, to=["orthanc"])
+        assert (again["sent"], again["already_sent"]) == (1, 2)
+        assert [row["output"] for row in again["items"]] == ["future_dicom"]
     finally:
         server.stop()

@@ -72,41 +72,56 @@ def write_export(root: Path, seeds=(3, 4), mr: bool = False, study_date: str = "
     return series
 
 
+def _referenced_ct_series(ds) -> set[str]:
+    """The CT series a SEG (ReferencedSeriesSequence) or an RTSTRUCT (its frame-of-reference tree) labels."""
+    if ds.Modality == "SEG":
+        return {str(item.SeriesInstanceUID) for item in ds.ReferencedSeriesSequence}
+    return {str(series.SeriesInstanceUID) for frame in ds.ReferencedFrameOfReferenceSequence
+            for study in frame.RTReferencedStudySequence for series in study.RTReferencedSeriesSequence}
+
+
 def seg_round_trip(orthanc: Orthanc, out: Path, report: dict, ct_series_uids: set[str]) -> None:
-    """Every CT series has a SEG in Orthanc referencing it; each decodes to predict's labels (Dice >= 0.99)."""
+    """Every CT series has a SEG and an RTSTRUCT in Orthanc referencing it; each decodes to predict's labels
+    (Dice >= 0.99 per label)."""
     import nibabel as nib
     import pydicom
 
     from pipeline.dicom.assemble import assemble_series
     from pipeline.dicom.scan import scan_export
+    from pipeline.labels.rtstruct import rasterise_rtstruct
     from pipeline.labels.seg import read_dicom_seg
+    from pipeline.predict.cases import dicom_case_id
 
-    segs = orthanc.series_of("SEG")
-    referenced = {}
-    for series in segs:
-        for instance in series["Instances"]:
-            data = orthanc.instance_file(instance)
-            ds = pydicom.dcmread(io.BytesIO(data))
-            for item in ds.ReferencedSeriesSequence:
-                referenced[str(item.SeriesInstanceUID)] = data
-    assert set(referenced) == ct_series_uids, (sorted(referenced), sorted(ct_series_uids))
     done = [case for case in report["cases"] if case["status"] == "ok"]
     assert len(done) == len(ct_series_uids)
     scan = scan_export(out / "private" / "pacs-spool")
     by_uid = {s.series_uid: s for s in scan.series}
-    for uid, data in referenced.items():
-        grid = assemble_series(by_uid[uid]).volume.grid
-        seg_file = out / f"fetched-{uid[-8:]}.dcm"
-        seg_file.write_bytes(data)
-        decoded, _ = read_dicom_seg(seg_file, grid)
-        from pipeline.predict.cases import dicom_case_id
+    for modality in ("SEG", "RTSTRUCT"):
+        referenced = {}
+        for series in orthanc.series_of(modality):
+            for instance in series["Instances"]:
+                data = orthanc.instance_file(instance)
+                for uid in _referenced_ct_series(pydicom.dcmread(io.BytesIO(data))):
+                    referenced[uid] = data
+        assert set(referenced) == ct_series_uids, (modality, sorted(referenced), sorted(ct_series_uids))
+        for uid, data in referenced.items():
+            grid = assemble_series(by_uid[uid]).volume.grid
+            fetched = out / f"fetched-{modality}-{uid[-8:]}.dcm"
+            fetched.write_bytes(data)
+            labels = np.asarray(nib.load(str(out / f"{dicom_case_id(by_uid[uid])}.nii.gz")).dataobj)
+            assert np.any(labels > 0)
+            if modality == "SEG":
+                decoded, names = read_dicom_seg(fetched, grid)
+                masks = {value: decoded == value for value in np.unique(labels[labels > 0])}
+            else:
+                from test_predict_helpers import LABELS
 
-        labels = np.asarray(nib.load(str(out / f"{dicom_case_id(by_uid[uid])}.nii.gz")).dataobj)
-        for value in np.unique(labels[labels > 0]):
-            a, b = labels == value, decoded == value
-            dice = 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
-            assert dice >= 0.99, (uid, value, dice)
-        assert np.any(labels > 0)
+                by_name = rasterise_rtstruct(fetched, grid)
+                masks = {entry["value"]: by_name[entry["name"]] for entry in LABELS if entry["name"] in by_name}
+            for value in np.unique(labels[labels > 0]):
+                a, b = labels == value, masks[int(value)]
+                dice = 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+                assert dice >= 0.99, (modality, uid, value, dice)
 
 
 def test_pull_by_c_get_segments_each_ct_series_and_stores_a_seg_back(orthanc, model, tmp_path, caplog):
@@ -139,7 +154,7 @@ def test_pull_by_c_get_segments_each_ct_series_and_stores_a_seg_back(orthanc, mo
     again = api.pull(cfg, ["StudyDate=20261130"], model_dir=model, output=out)
     assert again.exit_code == 0
     assert sorted(s["state"] for s in again.report["pull"]["series"]) == ["already_done", "already_done"]
-    assert len(orthanc.series_of("SEG")) == 2  # nothing sent twice
+    assert len(orthanc.series_of("SEG")) == 2 and len(orthanc.series_of("RTSTRUCT")) == 2  # nothing sent twice
 
     # asked for explicitly, the MR series is retrieved and then skipped by the selection rules, with the reason
     mr = api.pull(cfg, ["StudyDate=20261130", "Modality=MR"], model_dir=model, output=out)
@@ -174,15 +189,16 @@ def test_send_fails_while_orthanc_is_down_and_a_rerun_sends(orthanc, model, tmp_
     assert [case["status"] for case in result.report["cases"]] == ["ok"]
     assert result.exit_code == 3  # the sends failed, the segmentation did not
     sends = result.report["send"]["sends"]
-    assert [(row["status"], row["attempts"]) for row in sends] == [("failed", 1)]
+    assert sorted(row["output"] for row in sends) == ["dicom_seg", "rtstruct"]
+    assert [(row["status"], row["attempts"]) for row in sends] == [("failed", 1)] * 2
     assert "cannot reach" in sends[0]["error"] or "rejected" in sends[0]["error"]
     orthanc.start()
     again = api.send(cfg, output=out)
-    assert again["status"] == "ok" and again["sent"] == 1
-    assert [(row["status"], row["attempts"]) for row in again["sends"]] == [("done", 2)]
-    assert len(orthanc.series_of("SEG")) == 1
+    assert again["status"] == "ok" and again["sent"] == 2
+    assert [(row["status"], row["attempts"]) for row in again["sends"]] == [("done", 2)] * 2
+    assert len(orthanc.series_of("SEG")) == 1 and len(orthanc.series_of("RTSTRUCT")) == 1
     third = api.send(cfg, output=out)
-    assert third["sent"] == 0 and third["already_sent"] == 1
+    assert third["sent"] == 0 and third["already_sent"] == 2
 
 
 def test_pull_refuses_an_empty_query_and_names_bad_keywords(tmp_path):
@@ -223,8 +239,8 @@ def test_pull_by_qido_and_wado_rs_and_send_by_stow_rs(tmp_path, model):
         result = api.pull(cfg, ["StudyDate=20261130"], model_dir=model, output=tmp_path / "out")
         assert result.exit_code == 0, json.dumps(result.report.get("pull"), indent=1)
         assert [s["state"] for s in result.report["pull"]["series"]] == ["done"]
-        assert [(row["destination"], row["status"]) for row in result.report["sends"]] == [("web", "done")]
-        assert len(server.series_of("SEG")) == 1
+        assert [(row["destination"], row["status"]) for row in result.report["sends"]] == [("web", "done")] * 2
+        assert len(server.series_of("SEG")) == 1 and len(server.series_of("RTSTRUCT")) == 1
     finally:
         server.stop()
 
