@@ -261,10 +261,12 @@ def test_listen_with_the_destination_down_segments_records_the_failed_send_and_r
     assert listener.stop() == 0
     report = json.loads((out / "report.json").read_text())
     assert [case["status"] for case in report["cases"]] == ["ok"]
-    assert [row["status"] for row in report["sends"]] == ["failed"]
+    assert [(row["output"], row["status"]) for row in report["sends"]] == [("dicom_seg", "failed"),
+                                                                           ("rtstruct", "failed")]
     orthanc.start()
     listener = listener_factory(config, model, out).start()  # a restart retries the failed send first
-    wait_until(lambda: len(orthanc.series_of("SEG")) == 1, 60, "the SEG sent after the restart")
+    wait_until(lambda: len(orthanc.series_of("SEG")) == 1 and len(orthanc.series_of("RTSTRUCT")) == 1, 60,
+               "the SEG and the RTSTRUCT sent after the restart")
     assert listener.stop() == 0
     report = json.loads((out / "report.json").read_text())
-    assert [(row["status"], row["attempts"]) for row in report["sends"]] == [("done", 2)]
+    assert [(row["status"], row["attempts"]) for row in report["sends"]] == [("done", 2)] * 2
