@@ -306,7 +306,9 @@ def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300)
     plan = spec["plan"]
     return {"shape": [shape, shape, slices], "spacing_mm": [spacing, spacing, 1.0], "dtype": "int16",
             "generator": "pipeline.phantoms.make_phantom(seed=7)",
-            "labels": {l["value"]: l["name"] for l in spec["labels"]}, "plan": plan, "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}
+            "labels": {l["value"]: l["name"] for l in spec["labels"]}, "plan": plan,
+            "model": {"folder": str(model), "training": spec["training"], "validation_dice": spec["folds"][0]["val_dice"],
+                      "trained_patch_size": json.loads((model / "model.json").read_text())["patch_size"]}, "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}
 
 
 def run_variant(work: Path, variant: str, repeat: int = 0) -> dict:
@@ -513,8 +515,7 @@ def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load
                                    "others": "comparison.by_precision: ours forced to each precision, one run"}},
         "weights": {"trained": "by ctseg (ingest, preprocess, train) on synthetic phantoms, see trained_model in "
                                "this file; cached under bench/results/predict_model/",
-                    "training_settings": TRAINING, "training": model_spec(Path(ours["output"]).parents[1])["training"],
-                    "validation_dice": model_spec(Path(ours["output"]).parents[1])["folds"][0]["val_dice"]},
+                    "training_settings": TRAINING, **inputs["model"]},
         "ours": ours,
         "ours_all_outputs": ours_all,
         "reference": reference,
