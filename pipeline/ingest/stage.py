@@ -280,12 +280,17 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
 
     split = "Tr" if case.role == "train" else "Ts"
     image_rel = f"images{split}/{case.id}_0000.nii.gz"
-    save_nifti(_as_storage_dtype(image), out / image_rel, compresslevel=cfg.ingest.compresslevel)
-    label_rel = None
-    if label is not None:
-        label_rel = f"labels{split}/{case.id}.nii.gz"
-        dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
-        save_nifti(Volume(label.astype(dtype), image.affine), out / label_rel)
+    label_rel = f"labels{split}/{case.id}.nii.gz" if label is not None else None
+    try:
+        save_nifti(_as_storage_dtype(image), out / image_rel, compresslevel=cfg.ingest.compresslevel)
+        if label is not None:
+            dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
+            save_nifti(Volume(label.astype(dtype), image.affine), out / label_rel)
+    except BaseException:  # a failed case leaves no output under its final name (e.g. only the image)
+        for rel in (image_rel, label_rel):
+            if rel and (out / rel).exists():
+                (out / rel).unlink()
+        raise
     series_folder = case.image_path if case.image_path.is_dir() else case.image_path.parent
     provenance = {**provenance, "case": case.id, "role": case.role,
                   "image_source": privacy.describe(case.image_path),
