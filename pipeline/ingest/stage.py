@@ -329,7 +329,8 @@ def _single_series(cfg: Config, folder: Path, privacy: PathPrivacy):
     scan = scan_export(folder, workers=cfg.workers)
     chosen = [d for d in select_series(scan.series, cfg.ingest.select) if d.selected]
     if not chosen:
-        raise InputError(f"{privacy.describe(folder)} must hold one usable CT series, got none ({len(scan.series)} series, "
+        raise InputError(f"{privacy.describe(folder)} must hold one usable CT series, got none "
+                         f"({len(scan.series)} series, "
                          f"{len(scan.skipped)} files skipped). Check the folder or the ingest.select rules.")
     if len(chosen) > 1:
         largest = max(chosen, key=lambda d: d.series.slice_count)
@@ -353,7 +354,8 @@ def _read_label(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
     if dataset is not None:
         unknown = sorted(set(np.unique(label).tolist()) - dataset.label_values())
         if unknown:
-            raise InputError(f"label {privacy.describe(path)} holds values {unknown} that {dataset.path} does not describe "
+            raise InputError(f"label {privacy.describe(path)} holds values {unknown} that {dataset.path} does not "
+                             f"describe "
                              f"(known: {sorted(dataset.label_values())}). Add them to the dataset's labels.")
     return label
 
