@@ -1,4 +1,4 @@
-"""Seeded DICOM corruption campaign: every damaged series is refused naming the file, corrected and named, or unaffected.
+"""Seeded DICOM corruption campaign: each damaged series is refused naming the file, corrected and named, or unaffected.
 
 Each trial damages one file of a clean series (a bad tag value, truncation, random header bytes) on
 the first, a middle or the last slice, runs the ingest path (scan → select → assemble →

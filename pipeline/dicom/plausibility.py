@@ -2,9 +2,9 @@
 
 :func:`check_plausibility` returns one warning per problem, and raises :class:`InputError` instead
 when :attr:`PlausibilityOptions.refuse` is set. :func:`check_training_volume` (ingest) also refuses
-NaN/infinite voxels, a sheared grid and too few slices unless the matching ``allow_*`` option is set. It flags intensities that are not HU (display
-values such as uint8 0–255, or no air anywhere), NaN or infinite voxels, direction cosines that are
-not orthonormal, too few slices and a tiny field of view.
+NaN/infinite voxels, a sheared grid and too few slices unless the matching ``allow_*`` option is set.
+It flags intensities that are not HU (display values such as uint8 0–255, or no air anywhere), NaN
+or infinite voxels, direction cosines that are not orthonormal, too few slices and a tiny field of view.
 """
 from __future__ import annotations
 

@@ -435,8 +435,15 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
 
     split = "Tr" if case.role == "train" else "Ts"
     image_rel = f"images{split}/{case.id}_0000.nii.gz"
-    save_nifti(_as_storage_dtype(image), out / image_rel, compresslevel=cfg.ingest.compresslevel)
-    label_rel = _write_label(out, case.id, split, label, image.affine)
+    label_rel = f"labels{split}/{case.id}.nii.gz" if label is not None else None
+    try:
+        save_nifti(_as_storage_dtype(image), out / image_rel, compresslevel=cfg.ingest.compresslevel)
+        label_rel = _write_label(out, case.id, split, label, image.affine)
+    except BaseException:  # a failed case leaves no output under its final name (e.g. only the image)
+        for rel in (image_rel, label_rel):
+            if rel and (out / rel).exists():
+                (out / rel).unlink()
+        raise
     series_folder = case.image_path if case.image_path.is_dir() else case.image_path.parent
     provenance = {**provenance, "case": case.id, "role": case.role,
                   "image_source": privacy.describe(case.image_path),
@@ -612,7 +619,8 @@ def _single_series(cfg: Config, folder: Path, privacy: PathPrivacy):
     scan = scan_export(folder, workers=cfg.workers)
     chosen = [d for d in select_series(scan.series, cfg.ingest.select) if d.selected]
     if not chosen:
-        raise InputError(f"{privacy.describe(folder)} must hold one usable CT series, got none ({len(scan.series)} series, "
+        raise InputError(f"{privacy.describe(folder)} must hold one usable CT series, got none "
+                         f"({len(scan.series)} series, "
                          f"{len(scan.skipped)} files skipped). Check the folder or the ingest.select rules.")
     if len(chosen) > 1:
         largest = max(chosen, key=lambda d: d.series.slice_count)
@@ -633,7 +641,8 @@ def _read_label(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
     if dataset is not None:
         unknown = sorted(set(np.unique(label).tolist()) - dataset.label_values())
         if unknown:
-            raise InputError(f"label {privacy.describe(path)} holds values {unknown} that {dataset.path} does not describe "
+            raise InputError(f"label {privacy.describe(path)} holds values {unknown} that {dataset.path} does not "
+                             f"describe "
                              f"(known: {sorted(dataset.label_values())}). Add them to the dataset's labels.")
     return label
 
