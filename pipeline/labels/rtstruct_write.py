@@ -27,7 +27,15 @@ Geometry: a contour's points are the LPS positions of voxel-corner index coordin
 nothing special; the label slice k must be one source image (the caller checks and passes the
 image of each k).
 
-Text: SpecificCharacterSet ISO_IR 192 (UTF-8), so ROI names such as ``Rückenmark`` survive.
+References: the Referenced Frame of Reference Sequence names the CT's Frame of Reference, study and
+series, and its Contour Image Sequence lists *every* image of the series (as Eclipse and RayStation
+write it; a superset of the contoured slices, so an importer finds the whole series), while each
+contour references the one image it lies on.
+
+Encoding: Implicit VR Little Endian (4-byte lengths: a contour of thousands of points exceeds the
+64 KiB an Explicit VR DS value may hold), the ROI Contour Sequence encoded directly (pydicom needs
+minutes for the hundreds of thousands of elements of a large structure set). Text:
+SpecificCharacterSet ISO_IR 192 (UTF-8), so ROI names such as ``Rückenmark`` survive.
 """
 from __future__ import annotations
 
