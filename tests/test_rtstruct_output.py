@@ -375,3 +375,18 @@ def test_a_contour_longer_than_64_kib_survives(tmp_path: Path):
     np.testing.assert_array_equal(rasterise_rtstruct(path, volume.grid)["Säge"], label == 1)
     theirs = plastimatch_masks(path, tmp_path / "ct", tmp_path / "plastimatch", volume.grid)
     assert dice(theirs["Säge"], label == 1) == 1.0
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_real_gantry_tilted_series_gets_no_rtstruct_and_says_why(shared_data, tmp_path: Path):
+    """Philips head CT with 18.5° gantry tilt: assembly corrects it onto an orthogonal grid, so no image is one
+    slice of the volume; RTSTRUCT and SEG are refused with the reason, the other outputs are written."""
+    case, (outputs, _, warnings, _) = run_case(shared_data / "dcm_qa_ct" / "Philips" / "S21610" / "S2010",
+                                               tmp_path / "out")
+    assert {"labels", "slicer"} <= set(outputs) and not {"rtstruct", "dicom_seg"} & set(outputs)
+    assert any("corrected gantry tilt 18.50°" in w for w in warnings), warnings
+    refused = [w for w in warnings if w.startswith("RTSTRUCT not written")]
+    assert len(refused) == 1 and "an RTSTRUCT needs every source image to be one slice of the volume" in refused[0]
+    provenance = json.loads((tmp_path / "out" / f"{case.case_id}.provenance.json").read_text())
+    assert provenance["rtstruct"]["written"] is False
