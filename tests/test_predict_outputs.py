@@ -205,7 +205,16 @@ def test_dicom_input_runs_through_run_predict(tmp_path: Path):
     case_id = result.report["cases"][0]["id"]
     written = load_volume(tmp_path / "out" / f"{case_id}.nii.gz")
     assert written.grid.difference(phantom.image.grid) is None
-    assert "SMITH" not in (tmp_path / "out" / "report.html").read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "SMITH" not in page
+    # the RTSTRUCT (on by default for DICOM CT) is listed like every other output: report, ledger, page
+    assert result.report["cases"][0]["outputs"]["rtstruct"] == f"{case_id}.rtstruct.dcm"
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "out" / "ledger.sqlite") as connection:
+        outputs = json.loads(connection.execute("SELECT outputs FROM cases").fetchone()[0])
+    assert outputs["rtstruct"]["path"] == f"{case_id}.rtstruct.dcm" and len(outputs["rtstruct"]["sha256"]) == 64
+    assert f"{case_id}.rtstruct.dcm" in page
 
 
 def test_probability_maps_on_model_and_source_grids(tmp_path: Path):
