@@ -160,15 +160,18 @@ class MemberAgreement:
     """Counts, window by window, how far each ensemble member's labels agree with the ensemble's.
 
     Attached to a :class:`~pipeline.predict.inference.WindowPredictor` as its ``observer`` when it
-    runs more than one member per window (folds × TTA mirrorings); it then receives every member's
-    log-probabilities and the ensemble's, and adds up per member the foreground overlap.
+    runs more than one member per window (folds × TTA mirrorings); it then sees every member's
+    log-probabilities and the ensemble's, and adds up per member the foreground overlap on every
+    second voxel along each axis (an eighth of the voxels, so the argmax is a small fraction of a
+    network pass).
     """
 
     def __init__(self, window_predictor):
         self.window_predictor = window_predictor
         self.members = window_predictor.passes_per_window
-        self.overlap = torch.zeros(self.members, dtype=torch.float64)
-        self.sizes = torch.zeros(self.members, dtype=torch.float64)
+        self.overlap = np.zeros(self.members)
+        self.sizes = np.zeros(self.members)
+        self._pending: list = []
 
     @classmethod
     def attach(cls, window_predictor) -> Optional["MemberAgreement"]:
@@ -181,19 +184,34 @@ class MemberAgreement:
     def detach(self) -> None:
         self.window_predictor.observer = None
 
-    def __call__(self, member_classes: list[torch.Tensor], ensemble_log_probs: torch.Tensor) -> None:
-        ensemble = ensemble_log_probs.argmax(dim=1)
-        ensemble_fg = ensemble != 0
-        ensemble_size = float(ensemble_fg.sum())
-        for n, classes in enumerate(member_classes):
+    @staticmethod
+    def _classes(log_probs: torch.Tensor):
+        """Argmax over classes of every second voxel per spatial axis.
+
+        On the CPU in NumPy: single-threaded, so these small reductions never wait for the thread
+        pool of the network's own operations.
+        """
+        sub = log_probs[:, :, ::2, ::2, ::2]
+        if sub.device.type == "cpu":
+            return np.argmax(sub.numpy(), axis=1)
+        return sub.argmax(dim=1)
+
+    def member(self, log_probs: torch.Tensor) -> None:
+        self._pending.append(self._classes(log_probs))
+
+    def ensemble(self, log_probs: torch.Tensor) -> None:
+        ensemble = self._classes(log_probs)
+        ensemble_size = float((ensemble != 0).sum())
+        for n, classes in enumerate(self._pending):
             member_fg = classes != 0
             self.overlap[n] += float((member_fg & (classes == ensemble)).sum())
             self.sizes[n] += float(member_fg.sum()) + ensemble_size
+        self._pending = []
 
     def dice(self) -> Optional[float]:
         """Mean over members of the Dice with the ensemble (None when nothing was foreground)."""
         valid = self.sizes > 0
-        if not bool(valid.any()):
+        if not valid.any():
             return None
         return float((2 * self.overlap[valid] / self.sizes[valid]).mean())
 
