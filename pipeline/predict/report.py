@@ -257,7 +257,7 @@ def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[
         status = "ok" if row.status == "done" else row.status
         seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
         trust = row.summary.get("trust") or {}
-        confidence = "" if not trust else (f"{trust['confidence']:.2f}" +
+        confidence = "" if not trust else (f"{trust['confidence']:.3f}" +
                                            ("<br><span class='failed'>needs review</span>" if trust.get("needs_review")
                                             else ""))
         parts.append(f"<tr><td>{html.escape(row.case_id)}<br><small>{html.escape(row.input)}</small></td>"
