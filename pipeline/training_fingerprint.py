@@ -84,21 +84,26 @@ def body_hu_fractions(array: np.ndarray, grid: Grid, body_threshold_hu: float) -
 
 def component_counts(labels: np.ndarray, values: list[int]) -> dict[int, int]:
     """Connected components (26-connectivity) of each label value in a label map (0 when absent)."""
+    return {value: len(sizes) for value, sizes in component_sizes(labels, values).items()}
+
+
+def component_sizes(labels: np.ndarray, values: list[int]) -> dict[int, np.ndarray]:
+    """Voxel count of every connected component (26-connectivity) of each label value (empty when absent)."""
     from scipy import ndimage
 
     structure = np.ones((3, 3, 3), dtype=bool)
     top = max(values, default=0)
     boxes = ndimage.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64),
                                  max_label=top)
-    counts = {}
+    sizes = {}
     for value in values:
         box = boxes[value - 1] if 0 < value <= len(boxes) else None
         if box is None:
-            counts[value] = 0
+            sizes[value] = np.zeros(0, dtype=np.int64)
             continue
-        _, count = ndimage.label(labels[box] == value, structure=structure)
-        counts[value] = int(count)
-    return counts
+        components, count = ndimage.label(labels[box] == value, structure=structure)
+        sizes[value] = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    return sizes
 
 
 def grid_fingerprint(grid: Grid) -> dict:

@@ -7,7 +7,9 @@ Flags (each with its reason; they go into the case's warnings, the ledger's summ
   (above twice the largest). Volumes are measured on the case's own grid, as in training.
 - ``label_missing``: a label predicted empty that was present in every training case.
 - ``components``: more connected components (26-connectivity, after ``predict.postprocess``) than
-  any training case had for that label.
+  any training case had for that label, counting only components of at least
+  ``component_min_fraction`` (default 0.1) of the label's smallest training volume: specks of a
+  few voxels are not a second organ. (Training labels count every component: a lenient limit.)
 - ``spacing`` / ``field_of_view``: the voxel spacing or the image extent along R, A or S outside
   [training min / ``input_margin``, training max × ``input_margin``] (default margin 2).
 - ``hu_distribution``: the Wasserstein-1 distance (HU) between the body HU histogram of the case
@@ -100,19 +102,29 @@ def input_flags(image: np.ndarray, grid: Grid, fingerprint: dict, options) -> tu
     return flags, measured
 
 
-def result_flags(labels: np.ndarray, volumes: dict, label_infos, fingerprint: dict, options) -> tuple[list[Flag], dict]:
+def result_flags(labels: np.ndarray, volumes: dict, label_infos, fingerprint: dict, options,
+                 grid: Optional[Grid] = None) -> tuple[list[Flag], dict]:
     """Flags for label volumes and component counts outside what training showed."""
+    from pipeline.geometry import voxel_volume_ml
+
     flags: list[Flag] = []
     margin = float(options.volume_margin)
     trained = fingerprint["labels"]
     present = [info.value for info in label_infos if volumes.get(info.name, {}).get("voxels", 0) > 0]
-    components = tfp.component_counts(labels, present) if present else {}
+    sizes = tfp.component_sizes(labels, present) if present else {}
     measured = {}
     for info in label_infos:
         reference = trained.get(info.name)
         volume = float(volumes.get(info.name, {}).get("volume_ml", 0.0) or 0.0)
-        count = components.get(info.value, 0)
-        measured[info.name] = {"components": count}
+        voxels = int(volumes.get(info.name, {}).get("voxels", 0) or 0)
+        found = sizes.get(info.value, np.zeros(0, dtype=np.int64))
+        span = reference.get("volume_ml") if reference else None
+        # components smaller than a fraction of the smallest training volume are specks, not counted
+        voxel_ml = voxel_volume_ml(grid) if grid is not None else (volume / voxels if voxels else 0.0)
+        smallest_ml = float(options.component_min_fraction) * span["min"] if span else 0.0
+        count = int(np.count_nonzero(found * voxel_ml >= smallest_ml)) if found.size else 0
+        measured[info.name] = {"components": int(found.size), "components_counted": count,
+                               "count_from_ml": round(smallest_ml, 4)}
         if reference is None:
             continue
         if volume <= 0:
@@ -120,7 +132,6 @@ def result_flags(labels: np.ndarray, volumes: dict, label_infos, fingerprint: di
                 flags.append(Flag("label_missing", f"{info.name} is empty but was present in all "
                                                    f"{reference['cases']} training cases", info.name))
             continue
-        span = reference.get("volume_ml")
         if span is None:
             flags.append(Flag("volume_high", f"{info.name} is present ({volume:.1f} mL) but was absent from "
                                              f"every training case", info.name))
@@ -133,8 +144,8 @@ def result_flags(labels: np.ndarray, volumes: dict, label_infos, fingerprint: di
                                              f"largest training volume ({span['max']:.1f} mL)", info.name))
         most = int(reference["components"]["max"]) if reference.get("components") else 0
         if count > most:
-            flags.append(Flag("components", f"{info.name} has {count} connected components; no training case had "
-                                            f"more than {most}", info.name))
+            flags.append(Flag("components", f"{info.name} has {count} connected components of at least "
+                                            f"{smallest_ml:.2g} mL; no training case had more than {most}", info.name))
     return flags, measured
 
 
@@ -256,7 +267,7 @@ def assess_case(image: np.ndarray, labels: np.ndarray, grid: Grid, volumes: dict
     assessment = Assessment(fingerprint=fingerprint is not None)
     if fingerprint is not None:
         input_found, input_measured = input_flags(image, grid, fingerprint, options)
-        result_found, result_measured = result_flags(labels, volumes, label_infos, fingerprint, options)
+        result_found, result_measured = result_flags(labels, volumes, label_infos, fingerprint, options, grid)
         assessment.flags = input_found + result_found
         assessment.measured = {"input": input_measured, "labels": result_measured}
     assessment.entropy = foreground_entropy(probabilities, classes)
