@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -190,7 +189,7 @@ def write(model_dir: Path, content: dict) -> Path:
     return path
 
 
-def read(model_dir: Path) -> Optional[dict]:
+def read(model_dir: Path) -> dict | None:
     """The model folder's training fingerprint, or None when it has none (a model trained before it existed)."""
     path = Path(model_dir) / FILE
     if not path.is_file():
@@ -219,7 +218,7 @@ def read(model_dir: Path) -> Optional[dict]:
     return content
 
 
-def from_training_cases(cases, labels: list[dict], body_threshold_hu: float, known: Optional[dict] = None) -> dict:
+def from_training_cases(cases, labels: list[dict], body_threshold_hu: float, known: dict | None = None) -> dict:
     """Build the fingerprint of ``cases`` (preprocess TrainingCase entries), reusing ``known`` per-case statistics.
 
     ``known`` maps case id → statistics already computed by preprocess; the others are loaded now.

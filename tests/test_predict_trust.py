@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from test_predict_helpers import (
+    LABELS,
+    SMALL_PHANTOM,
+    IntensityOracle,
+    encoded_image,
+    oracle_predictor,
+    write_small_model,
+)
 
 from pipeline import training_fingerprint as tfp
 from pipeline.config import Config
@@ -24,8 +31,6 @@ from pipeline.predict.options import PredictConfig, ReportOptions, TrustOptions
 from pipeline.predict.report import label_statistics
 from pipeline.predict.stage import run_predict
 from pipeline.volume_io import save_nifti
-from test_predict_helpers import (LABELS, SMALL_PHANTOM, IntensityOracle, encoded_image, oracle_predictor,
-                                  write_small_model)
 
 INFOS = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS]
 TRAIN_SEEDS = range(6)

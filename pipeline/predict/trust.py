@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ AXES = ("R-L", "A-P", "S-I")
 class Flag:
     code: str
     reason: str
-    label: Optional[str] = None
+    label: str | None = None
 
     @property
     def kind(self) -> str:
@@ -103,7 +102,7 @@ def input_flags(image: np.ndarray, grid: Grid, fingerprint: dict, options) -> tu
 
 
 def result_flags(labels: np.ndarray, volumes: dict, label_infos, fingerprint: dict, options,
-                 grid: Optional[Grid] = None) -> tuple[list[Flag], dict]:
+                 grid: Grid | None = None) -> tuple[list[Flag], dict]:
     """Flags for label volumes and component counts outside what training showed."""
     from pipeline.geometry import voxel_volume_ml
 
@@ -153,7 +152,7 @@ def result_flags(labels: np.ndarray, volumes: dict, label_infos, fingerprint: di
 # Uncertainty: entropy and ensemble agreement
 # ---------------------------------------------------------------------------------------------
 
-def foreground_entropy(probabilities: Optional[np.ndarray], classes: np.ndarray) -> Optional[float]:
+def foreground_entropy(probabilities: np.ndarray | None, classes: np.ndarray) -> float | None:
     """Mean normalised softmax entropy over the voxels whose predicted class is not background."""
     if probabilities is None or probabilities.shape[0] < 2:
         return None
@@ -185,7 +184,7 @@ class MemberAgreement:
         self._pending: list = []
 
     @classmethod
-    def attach(cls, window_predictor) -> Optional["MemberAgreement"]:
+    def attach(cls, window_predictor) -> MemberAgreement | None:
         if window_predictor is None or window_predictor.passes_per_window < 2:
             return None
         observer = cls(window_predictor)
@@ -219,7 +218,7 @@ class MemberAgreement:
             self.sizes[n] += float(member_fg.sum()) + ensemble_size
         self._pending = []
 
-    def dice(self) -> Optional[float]:
+    def dice(self) -> float | None:
         """Mean over members of the Dice with the ensemble (None when nothing was foreground)."""
         valid = self.sizes > 0
         if not valid.any():
@@ -236,8 +235,8 @@ class Assessment:
     """One case's flags, uncertainty and confidence."""
 
     flags: list[Flag] = field(default_factory=list)
-    entropy: Optional[float] = None
-    agreement: Optional[float] = None
+    entropy: float | None = None
+    agreement: float | None = None
     members: int = 1
     confidence: float = 1.0
     needs_review: bool = False
@@ -253,7 +252,7 @@ class Assessment:
                 "members": self.members, "training_fingerprint": self.fingerprint, "measured": self.measured}
 
 
-def confidence_score(entropy: Optional[float], agreement: Optional[float], n_flags: int) -> float:
+def confidence_score(entropy: float | None, agreement: float | None, n_flags: int) -> float:
     """(1 - H) × A × 0.5 ** n_flags, with a missing term counting as no penalty (see module docstring)."""
     score = 1.0 - (entropy if entropy is not None else 0.0)
     score *= agreement if agreement is not None else 1.0
@@ -261,8 +260,8 @@ def confidence_score(entropy: Optional[float], agreement: Optional[float], n_fla
 
 
 def assess_case(image: np.ndarray, labels: np.ndarray, grid: Grid, volumes: dict, label_infos,
-                fingerprint: Optional[dict], probabilities: Optional[np.ndarray], classes: np.ndarray,
-                agreement: Optional[MemberAgreement], options) -> Assessment:
+                fingerprint: dict | None, probabilities: np.ndarray | None, classes: np.ndarray,
+                agreement: MemberAgreement | None, options) -> Assessment:
     """Everything the morning report needs to rank one finished case (see module docstring)."""
     assessment = Assessment(fingerprint=fingerprint is not None)
     if fingerprint is not None:

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, training_fingerprint
 from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError
 from pipeline.models import MODEL_FORMAT, network_spec
-from pipeline import training_fingerprint
 from pipeline.preprocess.stage import load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
