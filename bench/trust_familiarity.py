@@ -26,8 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_machine import machine_info  # noqa: E402
-
+from bench_machine import machine_info
 
 REAL_INPUTS = ["sts_ct", "totalseg/example_ct.nii.gz", "totalseg/example_ct_dicom", "dcmqi/ct-3slice",
                "pyradiomics/lung1_image.nrrd", "dcm_qa_ct/Philips/S21570"]
@@ -45,9 +44,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "trust_familiarity.json")
     parser.add_argument("--shared", type=Path, default=Path("/work/shared/data"))
     args = parser.parse_args()
+    from pipeline import training_fingerprint as tfp
     from pipeline.config import Config
     from pipeline.demo_options import DemoConfig
-    from pipeline import training_fingerprint as tfp
     from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
     from pipeline.predict.cases import discover_cases, read_case
     from pipeline.preprocess.fingerprint import load_case

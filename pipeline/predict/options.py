@@ -96,6 +96,9 @@ class TrustOptions:
     volume_margin: float = field(default=2.0, metadata={
         "help": "A label volume below the smallest training volume / margin, or above the largest x margin, "
                 "is flagged."})
+    component_min_fraction: float = field(default=0.1, metadata={
+        "help": "Predicted components smaller than this fraction of the label's smallest training volume are "
+                "not counted against the training's component counts (specks are not a second organ)."})
     input_margin: float = field(default=2.0, metadata={
         "help": "A spacing or image extent (per axis) below the training minimum / margin, or above the "
                 "maximum x margin, is flagged as an unfamiliar input."})

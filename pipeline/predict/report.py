@@ -294,7 +294,7 @@ def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[
         seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
         count = "error" if row.error else (str(len(row.warnings)) if row.warnings else "")
         trust = row.summary.get("trust") or {}
-        confidence = "" if not trust else (f"{trust['confidence']:.2f}" +
+        confidence = "" if not trust else (f"{trust['confidence']:.3f}" +
                                            ("<br><span class='failed'>needs review</span>" if trust.get("needs_review")
                                             else ""))
         parts.append(f"<tr><td><a href='#{html.escape(row.case_id)}'>{html.escape(row.case_id)}</a></td>"

@@ -10,9 +10,10 @@
    grid, runs sliding-window inference (:mod:`pipeline.predict.inference`), takes the argmax and
    maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), optionally cleans it per
    label, checks it against the model's training data and scores its confidence
-   (:mod:`pipeline.predict.trust`), and writes every output atomically (:mod:`pipeline.predict.writers`). The outputs'
-   SHA-256 go into the ledger. A case that fails (unreadable, not CT, out of memory, any error) is
-   recorded as failed with its message and the batch moves on.
+   (:mod:`pipeline.predict.trust`), and writes every output atomically
+   (:mod:`pipeline.predict.writers`). The outputs' SHA-256 go into the ledger. A case that fails
+   (unreadable, not CT, out of memory, any error) is recorded as failed with its message and the
+   batch moves on.
 4. Writes ``report.json``, ``report.csv`` and ``report.html`` (:mod:`pipeline.predict.report`)
    covering every case of the input (all shards: the last shard to finish has the full picture);
    the CSV and HTML list the least trustworthy cases first, under a "needs review" count.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, training_fingerprint
 from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.labels.codes import codes_json
