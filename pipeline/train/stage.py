@@ -26,7 +26,6 @@ from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.labels.codes import codes_json
 from pipeline.models import MODEL_FORMAT, network_spec
-from pipeline import training_fingerprint
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
