@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.geometry import Volume, canonical_grid
 from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.model import LabelInfo, Predictor
-from pipeline.predict.modelfolder import write_model_folder
+from pipeline.models.folder import write_model_folder
 from pipeline.volume_io import save_nifti
 
 LABELS = [{"name": "liver", "value": 1, "color": [221, 130, 101]},

@@ -268,6 +268,17 @@ def test_model_json_is_validated_strictly_with_one_line_naming_the_key(tmp_path:
     assert "\n" not in str(caught.value)
 
 
+def test_labels_with_coded_concepts_are_valid(tmp_path: Path, model_dir):
+    # training writes each label's SNOMED codes and RT type into model.json (pipeline.labels.codes); the strict
+    # reader must accept what the writer writes (a trained model was refused before this was checked together)
+    from pipeline.models.loader import load_model_folder
+
+    coded = _edit_model(model_dir, tmp_path, lambda s: s["labels"][0].update(
+        category={"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"},
+        type={"value": "10200004", "scheme": "SCT", "meaning": "Liver"}, rt_type="ORGAN"))
+    assert load_model_folder(coded).spec["labels"][0]["rt_type"] == "ORGAN"
+
+
 def test_a_network_too_big_for_the_memory_budget_is_refused_before_it_is_built(tmp_path: Path, model_dir):
     import time
 

@@ -87,7 +87,7 @@ class PredictResult:
 
 def options_folds(spec: dict, cfg: Config) -> list[int]:
     """The fold numbers this batch ensembles: ``predict.folds``, or every fold of the model folder."""
-    from pipeline.models.loader import fold_numbers
+    from pipeline.models.folder import fold_numbers
 
     every = fold_numbers(spec)
     return every if cfg.predict.folds is None else [f for f in every if f in set(cfg.predict.folds)]
@@ -101,7 +101,7 @@ def settings_hash(model_json_sha256: str, cfg: Config) -> str:
 def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path,
                 shard: Optional[tuple[int, int]] = None, retry_failed: bool = False) -> PredictResult:
     """Segment every case of ``input_path`` into ``output_dir`` (see module docstring)."""
-    from pipeline.models.loader import MODEL_FILE, read_model_spec
+    from pipeline.models.folder import MODEL_FILE, read_model_spec
 
     started = time.time()
     wall = time.perf_counter()
@@ -861,7 +861,7 @@ def rewrite_report(output_dir: Path) -> dict:
     Shards each write the merged report when they finish, so the last one's is complete; this rebuilds it at any
     time (after a shard died, or while others still run) without loading a model or reading an image.
     """
-    from pipeline.models.loader import read_model_spec
+    from pipeline.models.folder import read_model_spec
     from pipeline.predict.ledger import has_ledger, read_case_rows
 
     output_dir = Path(output_dir)

@@ -25,7 +25,8 @@ from pipeline import atomic, training_fingerprint
 from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.labels.codes import codes_json
-from pipeline.models import MODEL_FORMAT, network_spec
+from pipeline.models import network_spec
+from pipeline.models.folder import write_model_json
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
@@ -242,8 +243,7 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
                       "best_step": result["best_step"]})
     training_fingerprint.write_for_training(model_dir, cfg.stage_dir("preprocess"), cfg.stage_dir("ingest"),
                                             plan["labels"], cfg.preprocess.body_threshold_hu)
-    atomic.write_json(model_dir / "model.json", {
-        "format": MODEL_FORMAT,
+    write_model_json(model_dir, {
         "network": spec,
         "mode": sampling.mode,
         "context_slices": sampling.context_slices,
