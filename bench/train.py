@@ -71,6 +71,7 @@ def peak_rss_mb() -> float:
 def write_dataset(root: Path, cases: int) -> list[dict]:
     """Phantom CTs and labels as NIfTI plus an ingest manifest (what 'ctseg ingest' would write)."""
     from pipeline import atomic
+    from pipeline.ingest.manifest import write_manifest
     from pipeline.geometry import Volume
     from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
@@ -91,8 +92,7 @@ def write_dataset(root: Path, cases: int) -> list[dict]:
                         "label": str(label.relative_to(root / "ingest")), "provenance": None})
     labels = [{"name": name, "value": value, "color": [255, 0, 0], "synonyms": []}
               for value, name in LABEL_NAMES.items()]
-    atomic.write_json(root / "ingest" / "manifest.json", {"format": "ctseg-ingest/1", "labels": labels,
-                                                          "cases": entries})
+    write_manifest(root / "ingest", labels, None, entries)
     atomic.write_json(root / "ingest" / "done.json", {"stage": "ingest", "hash": f"bench-{cases}"})
     atomic.write_json(root / "files.json", files)
     return files

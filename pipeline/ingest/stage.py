@@ -55,6 +55,7 @@ from pipeline.config import Config, section_hash
 from pipeline.dataset import DatasetCase, DatasetDescription, load_dataset
 from pipeline.errors import CaseError, ConfigError, CtsegError, InputError
 from pipeline.geometry import Grid, Volume
+from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest, write_manifest
 from pipeline.labels.structures import LabelObject, Structure
 from pipeline.progress import Progress
 from pipeline.stage import StageRun, check_output_outside_inputs, read_done, safe_name
@@ -62,7 +63,7 @@ from pipeline.volume_io import is_volume_file, load_volume, save_nifti, strip_vo
 
 log = logging.getLogger("ctseg")
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 NO_LABEL_OBJECTS = "no RTSTRUCT or DICOM SEG in the export references this image series"
 NOT_MAPPED = "not mapped: no dataset description given (see dataset.suggested.yaml)"
 
@@ -187,8 +188,7 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
         raise InputError(f"no case could be ingested: all {len(cases)} case(s) failed, each with the reason "
                          f"printed above and listed in {out / 'report.json'}. Fix those inputs and rerun.")
     labels = dataset.label_json() if dataset else []
-    atomic.write_json(out / MANIFEST, {"format": "ctseg-ingest/1", "labels": labels, "images_key": images_key,
-                                       "cases": sorted(manifest_cases, key=lambda c: c["id"])})
+    write_manifest(out, labels, images_key, manifest_cases)
     _write_private_mapping(out, cases)
     _finish_inventory(run, out, inventory, manifest_cases, root, dataset)
     # a failed case has its reason in report.json and cases/; the others are complete (exit 3, see cli)
@@ -267,8 +267,8 @@ def _reusable_cases(out: Path, images_key: str) -> list[dict] | None:
     if done is None or done.get("failed_cases") or not (out / MANIFEST).is_file():
         return None
     try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        manifest = read_manifest(out)
+    except InputError:  # damaged or of another version: read the export again
         return None
     if manifest.get("images_key") != images_key:
         return None
@@ -688,11 +688,3 @@ def _write_private_mapping(out: Path, cases: list[CaseSource]) -> None:
     atomic.write_text(path, buffer.getvalue())
     os.chmod(path, 0o600)
 
-
-def read_manifest(ingest_dir: Path) -> dict:
-    import json
-
-    path = Path(ingest_dir) / MANIFEST
-    if not path.is_file():
-        raise CtsegError(f"{path} must exist: run 'ctseg ingest' first.")
-    return json.loads(path.read_text())

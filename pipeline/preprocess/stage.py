@@ -12,7 +12,6 @@ files' size and modification time are unchanged; otherwise they are recomputed.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.config import Config, section_hash
 from pipeline.errors import CaseError, InputError
+from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess import cache
 from pipeline.preprocess.fingerprint import TrainingCase, case_fingerprint, load_case, source_identity
 from pipeline.preprocess.plan import intensity_statistics, make_plan
@@ -32,13 +32,8 @@ log = logging.getLogger("ctseg")
 
 def training_cases(ingest_dir: Path) -> tuple[list[TrainingCase], list[dict]]:
     """The manifest's labelled training cases and its label descriptions."""
-    path = ingest_dir / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{path} must exist: run 'ctseg ingest' before 'ctseg preprocess'.")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != "ctseg-ingest/1":
-        raise InputError(f"{path} must have format 'ctseg-ingest/1', got {manifest.get('format')!r}. "
-                         f"Re-run 'ctseg ingest' with this version.")
+    manifest = read_manifest(ingest_dir)
+    path = ingest_dir / MANIFEST_FILE
     cases = [TrainingCase(c["id"], ingest_dir / c["image"], ingest_dir / c["label"])
              for c in manifest.get("cases", []) if c.get("role") == "train" and c.get("label")]
     if not cases:
