@@ -60,7 +60,7 @@ from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
 from pipeline.progress import Progress
-from pipeline.stage import REPORT_FILE, versions
+from pipeline.stage import REPORT_FILE, report_header, versions
 
 log = logging.getLogger("ctseg.predict")
 
@@ -175,9 +175,11 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
                             "--take-stale to take them over", len(stuck), ", ".join(stuck[:10]))
                 failed += stuck
             skipped = batch_redactor.all(discovery.skipped)
-            report = _report(cfg, spec, model_dir, input_path if not hide else "<input> (see private/inputs.json)",
-                             output_dir, shard, device, rows, mine_ids, outcomes, skipped, batch, started,
-                             time.perf_counter() - wall, run_hash)
+            run = _RunInfo(cfg=cfg, spec=spec, model_dir=model_dir, output_dir=output_dir, shard=shard,
+                           device=device, started=started, run_hash=run_hash,
+                           input_label=str(input_path) if not hide else "<input> (see private/inputs.json)")
+            report = _report(run, batch, rows, mine_ids=mine_ids, outcomes=outcomes, skipped=skipped,
+                             seconds=time.perf_counter() - wall)
             report["ledger"] = ledger.describe()
             if batch.stopped:  # disk full: the cases not started stay pending for a plain rerun
                 report.update(stopped=batch.stopped, status="failed", exit_code=EXIT_SOME_FAILED)
@@ -806,26 +808,36 @@ def _ctseg_version() -> str:
     return __version__
 
 
-def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, mine_ids, outcomes, skipped, batch,
-            started, seconds, run_hash) -> dict:
+@dataclass
+class _RunInfo:
+    """What one predict run is: settings, model, folders, shard and device (the fixed part of its report)."""
+
+    cfg: Config
+    spec: dict
+    model_dir: Path
+    output_dir: Path
+    input_label: str  # the input as the report may name it (no folder names unless predict.full_paths)
+    shard: Optional[tuple[int, int]]
+    device: torch.device
+    started: float
+    run_hash: str
+
+
+def _report(run: _RunInfo, batch: "_Batch", rows, *, mine_ids: set[str], outcomes: dict[str, str],
+            skipped: list[str], seconds: float) -> dict:
     mine_rows = [row for row in rows if row.case_id in mine_ids]
     failed_mine = [row for row in mine_rows if row.status == "failed"]
     return {
-        "stage": "predict",
-        "folder": str(output_dir),
-        "hash": run_hash,
-        "status": "failed" if failed_mine else "ok",
+        **report_header("predict", run.output_dir, run.run_hash, bool(failed_mine), run.started, seconds,
+                        str(run.device)),
         "exit_code": EXIT_SOME_FAILED if failed_mine else EXIT_OK,
-        "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "device": str(device),
         "precision": batch.window_predictor.precision.to_json() if batch.window_predictor else None,
-        "versions": versions(),
-        "model": {"folder": str(model_dir), "mode": spec.get("mode"), "network": spec["network"].get("name"),
-                  "folds": options_folds(spec, cfg), "load_seconds": batch.model_seconds,
+        "model": {"folder": str(run.model_dir), "mode": run.spec.get("mode"),
+                  "network": run.spec["network"].get("name"), "folds": options_folds(run.spec, run.cfg),
+                  "load_seconds": batch.model_seconds,
                   "inference_rewrites": batch.predictor.optimisation if batch.predictor else None},
-        "input": str(input_path),
-        "shard": list(shard) if shard else None,
+        "input": run.input_label,
+        "shard": list(run.shard) if run.shard else None,
         "counts": {
             **_batch_counts(rows),
             "this_shard": len(mine_rows),
