@@ -16,7 +16,8 @@ from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.options import PostprocessOptions, ReportOptions
 from pipeline.predict.reassemble import postprocess
-from pipeline.predict.report import canonical_view, label_statistics
+from pipeline.predict.report import label_statistics
+from pipeline.thumbnails import canonical_view
 from pipeline.predict.stage import predict_case, run_predict
 from pipeline.predict.writers import write_color_table, write_seg_nrrd
 from pipeline.volume_io import load_volume, save_nifti, sitk_to_volume
