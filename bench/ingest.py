@@ -91,7 +91,7 @@ def run_simpleitk(folder: Path, output: Path) -> dict:
 
 def write_synthetic_series(folder: Path, slices: int) -> None:
     """A CT-like 512×512×slices int16 series (0.8×0.8×1.25 mm), one file per slice."""
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     rng = np.random.default_rng(0)
     x, y = np.meshgrid(np.arange(512) - 255.5, np.arange(512) - 255.5, indexing="ij")

@@ -85,7 +85,7 @@ def trained_model(threads: int = 0) -> Path:
 
     from pipeline import api
     from pipeline.config import load_config
-    from pipeline.phantoms import PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
     from pipeline.volume_io import save_nifti
 
     key = hashlib.sha256(json.dumps([TRAINING, NETWORK, TARGET_SPACING, WINDOW], sort_keys=True).encode())
@@ -282,7 +282,7 @@ def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300)
 
     import shutil
 
-    from pipeline.phantoms import PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
     from pipeline.volume_io import save_nifti
 
     image_path = work / "input" / "bench_0000.nii.gz"
@@ -305,7 +305,7 @@ def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300)
     (work / "model_no_crop" / "model.json").write_text(json.dumps(spec, indent=2))
     plan = spec["plan"]
     return {"shape": [shape, shape, slices], "spacing_mm": [spacing, spacing, 1.0], "dtype": "int16",
-            "generator": "pipeline.phantoms.make_phantom(seed=7)",
+            "generator": "pipeline.synthetic.phantoms.make_phantom(seed=7)",
             "labels": {l["value"]: l["name"] for l in spec["labels"]}, "plan": plan,
             "model": {"folder": str(model), "training": spec["training"], "validation_dice": spec["folds"][0]["val_dice"],
                       "trained_patch_size": json.loads((model / "model.json").read_text())["patch_size"]}, "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}

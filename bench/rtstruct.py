@@ -1,7 +1,7 @@
 """Benchmark of the RTSTRUCT writer: our direct encoding against building the same contours as pydicom datasets.
 
 Label map: a synthetic phantom CT series (``--shape`` × ``--shape`` × ``--slices``,
-:mod:`pipeline.phantoms`, 20 HU noise) written as DICOM; its labels are three HU bands of the noisy
+:mod:`pipeline.synthetic.phantoms`, 20 HU noise) written as DICOM; its labels are three HU bands of the noisy
 image (ragged, many islands and holes: tens of thousands of contours, the size of a large clinical
 structure set). Both sides write the
 same voxel-edge contours (:func:`pipeline.labels.rtstruct_write.voxel_edge_contours`, traced once
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     load_before = list(os.getloadavg())
 
-    from pipeline.dicom.write import write_ct_series
+    from pipeline.synthetic.dicom import write_ct_series
     from pipeline.labels.rtstruct import rasterise_rtstruct
     from pipeline.labels.rtstruct_write import ImageRef, Roi, SourceSeries, rtstruct_dataset, save_rtstruct, \
         source_header
-    from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
     phantom = make_phantom(1, PhantomOptions(shape=args.shape, slices=args.slices, noise_hu=20.0))
     labels = np.digitize(phantom.image.array, [-200.0, 20.0, 80.0]).astype(np.uint8)

@@ -2,7 +2,7 @@
 
 Both sides train the same network (the spleen tutorial's UNet: channels 16-256, strides 2,
 2 residual units, batch norm) on the same data (synthetic abdominal phantoms from
-:mod:`pipeline.phantoms`, written as NIfTI), with the same patch size and batch size (96³ × 2 by
+:mod:`pipeline.synthetic.phantoms`, written as NIfTI), with the same patch size and batch size (96³ × 2 by
 default) and the same target spacing (1.5 × 1.5 × 2 mm) and HU window ([-57, 164]) as the tutorial.
 
 - reference: written the way MONAI's spleen tutorial writes it: ``CacheDataset`` over
@@ -73,7 +73,7 @@ def write_dataset(root: Path, cases: int) -> list[dict]:
     from pipeline import atomic
     from pipeline.ingest.manifest import write_manifest
     from pipeline.geometry import Volume
-    from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
     options = PhantomOptions(**PHANTOM)
     from pipeline.volume_io import save_nifti

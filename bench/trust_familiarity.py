@@ -47,7 +47,7 @@ def main() -> int:
     from pipeline import training_fingerprint as tfp
     from pipeline.config import Config
     from pipeline.demo_options import DemoConfig
-    from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
     from pipeline.predict.cases import discover_cases, read_case
     from pipeline.preprocess.fingerprint import load_case
     from pipeline.preprocess.stage import training_cases

@@ -9,8 +9,8 @@ import yaml
 
 from pipeline import api
 from pipeline.config import load_config
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import discover_cases
 from pipeline.predict.stage import run_predict
 from test_ingest_structures import write_rt_export

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Volume, affine_from_parts
 
 

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 from pipeline.dicom.assemble import AssemblyOptions, assemble_series, to_dcm2niix_convention
 from pipeline.dicom.scan import scan_export
 from pipeline.dicom.select import select_series
-from pipeline.dicom.write import tilted_affine
+from pipeline.synthetic.dicom import tilted_affine
 from pipeline.errors import InputError
 from pipeline.geometry import Grid, resample_to_grid
 from pipeline.volume_io import load_volume

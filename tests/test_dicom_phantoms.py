@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Volume
 
 SHAPE = (40, 36, 10)  # JPEG 2000 needs at least 32×32 pixels
@@ -39,7 +39,7 @@ def phantom_volume(shape=SHAPE, **affine_args) -> Volume:
 
 
 def write_phantom(folder: Path, volume: Volume | None = None, **options) -> list[Path]:
-    """Write a phantom series with pipeline.dicom.write (options: SeriesWriteOptions fields)."""
+    """Write a phantom series with pipeline.synthetic.dicom (options: SeriesWriteOptions fields)."""
     return write_ct_series(volume or phantom_volume(), Path(folder), SeriesWriteOptions(**options))
 
 

@@ -3,7 +3,7 @@ import numpy as np
 
 from pipeline import api
 from pipeline.config import load_config
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Volume, affine_from_parts
 
 

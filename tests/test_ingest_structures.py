@@ -1,6 +1,6 @@
 """A radiotherapy export just works: ingest with no dataset, the structure inventory, masks, suggested names, relabel.
 
-The synthetic export is real DICOM written with pipeline.dicom.write: per patient a CT series and one
+The synthetic export is real DICOM written with pipeline.synthetic.dicom: per patient a CT series and one
 RTSTRUCT whose ROIs overlap (GTV inside PTV inside BODY) and whose names vary between patients.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from scipy import ndimage
 
 from pipeline import api
 from pipeline.config import load_config
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series, write_rtstruct
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series, write_rtstruct
 from pipeline.geometry import Volume
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume
 
 SMALL = dict(shape=44, slices=12, inplane_spacing_min=2.0, inplane_spacing_max=2.6, slice_spacing_min=3.0,

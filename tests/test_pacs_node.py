@@ -155,7 +155,7 @@ def test_every_dicom_output_of_a_case_is_sent_so_an_rtstruct_is_picked_up(tmp_pa
     from test_predict_helpers import LABELS, write_small_model
 
     from pipeline import api
-    from pipeline.dicom.write import write_rtstruct
+    from pipeline.synthetic.dicom import write_rtstruct
     from pipeline.predict.ledger import sha256_file
     from pipeline.volume_io import load_volume
 

@@ -18,7 +18,7 @@ from pipeline import atomic
 from pipeline.config import Config
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Volume
-from pipeline.phantoms import make_phantom
+from pipeline.synthetic.phantoms import make_phantom
 from pipeline.predict.cases import Case, discover_cases, resolve_shard, select_shard
 from pipeline.predict.ledger import LEDGER_FILE, Ledger, process_start_time, sha256_file
 from pipeline.predict.stage import EXIT_OK, EXIT_SOME_FAILED, run_predict

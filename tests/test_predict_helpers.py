@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.geometry import Volume, canonical_grid
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.model import LabelInfo, Predictor
 from pipeline.models.folder import write_model_folder
 from pipeline.volume_io import save_nifti

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.config import Config
-from pipeline.phantoms import PhantomOptions
+from pipeline.synthetic.phantoms import PhantomOptions
 from pipeline.predict.ledger import LEDGER_FILE, sha256_file
 from pipeline.predict.stage import run_predict
 from test_predict_helpers import write_phantom_nifti, write_small_model

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.geometry import Grid, affine_from_parts, lps_to_ras
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import Case, discover_cases
 from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.model import LabelInfo
@@ -118,7 +118,7 @@ def test_dicom_export_gives_an_anonymous_case_and_a_valid_dicom_seg(tmp_path: Pa
     """A CT series (and an MR series that must be passed over) → one case; its SEG decodes back to our labels."""
     import highdicom as hd
 
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
     from pipeline.labels.seg import read_dicom_seg
 
     options = PhantomOptions(shape=48, slices=16, inplane_spacing_min=1.2, inplane_spacing_max=1.2,
@@ -173,7 +173,7 @@ def test_dicom_seg_keeps_quoted_patient_names_out_of_warnings_and_logs(tmp_path:
     """highdicom warns about a one-part PatientName by quoting it: that must not reach stderr or the log."""
     import warnings as python_warnings
 
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     options = PhantomOptions(shape=40, slices=12, inplane_spacing_min=1.2, inplane_spacing_max=1.2,
                              slice_spacing_min=3.0, slice_spacing_max=3.0, noise_hu=0.0)
@@ -196,7 +196,7 @@ def test_dicom_seg_keeps_quoted_patient_names_out_of_warnings_and_logs(tmp_path:
 
 
 def test_dicom_input_runs_through_run_predict(tmp_path: Path):
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     phantom = make_phantom(8, PhantomOptions(shape=48, slices=16, noise_hu=0.0))
     write_ct_series(phantom.image, tmp_path / "export" / "SMITH", SeriesWriteOptions(patient_name="SMITH^ANN"))

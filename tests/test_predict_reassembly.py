@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from pipeline.config import Config
 from pipeline.geometry import Grid, Volume
-from pipeline.phantoms import PhantomOptions, label_centroid_ras, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, label_centroid_ras, make_phantom
 from pipeline.predict.cases import Case
 from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.reassemble import (probabilities_to_source, reassembly_agreement, refined_to_source,

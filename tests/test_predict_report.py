@@ -10,7 +10,7 @@ from matplotlib import image as mpimg
 
 from pipeline.config import Config
 from pipeline.geometry import Volume
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.ledger import CaseRow
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.report import _overlay, write_html, write_thumbnail

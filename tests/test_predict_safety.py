@@ -22,7 +22,7 @@ from pipeline.cli import main as cli_main
 from pipeline.config import Config
 from pipeline.errors import ConfigError, CtsegError, InputError
 from pipeline.geometry import Volume
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict import stage as predict_stage
 from pipeline.predict.ledger import LEDGER_FILE, sha256_file
 from pipeline.predict.stage import EXIT_OK, EXIT_SOME_FAILED, run_predict
@@ -102,7 +102,7 @@ def test_a_batch_with_a_third_broken_finishes_every_good_case_and_names_each_bad
     single = tmp_path / "exports" / PATIENT / "single"
     single.mkdir()
     _one_slice(single / "oneslice.nii.gz", seed=21)
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     phantom = make_phantom(22, PhantomOptions(shape=48, slices=16, noise_hu=5.0))
     write_ct_series(phantom.image, tmp_path / "exports" / PATIENT / "dicom" / f"CT_{PATIENT}",

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
-from pipeline.phantoms import PhantomOptions
+from pipeline.synthetic.phantoms import PhantomOptions
 from pipeline.predict.cases import slurm_shard
 from pipeline.predict.ledger import (CLAIMS_DIR, LEDGER_DIR, LEDGER_FILE, filesystem_type, read_case_rows,
                                      resolve_ledger_mode, sha256_file)

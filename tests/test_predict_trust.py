@@ -22,7 +22,7 @@ from pipeline import training_fingerprint as tfp
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.geometry import Volume
-from pipeline.phantoms import LABEL_NAMES, make_phantom
+from pipeline.synthetic.phantoms import LABEL_NAMES, make_phantom
 from pipeline.predict import trust
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.ledger import LEDGER_FILE

@@ -19,12 +19,12 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.dicom.assemble import assemble_series
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Grid, Volume, affine_from_parts, resample_to_grid
 from pipeline.labels.codes import ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, LEFT, MASS
 from pipeline.labels.rtstruct import rasterise_rtstruct
 from pipeline.labels.rtstruct_write import voxel_edge_contours
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import discover_cases
 from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.model import LabelInfo
@@ -362,7 +362,7 @@ def test_real_ct_rtstruct_and_seg(shared_data, tmp_path: Path):
 @needs_plastimatch
 def test_a_contour_longer_than_64_kib_survives(tmp_path: Path):
     """Explicit VR caps a DS value at 64 KiB (about 2,400 points): the RTSTRUCT is Implicit VR, any size fits."""
-    from pipeline.dicom.write import write_rtstruct
+    from pipeline.synthetic.dicom import write_rtstruct
 
     label = np.zeros((512, 512, 1), dtype=np.uint8)
     label[50:450, 50:450] = 1
