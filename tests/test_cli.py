@@ -4,10 +4,9 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
-from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Volume, affine_from_parts
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
 
 def ctseg(*args, cwd=None):

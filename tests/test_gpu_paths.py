@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_predict_inference import TinyNet, _predictor
+from helpers.predict import TinyNet, _predictor
 
 from pipeline import devices, precision
 from pipeline.config import Config, load_config

@@ -8,11 +8,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series, write_rtstruct
-from pipeline.labels.rtstruct_write import voxel_edge_contours as label_contours
 from pipeline.errors import InputError
 from pipeline.geometry import Volume, affine_from_parts, resample_to_grid
 from pipeline.labels.rtstruct import fill_even_odd, rasterise_rtstruct, read_rtstruct
+from pipeline.labels.rtstruct_write import voxel_edge_contours as label_contours
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series, write_rtstruct
 from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume, sitk_to_volume
 

@@ -8,10 +8,10 @@ import pytest
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
-from pipeline.synthetic.dicom import write_ct_series
 from pipeline.errors import InputError
 from pipeline.geometry import Grid, resample_to_grid
 from pipeline.labels.seg import read_dicom_seg, read_seg_grid
+from pipeline.synthetic.dicom import write_ct_series
 from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume, sitk_to_volume
 

@@ -151,12 +151,12 @@ def test_every_dicom_output_of_a_case_is_sent_so_an_rtstruct_is_picked_up(tmp_pa
     from pacs_support import Orthanc, free_port, require_orthanc
 
     require_orthanc()
+    from helpers.predict import LABELS, write_small_model
     from test_pacs_pull import node_config, write_export
-    from test_predict_helpers import LABELS, write_small_model
 
     from pipeline import api
-    from pipeline.synthetic.dicom import write_rtstruct
     from pipeline.predict.ledger import sha256_file
+    from pipeline.synthetic.dicom import write_rtstruct
     from pipeline.volume_io import load_volume
 
     server = Orthanc(tmp_path / "orthanc", ctseg_port=free_port()).start()

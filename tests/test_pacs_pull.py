@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.predict import write_small_model
 from pacs_support import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, require_orthanc
-from test_predict_helpers import write_small_model
 
 from pipeline.config import Config
 from pipeline.pacs.options import PeerOptions

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.preprocess.plan import (estimate_training_mb, intensity_statistics, make_plan, plan_patch,
-                                      plan_target_spacing, transform_key)
+from pipeline.preprocess.plan import (
+    estimate_training_mb,
+    intensity_statistics,
+    make_plan,
+    plan_patch,
+    plan_target_spacing,
+    transform_key,
+)
 
 
 def test_target_spacing_is_the_median_for_isotropic_data():

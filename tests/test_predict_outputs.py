@@ -7,21 +7,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.predict import LABELS, encoded_image, oracle_predictor, source_resolution, write_small_model
 
 from pipeline.config import Config
 from pipeline.geometry import Grid, affine_from_parts, lps_to_ras
-from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import Case, discover_cases
 from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.options import PostprocessOptions, ReportOptions
 from pipeline.predict.reassemble import postprocess
 from pipeline.predict.report import label_statistics
-from pipeline.thumbnails import canonical_view
 from pipeline.predict.stage import predict_case, run_predict
 from pipeline.predict.writers import write_color_table, write_seg_nrrd
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
+from pipeline.thumbnails import canonical_view
 from pipeline.volume_io import load_volume, save_nifti, sitk_to_volume
-from test_predict_helpers import LABELS, encoded_image, oracle_predictor, source_resolution, write_small_model
 
 INFOS = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS]
 OBLIQUE_FEET_FIRST = PhantomOptions(shape=48, slices=20, inplane_spacing_min=1.1, inplane_spacing_max=1.5,
@@ -118,8 +118,8 @@ def test_dicom_export_gives_an_anonymous_case_and_a_valid_dicom_seg(tmp_path: Pa
     """A CT series (and an MR series that must be passed over) → one case; its SEG decodes back to our labels."""
     import highdicom as hd
 
-    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
     from pipeline.labels.seg import read_dicom_seg
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     options = PhantomOptions(shape=48, slices=16, inplane_spacing_min=1.2, inplane_spacing_max=1.2,
                              slice_spacing_min=3.0, slice_spacing_max=3.0, noise_hu=0.0, feet_first=True)

@@ -10,10 +10,10 @@ from matplotlib import image as mpimg
 
 from pipeline.config import Config
 from pipeline.geometry import Volume
-from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.ledger import CaseRow
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.report import _overlay, write_html, write_thumbnail
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import save_nifti
 
 INFOS = [LabelInfo(1, "liver", (221, 130, 101)), LabelInfo(2, "spleen", (157, 108, 162)),

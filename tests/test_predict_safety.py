@@ -3,12 +3,10 @@ folder names (patient names) stay under private/, the output folder cannot be an
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sqlite3
 import stat
-import struct
 import subprocess
 import uuid
 from pathlib import Path
@@ -16,18 +14,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.cli import main as cli_main
 from pipeline.config import Config
 from pipeline.errors import ConfigError, CtsegError, InputError
 from pipeline.geometry import Volume
-from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict import stage as predict_stage
 from pipeline.predict.ledger import LEDGER_FILE, sha256_file
 from pipeline.predict.stage import EXIT_OK, EXIT_SOME_FAILED, run_predict
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import save_nifti
-from test_predict_helpers import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 PATIENT = "DOE_JOHN_12345"
 

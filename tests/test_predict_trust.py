@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_predict_helpers import (
+from helpers.predict import (
     LABELS,
     SMALL_PHANTOM,
     IntensityOracle,
@@ -22,7 +22,6 @@ from pipeline import training_fingerprint as tfp
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.geometry import Volume
-from pipeline.synthetic.phantoms import LABEL_NAMES, make_phantom
 from pipeline.predict import trust
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.ledger import LEDGER_FILE
@@ -30,6 +29,7 @@ from pipeline.predict.model import LabelInfo
 from pipeline.predict.options import PredictConfig, ReportOptions, TrustOptions
 from pipeline.predict.report import label_statistics
 from pipeline.predict.stage import run_predict
+from pipeline.synthetic.phantoms import LABEL_NAMES, make_phantom
 from pipeline.volume_io import save_nifti
 
 INFOS = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS]

@@ -16,21 +16,21 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.predict import encoded_image, oracle_predictor, source_resolution
 
 from pipeline.config import Config
 from pipeline.dicom.assemble import assemble_series
-from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Grid, Volume, affine_from_parts, resample_to_grid
 from pipeline.labels.codes import ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, LEFT, MASS
 from pipeline.labels.rtstruct import rasterise_rtstruct
 from pipeline.labels.rtstruct_write import voxel_edge_contours
-from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import discover_cases
 from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.stage import predict_case
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume
-from test_predict_helpers import encoded_image, oracle_predictor, source_resolution
 
 NAMES = [LabelInfo(1, "Rückenmark", (240, 200, 40)), LabelInfo(2, "GTV_Mass", (255, 0, 0)),
          LabelInfo(3, "Niere_links", (185, 102, 83))]
