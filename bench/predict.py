@@ -306,7 +306,7 @@ def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300)
     plan = spec["plan"]
     return {"shape": [shape, shape, slices], "spacing_mm": [spacing, spacing, 1.0], "dtype": "int16",
             "generator": "pipeline.synthetic.phantoms.make_phantom(seed=7)",
-            "labels": {l["value"]: l["name"] for l in spec["labels"]}, "plan": plan,
+            "labels": {lbl["value"]: lbl["name"] for lbl in spec["labels"]}, "plan": plan,
             "model": {"folder": str(model), "training": spec["training"], "validation_dice": spec["folds"][0]["val_dice"],
                       "trained_patch_size": json.loads((model / "model.json").read_text())["patch_size"]}, "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}
 
@@ -345,7 +345,7 @@ def compare_outputs(work: Path, ours: dict, reference: dict) -> dict:
         total = int(x.sum()) + int(y.sum())
         return 1.0 if total == 0 else round(2.0 * int(np.logical_and(x, y).sum()) / total, 5)
 
-    names = {l["value"]: l["name"] for l in model_spec(work)["labels"]}
+    names = {lbl["value"]: lbl["name"] for lbl in model_spec(work)["labels"]}
     return {
         "dice_ours_vs_reference": {names[v]: dice(a == v, b == v) for v in names},
         "voxels_per_label_ours": {names[v]: int((a == v).sum()) for v in names},

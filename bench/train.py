@@ -188,7 +188,7 @@ def run_ours(root: Path, args, channels_last: bool | None, precision: str, compi
     runtime = setup_runtime(cfg.train)
     job = FoldJob(fold=0, folder=Path(tempfile.mkdtemp()), options=cfg.train, seed=0, stage_hash="bench",
                   network_spec=spec, sampling=sampling, batch_size=batch_size,
-                  class_names=[l["name"] for l in plan["labels"]], train_cases=cases, val_cases=[], resume=False)
+                  class_names=[lbl["name"] for lbl in plan["labels"]], train_cases=cases, val_cases=[], resume=False)
     trainer = FoldTrainer(job, runtime)
     dataset = PatchDataset(cases, sampling, cfg.train, 0, 0, 0)
     stream = ((images, labels) for _, images, labels in
@@ -302,7 +302,7 @@ def main() -> None:
                            "--workers", str(args.workers), "--threads", str(args.threads), "--device", args.device]
                 print(f"bench/train.py: round {round_index + 1}, {variant} ...", flush=True)
                 done = subprocess.run(command, capture_output=True, text=True)
-                lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+                lines = [lbl for lbl in done.stdout.splitlines() if lbl.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:
                     runs[variant].append({"error": done.stderr.strip().splitlines()[-1:] or ["failed"]})
                 else:

@@ -100,10 +100,10 @@ def main() -> int:
     ingest_dir = REPO / "outputs" / "sts_ct" / "ingest"
     if (ingest_dir / "manifest.json").is_file():
         cases, sts_labels = training_cases(ingest_dir)
-        allowed = {int(l["value"]) for l in sts_labels} | {0}
+        allowed = {int(lbl["value"]) for lbl in sts_labels} | {0}
         values = sorted(allowed - {0})
         loaded = [load_case(case, allowed) for case in cases]
-        sts_stats = [tfp.case_statistics(i.array, l.array, i.grid, values, threshold) for i, l in loaded]
+        sts_stats = [tfp.case_statistics(i.array, lbl.array, i.grid, values, threshold) for i, lbl in loaded]
         sts_rows = []
         for n, (image, _label) in enumerate(loaded):
             others = tfp.build(sts_stats[:n] + sts_stats[n + 1:], sts_labels)

@@ -225,7 +225,7 @@ def from_training_cases(cases, labels: list[dict], body_threshold_hu: float, kno
     """
     from pipeline.preprocess.fingerprint import load_case
 
-    allowed = {int(l["value"]) for l in labels} | {0}
+    allowed = {int(lbl["value"]) for lbl in labels} | {0}
     values = sorted(allowed - {0})
     statistics = []
     for case in cases:

@@ -157,7 +157,7 @@ def test_model_folder_loads_with_labels_and_rewrites(tmp_path: Path):
     folder = write_small_model(tmp_path / "model", folds=2)
     predictor = load_predictor(folder, torch.device("cpu"))
     assert len(predictor.networks) == 2 and predictor.class_values == [0, 1, 2, 3]
-    assert [l.name for l in predictor.labels] == ["liver", "spleen", "kidneys"]
+    assert [lbl.name for lbl in predictor.labels] == ["liver", "spleen", "kidneys"]
     assert predictor.optimisation["checked"] and len(predictor.spec_sha256) == 64
 
 

@@ -23,7 +23,7 @@ from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.thumbnails import canonical_view
 from pipeline.volume_io import load_volume, save_nifti, sitk_to_volume
 
-INFOS = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS]
+INFOS = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS]
 OBLIQUE_FEET_FIRST = PhantomOptions(shape=48, slices=20, inplane_spacing_min=1.1, inplane_spacing_max=1.5,
                                     slice_spacing_min=2.5, slice_spacing_max=3.0, direction="oblique",
                                     feet_first=True, noise_hu=0.0)

@@ -32,7 +32,7 @@ from pipeline.predict.stage import run_predict
 from pipeline.synthetic.phantoms import LABEL_NAMES, make_phantom
 from pipeline.volume_io import save_nifti
 
-INFOS = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS]
+INFOS = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS]
 TRAIN_SEEDS = range(6)
 THRESHOLD = -500.0
 

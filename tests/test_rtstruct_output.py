@@ -108,7 +108,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120)
     lines = (run.stdout + run.stderr).splitlines()
-    return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
+    return [lbl for lbl in lines if lbl.startswith("Error")], [lbl for lbl in lines if lbl.startswith("Warning")]
 
 
 def plastimatch_masks(rtstruct: Path, ct_folder: Path, out: Path, grid: Grid, xor: bool = False

@@ -42,7 +42,7 @@ def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(pr
     bundle = load_model_folder(out / "model")
     spec = bundle.spec
     assert spec["mode"] == "3d" and spec["patch_size"] == [32, 32, 16]
-    assert spec["class_values"] == [0, 1, 2, 5] and [l["name"] for l in spec["labels"]] == ["liver", "spleen",
+    assert spec["class_values"] == [0, 1, 2, 5] and [lbl["name"] for lbl in spec["labels"]] == ["liver", "spleen",
                                                                                              "kidney"]
     assert spec["plan"]["target_spacing"] == [5.0, 5.0, 5.0]
     assert set(spec["folds"][0]["val_dice"]) == {"liver", "spleen", "kidney"}

@@ -165,7 +165,7 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
             outcomes.append(outcome)
             progress.update()
     headers = []
-    for path, outcome in zip(paths, outcomes):
+    for outcome in outcomes:
         if isinstance(outcome, SkippedFile):
             result.skipped.append(outcome)
         else:

@@ -115,7 +115,8 @@ def write_comparison_csv(comparison: list[dict], path: str | Path) -> None:
 
 
 def write_comparison(comparison: list[dict], folder: str | Path, run_a: str | Path, run_b: str | Path) -> None:
-    """Write ``comparison.csv``, ``comparison.json`` (with the two runs named) and ``comparison.txt`` into ``folder``."""
+    """Write ``comparison.csv``, ``comparison.json`` (with the two runs named) and ``comparison.txt`` in ``folder``.
+    """
     folder = Path(folder)
     write_comparison_csv(comparison, folder / "comparison.csv")
     atomic.write_json(folder / "comparison.json", _strict_json(

@@ -40,7 +40,7 @@ def volume_ranges(options) -> dict[str, tuple[float, float]]:
             low, high = (float(v) for v in bounds.split(":", 1))
         except ValueError:
             raise ConfigError(f"predict.report.volume_range_ml entries must look like 'name=min:max' (mL), got "
-                              f"{entry!r}. Example: 'liver=800:3500'.")
+                              f"{entry!r}. Example: 'liver=800:3500'.") from None
         ranges[name.strip()] = (low, high)
     if len(options.default_volume_range_ml) != 2:
         raise ConfigError(f"predict.report.default_volume_range_ml must be [min, max] in mL, got "
@@ -299,7 +299,8 @@ def _case_section(folder: Path, row, label_names: list[str], colors: list) -> st
              "<div class='case-body'>"]
     if volumes:
         lines.append("<table class='volumes'><tr><th>label</th><th>mL</th></tr>" + "".join(
-            f"<tr><td>{_swatch(color)}{html.escape(name)}</td><td>{volumes.get(name, {}).get('volume_ml', '')}</td></tr>"
+            f"<tr><td>{_swatch(color)}{html.escape(name)}</td>"
+            f"<td>{volumes.get(name, {}).get('volume_ml', '')}</td></tr>"
             for name, color in zip(label_names, colors)) + "</table>")
     notes = [f"<div class='failed'>{html.escape(row.error)}</div>"] if row.error else []
     notes += [f"<div class='warn'>{html.escape(w)}</div>" for w in row.warnings]

@@ -893,7 +893,8 @@ def rewrite_report(output_dir: Path) -> dict:
                    "exit_code": EXIT_SOME_FAILED if failed else EXIT_OK, "counts": _batch_counts(rows),
                    "cases": _case_entries(rows),
                    "needs_review": [row.case_id for row in trust.review_order(rows)
-                                    if trust.case_trust(row).get("needs_review")], "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
+                                    if trust.case_trust(row).get("needs_review")],
+                   "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
     summary = {**trust.review_summary(rows), **reporting.summary_block(
         rows, model_dir, str(report.get("device", "")), 0.0, report.get("skipped_inputs"))}
     _write_reports(output_dir, report, rows, summary, legend)

@@ -40,7 +40,7 @@ def training_cases(ingest_dir: Path) -> tuple[list[TrainingCase], list[dict]]:
         raise InputError(f"{path} must list at least one training case with a label, got none. Give the "
                          f"dataset labelled cases with role 'train' (labelsTr/ or 'label:' in dataset.yaml).")
     labels = manifest.get("labels") or []
-    if not any(int(l["value"]) != 0 for l in labels):
+    if not any(int(lbl["value"]) != 0 for lbl in labels):
         raise InputError(f"{path} must describe at least one foreground label (value > 0), got {labels}. "
                          f"List the label names and values under 'labels:' in dataset.yaml.")
     return cases, labels
@@ -61,7 +61,7 @@ def run_preprocess(cfg: Config, force: bool = False) -> dict:
         return {"stage": "preprocess", "status": "up_to_date", "folder": str(out)}
 
     cases, labels = training_cases(ingest_dir)
-    allowed = {int(l["value"]) for l in labels} | {0}
+    allowed = {int(lbl["value"]) for lbl in labels} | {0}
     fingerprint = _fingerprint(cases, labels, allowed, cfg, run)
     plan = make_plan(fingerprint, cfg)
     atomic.write_json(out / "fingerprint.json", fingerprint)
@@ -142,8 +142,8 @@ def _cache_case(case: TrainingCase, plan: dict, allowed: set[int], cfg: Config, 
         lookup[value] = index
     classes = lookup[prepare_label(label, prepared.grid).astype(np.int64)]
     counts = np.bincount(classes.ravel(), minlength=len(plan["class_values"]))
-    missing = [l["name"] for l, c in zip(plan["labels"], counts[1:]) if c == 0 and
-               int(np.count_nonzero(label.array == l["value"]))]
+    missing = [lbl["name"] for lbl, c in zip(plan["labels"], counts[1:]) if c == 0 and
+               int(np.count_nonzero(label.array == lbl["value"]))]
     if missing:
         record.warnings.append(f"labels {missing} vanish at the target spacing {plan['target_spacing']} mm "
                                f"(too small); consider a finer preprocess.target_spacing")

@@ -249,7 +249,8 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
         "context_slices": sampling.context_slices,
         "patch_size": sampling.patch_size,
         "plan": plan,
-        "labels": [{"name": l["name"], "value": l["value"], "color": l["color"], **codes_json(l)} for l in plan["labels"]],
+        "labels": [{"name": lbl["name"], "value": lbl["value"], "color": lbl["color"], **codes_json(lbl)}
+                   for lbl in plan["labels"]],
         "class_values": plan["class_values"],
         "folds": folds,
         "training": {"max_steps": cfg.train.max_steps, "seed": cfg.seed, "stage_hash": stage_hash,

@@ -69,7 +69,7 @@ def oracle_predictor(target_spacing, num_classes: int = 4, patch=(32, 32, 32)) -
     spec = {"format": "ctseg-model/1", "mode": "3d", "patch_size": list(patch), "plan": plan,
             "network": {"name": "oracle", "spatial_dims": 3, "in_channels": 1, "out_channels": num_classes},
             "labels": LABELS[:num_classes - 1], "folds": []}
-    labels = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS[:num_classes - 1]]
+    labels = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS[:num_classes - 1]]
     return Predictor(folder=Path("oracle"), spec=spec, spec_sha256="0" * 64,
                      networks=[IntensityOracle(num_classes, step).eval()], class_values=list(range(num_classes)),
                      labels=labels, device=torch.device("cpu"), optimisation={})
