@@ -43,13 +43,13 @@ import datetime as _dt
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, RTStructureSetStorage, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from pipeline import atomic
 from pipeline.geometry import Grid, lps_to_ras
@@ -67,7 +67,7 @@ class Roi:
     value: int
     name: str
     color: tuple[int, int, int]
-    concept: object = None  # pipeline.labels.codes.Concept; None: no codes, RT type ORGAN
+    concept: Any = None  # pipeline.labels.codes.Concept; None: no codes, RT type ORGAN
 
 
 @dataclass
@@ -135,16 +135,16 @@ def voxel_edge_contours(plane: np.ndarray, holes: str = "keyhole") -> list[np.nd
     # directed boundary edges between corner points (a, b) of the padded grid, inside on the left;
     # pixel (p, q) has corners (p, q), (p + 1, q), (p + 1, q + 1), (p, q + 1)
     starts, ends = [], []
-    for dp, dq, start, end in ((0, -1, (0, 0), (1, 0)), (1, 0, (1, 0), (1, 1)),
-                               (0, 1, (1, 1), (0, 1)), (-1, 0, (0, 1), (0, 0))):
+    for dp, dq, corner_a, corner_b in ((0, -1, (0, 0), (1, 0)), (1, 0, (1, 0), (1, 1)),
+                                       (0, 1, (1, 1), (0, 1)), (-1, 0, (0, 1), (0, 0))):
         open_side = ~np.roll(padded, (-dp, -dq), axis=(0, 1))
         if dp == 1:
             open_side |= walls[1:]
         elif dp == -1:
             open_side |= walls[:-1]
         p, q = np.nonzero(padded & open_side)
-        starts.append(np.c_[p + start[0], q + start[1]])
-        ends.append(np.c_[p + end[0], q + end[1]])
+        starts.append(np.c_[p + corner_a[0], q + corner_a[1]])
+        ends.append(np.c_[p + corner_b[0], q + corner_b[1]])
     start = np.concatenate(starts)
     end = np.concatenate(ends)
     if not len(start):
@@ -379,7 +379,7 @@ def rtstruct_dataset(labels: np.ndarray, grid: Grid, rois: list[Roi], source: So
     dataset.ReferencedFrameOfReferenceSequence = Sequence([frame_item])
 
     roi_items, contour_items, observation_items = [], [], []
-    summary = {"rois": [], "contours": 0, "points": 0, "unreferenced_contours": 0, "corrected": corrected}
+    summary: dict[str, Any] = {"rois": [], "contours": 0, "points": 0, "unreferenced_contours": 0, "corrected": corrected}
     for number, roi in enumerate(rois, start=1):
         item = Dataset()
         item.ROINumber = number

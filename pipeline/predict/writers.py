@@ -27,7 +27,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -236,7 +236,7 @@ def source_image_order(series, grid: Grid, case_id: str, what: str = "a DICOM SE
     return order
 
 
-def _single_frame_order(series, grid: Grid, case_id: str, what: str) -> list[tuple[object, int]]:
+def _single_frame_order(series, grid: Grid, case_id: str, what: str) -> list[tuple[Any, int]]:
     order = source_image_order(series, grid, case_id, what)
     if any(getattr(s, "frame", None) is not None for s, _ in order):
         raise CaseError(case_id, f"{what} is written for single-frame source images only, got a multi-frame "

@@ -106,8 +106,8 @@ def _fingerprint(cases: list[TrainingCase], labels: list[dict], allowed: set[int
                 failed.append(CaseRecord(id=case.id, status="failed", error=str(exc), hash=run.hash))
             progress.update()
     if failed:  # every bad case is reported at once, before anything is cached or trained
-        for record in failed:
-            run.records[record.id] = record
+        for failure in failed:
+            run.records[failure.id] = failure
         run.finish(complete=False)
         raise _bad_cases_error(failed)
     return {"cases": records, "labels": labels,
