@@ -178,7 +178,8 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
                 if case.previous is not None:
                     entry, rows = relabel_case(cfg, dataset, case, out, record)
                 else:
-                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy, ahead.reader(case))
+                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy, ahead.reader(case),
+                                              ahead.structure_sets(case))
                 record.extra["manifest"] = entry
                 manifest_cases.append(entry)
                 inventory.extend(rows)
@@ -395,18 +396,21 @@ def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> 
 # ---------------------------------------------------------------------------------------------
 
 class ImagePrefetch:
-    """Decode the next case's image in a background thread while the current case is rasterised and written.
+    """Decode the next case's image, and parse its RTSTRUCTs, in a background thread while the current case is
+    rasterised and written.
 
     Both cores stay busy across cases: pixel decoding (file reads, pydicom) overlaps with the gzip and
     fsync of the previous case's NIfTI files, which release the GIL. At most one image is read ahead, and
     only when it fits :data:`PREFETCH_BUDGET_BYTES` (estimated from the scanned headers), so the memory
     held is at most two images. The result is exactly what :func:`_read_image` returns in the main
-    thread (the same function runs); its exceptions surface in the case they belong to.
+    thread (the same function runs); its exceptions surface in the case they belong to. An RTSTRUCT is
+    still parsed once (here instead of in the case) and rasterised once, in the case.
     """
 
     def __init__(self, cfg: Config, privacy: PathPrivacy):
         self.cfg, self.privacy = cfg, privacy
         self.futures: dict[str, object] = {}
+        self.parsed: dict[str, dict[Path, object]] = {}
         self.pool = None
 
     def __enter__(self) -> "ImagePrefetch":
@@ -414,7 +418,7 @@ class ImagePrefetch:
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
-            for future in self.futures.values():
+            for future in [*self.futures.values(), *(f for d in self.parsed.values() for f in d.values())]:
                 future.cancel()
             self.pool.shutdown(wait=True)
 
@@ -430,6 +434,10 @@ class ImagePrefetch:
 
                 self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-prefetch")
             self.futures[case.id] = self.pool.submit(_read_image, self.cfg, case, self.privacy)
+            from pipeline.labels import rtstruct
+
+            self.parsed[case.id] = {obj.path: self.pool.submit(rtstruct.read_rtstruct, obj.path)
+                                    for obj in case.label_objects if obj.modality == "RTSTRUCT"}
 
     def reader(self, case: CaseSource) -> Callable:
         """The image reader for ``case``: its prefetched result, or :func:`_read_image` when none was started."""
@@ -438,17 +446,22 @@ class ImagePrefetch:
             return _read_image
         return lambda *_args: future.result()
 
+    def structure_sets(self, case: CaseSource) -> dict[Path, Callable]:
+        """``{RTSTRUCT path: () -> its parsed ROIs}`` for the RTSTRUCTs of ``case`` parsed ahead (may be empty)."""
+        return {path: future.result for path, future in self.parsed.pop(case.id, {}).items()}
+
 
 # the image read ahead (int16/float32 voxels, estimated at 4 bytes each) may use at most this much memory
 PREFETCH_BUDGET_BYTES = 1 << 30
 
 
 def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record,
-                privacy: PathPrivacy | None = None, read_image: Callable | None = None
-                ) -> tuple[dict, list[Structure]]:
+                privacy: PathPrivacy | None = None, read_image: Callable | None = None,
+                parsed: dict[Path, Callable] | None = None) -> tuple[dict, list[Structure]]:
     """Read one case's image and labels and write them; returns its manifest entry and inventory rows.
 
-    ``read_image``: a stand-in for :func:`_read_image` with its signature (the prefetched result).
+    ``read_image``: a stand-in for :func:`_read_image` with its signature (the prefetched result);
+    ``parsed``: RTSTRUCTs already parsed, by path (see :func:`pipeline.labels.structures.read_structures`).
     """
     from pipeline.labels.structures import read_structures, write_case_structures
 
@@ -465,7 +478,7 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
         objects = case.label_objects or _dicom_label_objects(case.label_path)
         label = None
         if objects:
-            found = read_structures(case.id, objects, image.grid, warnings)
+            found = read_structures(case.id, objects, image.grid, warnings, parsed)
             rows, masks = write_case_structures(out, case.id, found, image.grid, cfg.ingest.compresslevel)
             if dataset is not None:
                 image_warnings = list(warnings)
