@@ -21,6 +21,8 @@ The machine may be shared with other jobs; the JSON records the load average bef
 Whole-export mode (``--whole-export``): whole processes, ``python -m pipeline ingest EXPORT --output OUT``
 against ``dcm2niix -z y -b n -o OUT EXPORT``, alternated run by run, medians and their ratio. Exports:
 
+dcm2niix gets ``-f %j`` (files named by SeriesInstanceUID) so that no output overwrites another.
+
 - ``sts_ct``: the shared 20-patient sarcoma export as it is (CT, MR, PET, RTSTRUCTs, README and NIfTI files
   mixed in), ours with ``--set dataset=datasets/sts_ct/dataset.yaml``. dcm2niix converts the MR and PET series
   too, which ours skips after reading their headers.
@@ -194,7 +196,9 @@ def run_dcm2niix_process(export: Path, output: Path) -> dict:
     import dcm2niix
 
     start = time.perf_counter()
-    subprocess.run([str(dcm2niix.bin), "-z", "y", "-b", "n", "-o", str(output), str(export)],
+    # -f %j (SeriesInstanceUID): one file per series; its default name (folder, description, time, series
+    # number) repeats across patients, and after suffixes a..z dcm2niix overwrites instead of writing
+    subprocess.run([str(dcm2niix.bin), "-z", "y", "-b", "n", "-f", "%j", "-o", str(output), str(export)],
                    check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return {"seconds": time.perf_counter() - start, "volumes": len(list(output.rglob("*.nii.gz")))}
 
