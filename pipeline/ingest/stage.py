@@ -164,8 +164,9 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
         cases, scan_summary = discover_cases(cfg, dataset, source, out, privacy)
         run.extra["scan"] = scan_summary
     manifest_cases, inventory = [], []
-    with Progress(len(cases), "ingest: cases", unit="case") as progress:
-        for case in cases:
+    with Progress(len(cases), "ingest: cases", unit="case") as progress, ImagePrefetch(cfg, privacy) as ahead:
+        for index, case in enumerate(cases):
+            ahead.start([c for c in cases[index + 1:index + 2] if c.previous is None and not run.is_case_done(c.id)])
             inputs = {"image": privacy.describe(case.image_path), "label": privacy.describe(case.label_path),
                       "label_objects": [o.object_id for o in case.label_objects]}
             with run.case(case.id, inputs) as record:
@@ -178,7 +179,8 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
                 if case.previous is not None:
                     entry, rows = relabel_case(cfg, dataset, case, out, record)
                 else:
-                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy)
+                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy, ahead.reader(case),
+                                              ahead.structure_sets(case))
                 record.extra["manifest"] = entry
                 manifest_cases.append(entry)
                 inventory.extend(rows)
@@ -393,9 +395,74 @@ def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> 
 # One case
 # ---------------------------------------------------------------------------------------------
 
+class ImagePrefetch:
+    """Decode the next case's image, and parse its RTSTRUCTs, in a background thread while the current case is
+    rasterised and written.
+
+    Both cores stay busy across cases: pixel decoding (file reads, pydicom) overlaps with the gzip and
+    fsync of the previous case's NIfTI files, which release the GIL. At most one image is read ahead, and
+    only when it fits :data:`PREFETCH_BUDGET_BYTES` (estimated from the scanned headers), so the memory
+    held is at most two images. The result is exactly what :func:`_read_image` returns in the main
+    thread (the same function runs); its exceptions surface in the case they belong to. An RTSTRUCT is
+    still parsed once (here instead of in the case) and rasterised once, in the case.
+    """
+
+    def __init__(self, cfg: Config, privacy: PathPrivacy):
+        self.cfg, self.privacy = cfg, privacy
+        self.futures: dict[str, object] = {}
+        self.parsed: dict[str, dict[Path, object]] = {}
+        self.pool = None
+
+    def __enter__(self) -> "ImagePrefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            for future in [*self.futures.values(), *(f for d in self.parsed.values() for f in d.values())]:
+                future.cancel()
+            self.pool.shutdown(wait=True)
+
+    def start(self, cases: list[CaseSource]) -> None:
+        for case in cases:
+            series = case.series
+            if case.id in self.futures or series is None or not getattr(series, "slices", None):
+                continue  # volume files and explicit folders are read in the case itself
+            if series.slice_count * series.rows * series.columns * 4 > PREFETCH_BUDGET_BYTES:
+                continue
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-prefetch")
+            self.futures[case.id] = self.pool.submit(_read_image, self.cfg, case, self.privacy)
+            from pipeline.labels import rtstruct
+
+            self.parsed[case.id] = {obj.path: self.pool.submit(rtstruct.read_rtstruct, obj.path)
+                                    for obj in case.label_objects if obj.modality == "RTSTRUCT"}
+
+    def reader(self, case: CaseSource) -> Callable:
+        """The image reader for ``case``: its prefetched result, or :func:`_read_image` when none was started."""
+        future = self.futures.pop(case.id, None)
+        if future is None:
+            return _read_image
+        return lambda *_args: future.result()
+
+    def structure_sets(self, case: CaseSource) -> dict[Path, Callable]:
+        """``{RTSTRUCT path: () -> its parsed ROIs}`` for the RTSTRUCTs of ``case`` parsed ahead (may be empty)."""
+        return {path: future.result for path, future in self.parsed.pop(case.id, {}).items()}
+
+
+# the image read ahead (int16/float32 voxels, estimated at 4 bytes each) may use at most this much memory
+PREFETCH_BUDGET_BYTES = 1 << 30
+
+
 def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record,
-                privacy: PathPrivacy | None = None) -> tuple[dict, list[Structure]]:
-    """Read one case's image and labels and write them; returns its manifest entry and inventory rows."""
+                privacy: PathPrivacy | None = None, read_image: Callable | None = None,
+                parsed: dict[Path, Callable] | None = None) -> tuple[dict, list[Structure]]:
+    """Read one case's image and labels and write them; returns its manifest entry and inventory rows.
+
+    ``read_image``: a stand-in for :func:`_read_image` with its signature (the prefetched result);
+    ``parsed``: RTSTRUCTs already parsed, by path (see :func:`pipeline.labels.structures.read_structures`).
+    """
     from pipeline.labels.structures import read_structures, write_case_structures
 
     privacy = privacy or PathPrivacy([], True)
@@ -403,7 +470,7 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
     left_out = None
     objects: list[LabelObject] = []
     try:
-        image, provenance, warnings = _read_image(cfg, case, privacy)
+        image, provenance, warnings = (read_image or _read_image)(cfg, case, privacy)
         from pipeline.dicom.plausibility import check_training_volume
 
         warnings += check_training_volume(image, f"case {case.id}", cfg.ingest.plausibility)
@@ -411,7 +478,7 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
         objects = case.label_objects or _dicom_label_objects(case.label_path)
         label = None
         if objects:
-            found = read_structures(case.id, objects, image.grid, warnings)
+            found = read_structures(case.id, objects, image.grid, warnings, parsed)
             rows, masks = write_case_structures(out, case.id, found, image.grid, cfg.ingest.compresslevel)
             if dataset is not None:
                 image_warnings = list(warnings)
