@@ -4,7 +4,7 @@
 
 Payloads are the bytes our writers gzip, from real and synthetic data: a real chest CT as NIfTI
 (``../shared/data/pyradiomics/lung1_image.nrrd``, int16, 512×512×48) and its label map (uint8), and a
-synthetic 512×512×300 phantom CT and its organ labels (pipeline.phantoms). For each payload, every
+synthetic 512×512×300 phantom CT and its organ labels (pipeline.synthetic.phantoms). For each payload, every
 variant is timed interleaved (zlib level 1 | ISA-L level 0, 1, 2), on 1 thread and on the default
 thread count; the output is checked to be a standard gzip stream (``gzip.decompress`` gives the
 payload back) and the JSON holds seconds, MB/s, compressed size, and the ratios against zlib level 1.
@@ -32,7 +32,7 @@ def payloads() -> dict[str, bytes]:
     import numpy as np
 
     from pipeline.geometry import Volume
-    from pipeline.phantoms import PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
     from pipeline.volume_io import load_volume
 
     def nifti_bytes(volume, dtype) -> bytes:

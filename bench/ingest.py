@@ -17,6 +17,24 @@ except the PixelPaddingValue pixels, which dcm2niix keeps as stored and we map t
 The machine may be shared with other jobs; the JSON records the load average before and after.
 
     python bench/ingest.py --output bench/results/ingest.json [--quick]
+
+Whole-export mode (``--whole-export``): whole processes, ``python -m pipeline ingest EXPORT --output OUT``
+against ``dcm2niix -z y -b n -o OUT EXPORT``, alternated run by run, medians and their ratio. Exports:
+
+dcm2niix gets ``-f %j`` (files named by SeriesInstanceUID) so that no output overwrites another.
+
+- ``sts_ct``: the shared 20-patient sarcoma export as it is (CT, MR, PET, RTSTRUCTs, README and NIfTI files
+  mixed in), ours with ``--set dataset=datasets/sts_ct/dataset.yaml``. dcm2niix converts the MR and PET series
+  too, which ours skips after reading their headers.
+- ``sts_ct_ct_rtstruct`` / ``sts_ct_images``: the same export seen through symlinks to its CT slices and
+  RTSTRUCTs only / to its CT slices only, so that both tools convert the same files; the second has no
+  RTSTRUCT to rasterise (images alone).
+- ``synthetic_N``: N patients (``--patients``, default 50), each a 192×192×64 CT series written with
+  pipeline.synthetic.dicom plus an RTSTRUCT of two ROIs (BODY with a hole, TUMOUR), ingested without a
+  dataset (every structure rasterised into its own mask and the inventory); ``synthetic_N_images`` is the CT
+  alone.
+
+    python bench/ingest.py --whole-export --output bench/results/ingest_export.json [--patients 50] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -91,7 +109,7 @@ def run_simpleitk(folder: Path, output: Path) -> dict:
 
 def write_synthetic_series(folder: Path, slices: int) -> None:
     """A CT-like 512×512×slices int16 series (0.8×0.8×1.25 mm), one file per slice."""
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     rng = np.random.default_rng(0)
     x, y = np.meshgrid(np.arange(512) - 255.5, np.arange(512) - 255.5, indexing="ij")
@@ -153,13 +171,139 @@ def bench_case(name: str, folder: Path, repeats: int, workers: int, scratch: Pat
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Whole exports, whole processes
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+STS_CT = SHARED_DATA / "sts_ct"
+
+
+def run_ours_process(export: Path, output: Path, dataset: Path | None) -> dict:
+    command = [sys.executable, "-m", "pipeline", "ingest", str(export), "--output", str(output)]
+    if dataset is not None:
+        command += ["--set", f"dataset={dataset}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"ctseg ingest exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+    return {"seconds": seconds, "volumes": len(list(output.rglob("*.nii.gz")))}
+
+
+def run_dcm2niix_process(export: Path, output: Path) -> dict:
+    import dcm2niix
+
+    start = time.perf_counter()
+    # -f %j (SeriesInstanceUID): one file per series; its default name (folder, description, time, series
+    # number) repeats across patients, and after suffixes a..z dcm2niix overwrites instead of writing
+    subprocess.run([str(dcm2niix.bin), "-z", "y", "-b", "n", "-f", "%j", "-o", str(output), str(export)],
+                   check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return {"seconds": time.perf_counter() - start, "volumes": len(list(output.rglob("*.nii.gz")))}
+
+
+def link_view(files: list[Path], view: Path, root: Path) -> Path:
+    """A folder of symlinks to ``files`` (same relative layout under ``root``): both tools read the same files."""
+    for path in files:
+        target = view / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+    return view
+
+
+def write_synthetic_export(root: Path, patients: int) -> None:
+    """``patients`` folders, each a 192×192×64 CT series and an RTSTRUCT (BODY with a hole, TUMOUR)."""
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series, write_rtstruct
+
+    rng = np.random.default_rng(1)
+    n, slices = 192, 64
+    x, y, z = np.meshgrid(np.arange(n) - 95.5, np.arange(n) - 95.5, np.arange(slices) - 31.5, indexing="ij")
+    for p in range(patients):
+        a, b = 80 + 6 * rng.random(), 55 + 6 * rng.random()
+        body = (x / a) ** 2 + (y / b) ** 2 < 1
+        tumour = ((x - 20) / 14) ** 2 + ((y + 5) / 11) ** 2 + ((z - 3 * rng.random()) / 12) ** 2 < 1
+        image = np.where(body, 30, -1000) + np.where(tumour, 25, 0) + rng.normal(0, 10, body.shape)
+        affine = np.diag([-1.1, -1.1, 2.5, 1.0])
+        affine[:3, 3] = [105.0, 105.0, -80.0 + 3 * p]
+        patient = f"SYN{p:03d}"
+        files = write_ct_series(Volume(np.rint(image).astype(np.int16), affine), root / patient / "ct",
+                                SeriesWriteOptions(patient_id=patient, patient_name=f"BENCH^{patient}",
+                                                   series_description="BENCH EXPORT"))
+        labels = np.where(tumour, 2, np.where(body, 1, 0)).astype(np.uint8)
+        write_rtstruct(Volume(labels, affine), files, root / patient / "rs" / "RS.dcm", {1: "BODY", 2: "TUMOUR"})
+
+
+def bench_export(name: str, export: Path, dataset: Path | None, repeats: int, scratch: Path) -> dict:
+    runs: dict[str, list[dict]] = {"ours": [], "dcm2niix": []}
+    for repeat in range(repeats):
+        for tool in (("ours", "dcm2niix") if repeat % 2 == 0 else ("dcm2niix", "ours")):  # alternated
+            out = scratch / f"{name}-{tool}-{repeat}"
+            out.mkdir(parents=True)
+            runs[tool].append(run_ours_process(export, out, dataset) if tool == "ours"
+                              else run_dcm2niix_process(export, out))
+            shutil.rmtree(out, ignore_errors=True)
+    result: dict = {"name": name, "files": sum(1 for p in export.rglob("*") if p.is_file())}
+    for tool, tool_runs in runs.items():
+        seconds = [r["seconds"] for r in tool_runs]
+        result[tool] = {"median_s": round(statistics.median(seconds), 3), "min_s": round(min(seconds), 3),
+                        "runs_s": [round(s, 3) for s in seconds], "nifti_files": tool_runs[0]["volumes"]}
+    result["ratio_ours_to_dcm2niix_median"] = round(result["ours"]["median_s"] / result["dcm2niix"]["median_s"], 3)
+    result["ratio_ours_to_dcm2niix_min"] = round(result["ours"]["min_s"] / result["dcm2niix"]["min_s"], 3)
+    print(f"{name}: ours {result['ours']['median_s']} s, dcm2niix {result['dcm2niix']['median_s']} s, "
+          f"ratio {result['ratio_ours_to_dcm2niix_median']}", flush=True)
+    return result
+
+
+def whole_export(args) -> dict:
+    report = {"benchmark": "whole export -> .nii.gz, whole processes (s): ctseg ingest vs dcm2niix -z y -b n",
+              "timing_method": "one process per run, tools alternated run by run; medians and their ratio",
+              "load_average_before": [round(v, 2) for v in os.getloadavg()], "repeats": args.repeats or 3,
+              "exports": []}
+    repeats = report["repeats"]
+    with tempfile.TemporaryDirectory(prefix="ctseg-bench-export-") as temp:
+        scratch = Path(temp)
+        if STS_CT.is_dir():
+            ct = sorted(STS_CT.glob("*/CT/image/*.dcm"))
+            rs = sorted(STS_CT.glob("*/CT/mask/*.dcm"))
+            dataset = REPO / "datasets" / "sts_ct" / "dataset.yaml"
+            if "sts_ct" in args.exports:
+                report["exports"].append(bench_export("sts_ct", STS_CT, dataset, repeats, scratch / "runs"))
+            if "sts_ct_views" in args.exports:
+                view = link_view(ct + rs, scratch / "sts_ct_ct_rtstruct", STS_CT)
+                report["exports"].append(bench_export("sts_ct_ct_rtstruct", view, dataset, repeats, scratch / "runs"))
+                view = link_view(ct, scratch / "sts_ct_images", STS_CT)
+                report["exports"].append(bench_export("sts_ct_images", view, None, repeats, scratch / "runs"))
+        else:
+            report["sts_ct"] = f"skipped: {STS_CT} not found"
+        if "synthetic" in args.exports:
+            synthetic = scratch / "synthetic"
+            start = time.perf_counter()
+            write_synthetic_export(synthetic, args.patients)
+            report["synthetic_write_s"] = round(time.perf_counter() - start, 2)
+            name = f"synthetic_{args.patients}"
+            report["exports"].append(bench_export(name, synthetic, None, repeats, scratch / "runs"))
+            view = link_view(sorted(synthetic.glob("*/ct/*")), scratch / "synthetic_images", synthetic)
+            report["exports"].append(bench_export(f"{name}_images", view, None, repeats, scratch / "runs"))
+    report["machine"] = machine_info(report.pop("load_average_before"))
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--quick", action="store_true", help="100 synthetic slices and one repeat")
     parser.add_argument("--repeats", type=int, default=None, help="runs per tool (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="threads for our header scan, decode and gzip")
+    parser.add_argument("--whole-export", action="store_true",
+                        help="whole exports as whole processes (sts_ct and a synthetic CT+RTSTRUCT export)")
+    parser.add_argument("--patients", type=int, default=50, help="patients in the synthetic whole export")
+    parser.add_argument("--exports", nargs="+", default=["sts_ct", "sts_ct_views", "synthetic"],
+                        choices=["sts_ct", "sts_ct_views", "synthetic"], help="which whole exports to time")
     args = parser.parse_args(argv)
+    if args.whole_export:
+        atomic.write_json(args.output, whole_export(args))
+        return 0
     repeats = args.repeats or (1 if args.quick else 3)
     slices = 100 if args.quick else 400
     report = {

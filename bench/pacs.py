@@ -37,7 +37,7 @@ from pipeline import atomic  # noqa: E402
 
 
 def write_series(folder: Path, slices: int) -> list[Path]:
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
     from pipeline.geometry import Volume
 
     rng = np.random.default_rng(0)

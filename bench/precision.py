@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     from bench_machine import machine_info
 
-    from pipeline.models.loader import read_model_spec
+    from pipeline.models.folder import read_model_spec
     from pipeline.precision import cpu_model_name, probe
 
     import torch

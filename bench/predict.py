@@ -85,7 +85,7 @@ def trained_model(threads: int = 0) -> Path:
 
     from pipeline import api
     from pipeline.config import load_config
-    from pipeline.phantoms import PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
     from pipeline.volume_io import save_nifti
 
     key = hashlib.sha256(json.dumps([TRAINING, NETWORK, TARGET_SPACING, WINDOW], sort_keys=True).encode())
@@ -282,7 +282,7 @@ def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300)
 
     import shutil
 
-    from pipeline.phantoms import PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
     from pipeline.volume_io import save_nifti
 
     image_path = work / "input" / "bench_0000.nii.gz"
@@ -305,8 +305,10 @@ def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300)
     (work / "model_no_crop" / "model.json").write_text(json.dumps(spec, indent=2))
     plan = spec["plan"]
     return {"shape": [shape, shape, slices], "spacing_mm": [spacing, spacing, 1.0], "dtype": "int16",
-            "generator": "pipeline.phantoms.make_phantom(seed=7)",
-            "labels": {l["value"]: l["name"] for l in spec["labels"]}, "plan": plan, "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}
+            "generator": "pipeline.synthetic.phantoms.make_phantom(seed=7)",
+            "labels": {lbl["value"]: lbl["name"] for lbl in spec["labels"]}, "plan": plan,
+            "model": {"folder": str(model), "training": spec["training"], "validation_dice": spec["folds"][0]["val_dice"],
+                      "trained_patch_size": json.loads((model / "model.json").read_text())["patch_size"]}, "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}
 
 
 def run_variant(work: Path, variant: str, repeat: int = 0) -> dict:
@@ -343,7 +345,7 @@ def compare_outputs(work: Path, ours: dict, reference: dict) -> dict:
         total = int(x.sum()) + int(y.sum())
         return 1.0 if total == 0 else round(2.0 * int(np.logical_and(x, y).sum()) / total, 5)
 
-    names = {l["value"]: l["name"] for l in model_spec(work)["labels"]}
+    names = {lbl["value"]: lbl["name"] for lbl in model_spec(work)["labels"]}
     return {
         "dice_ours_vs_reference": {names[v]: dice(a == v, b == v) for v in names},
         "voxels_per_label_ours": {names[v]: int((a == v).sum()) for v in names},
@@ -513,8 +515,7 @@ def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load
                                    "others": "comparison.by_precision: ours forced to each precision, one run"}},
         "weights": {"trained": "by ctseg (ingest, preprocess, train) on synthetic phantoms, see trained_model in "
                                "this file; cached under bench/results/predict_model/",
-                    "training_settings": TRAINING, "training": model_spec(Path(ours["output"]).parents[1])["training"],
-                    "validation_dice": model_spec(Path(ours["output"]).parents[1])["folds"][0]["val_dice"]},
+                    "training_settings": TRAINING, **inputs["model"]},
         "ours": ours,
         "ours_all_outputs": ours_all,
         "reference": reference,

@@ -2,7 +2,7 @@
 
 Both sides train the same network (the spleen tutorial's UNet: channels 16-256, strides 2,
 2 residual units, batch norm) on the same data (synthetic abdominal phantoms from
-:mod:`pipeline.phantoms`, written as NIfTI), with the same patch size and batch size (96³ × 2 by
+:mod:`pipeline.synthetic.phantoms`, written as NIfTI), with the same patch size and batch size (96³ × 2 by
 default) and the same target spacing (1.5 × 1.5 × 2 mm) and HU window ([-57, 164]) as the tutorial.
 
 - reference: written the way MONAI's spleen tutorial writes it: ``CacheDataset`` over
@@ -71,8 +71,9 @@ def peak_rss_mb() -> float:
 def write_dataset(root: Path, cases: int) -> list[dict]:
     """Phantom CTs and labels as NIfTI plus an ingest manifest (what 'ctseg ingest' would write)."""
     from pipeline import atomic
+    from pipeline.ingest.manifest import write_manifest
     from pipeline.geometry import Volume
-    from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
     options = PhantomOptions(**PHANTOM)
     from pipeline.volume_io import save_nifti
@@ -91,8 +92,7 @@ def write_dataset(root: Path, cases: int) -> list[dict]:
                         "label": str(label.relative_to(root / "ingest")), "provenance": None})
     labels = [{"name": name, "value": value, "color": [255, 0, 0], "synonyms": []}
               for value, name in LABEL_NAMES.items()]
-    atomic.write_json(root / "ingest" / "manifest.json", {"format": "ctseg-ingest/1", "labels": labels,
-                                                          "cases": entries})
+    write_manifest(root / "ingest", labels, None, entries)
     atomic.write_json(root / "ingest" / "done.json", {"stage": "ingest", "hash": f"bench-{cases}"})
     atomic.write_json(root / "files.json", files)
     return files
@@ -188,7 +188,7 @@ def run_ours(root: Path, args, channels_last: bool | None, precision: str, compi
     runtime = setup_runtime(cfg.train)
     job = FoldJob(fold=0, folder=Path(tempfile.mkdtemp()), options=cfg.train, seed=0, stage_hash="bench",
                   network_spec=spec, sampling=sampling, batch_size=batch_size,
-                  class_names=[l["name"] for l in plan["labels"]], train_cases=cases, val_cases=[], resume=False)
+                  class_names=[lbl["name"] for lbl in plan["labels"]], train_cases=cases, val_cases=[], resume=False)
     trainer = FoldTrainer(job, runtime)
     dataset = PatchDataset(cases, sampling, cfg.train, 0, 0, 0)
     stream = ((images, labels) for _, images, labels in
@@ -302,7 +302,7 @@ def main() -> None:
                            "--workers", str(args.workers), "--threads", str(args.threads), "--device", args.device]
                 print(f"bench/train.py: round {round_index + 1}, {variant} ...", flush=True)
                 done = subprocess.run(command, capture_output=True, text=True)
-                lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+                lines = [lbl for lbl in done.stdout.splitlines() if lbl.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:
                     runs[variant].append({"error": done.stderr.strip().splitlines()[-1:] or ["failed"]})
                 else:

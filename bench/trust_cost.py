@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_machine import machine_info  # noqa: E402
+from bench_machine import machine_info
 
 
 def run_variant(model: Path, listing: Path, overrides: list[str], scratch: Path) -> dict:
@@ -88,6 +88,54 @@ def foreground_worst_case(model: Path, files: list[Path], labels_dir: Path) -> l
     return rows
 
 
+def observer_cost(model: Path, folds: list[int], tta: bool, repeats: int = 16) -> dict:
+    """Seconds of batches of windows through the WindowPredictor with and without the agreement observer.
+
+    Besides the medians with and without (noisy on a shared machine), the observer's own calls are
+    timed inside the same runs: their share of the window time is the figure to trust.
+    """
+    import time
+
+    import torch
+
+    from pipeline.predict import trust
+    from pipeline.predict.inference import WindowPredictor
+    from pipeline.predict.model import load_predictor
+
+    spent = [0.0]
+
+    class Timed(trust.MemberAgreement):
+        def member(self, log_probs):
+            start = time.perf_counter()
+            super().member(log_probs)
+            spent[0] += time.perf_counter() - start
+
+        def ensemble(self, log_probs):
+            start = time.perf_counter()
+            super().ensemble(log_probs)
+            spent[0] += time.perf_counter() - start
+
+    predictor = load_predictor(model, torch.device("cpu"), folds=folds)
+    window = WindowPredictor(predictor, "auto", tta, ["SI"])
+    batch = torch.rand((4, predictor.in_channels, *predictor.patch_size), generator=torch.Generator().manual_seed(0))
+    times = {"without": [], "with": []}
+    with torch.inference_mode():
+        window(batch)
+        for n in range(repeats):
+            for name in (("without", "with") if n % 2 == 0 else ("with", "without")):
+                observer = Timed.attach(window) if name == "with" else None
+                start = time.perf_counter()
+                window(batch)
+                times[name].append(time.perf_counter() - start)
+                if observer is not None:
+                    observer.detach()
+    median = {name: round(statistics.median(values), 4) for name, values in times.items()}
+    return {"members": window.passes_per_window, "batch": list(batch.shape), "median_seconds": median,
+            "ratio_with_vs_without_medians": round(median["with"] / median["without"], 4),
+            "observer_seconds_per_batch": round(spent[0] / repeats, 5),
+            "observer_share_of_window_time": round(spent[0] / sum(times["with"]), 5)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -126,6 +174,8 @@ def main() -> int:
                 print(name, runs[name][-1], flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    observer = observer_cost(args.model, args.folds, args.ensemble_tta)
+    print("observer", observer, flush=True)
     worst = foreground_worst_case(args.model, files, args.labels) if args.labels else []
     median = {name: statistics.median(r["case_seconds"] for r in values) for name, values in runs.items()}
     result = {
@@ -137,6 +187,7 @@ def main() -> int:
         "trust_step_share": round(statistics.median(r["trust_seconds"] for r in runs["ensemble_trust_on"]) /
                                   median["ensemble_trust_on"], 4),
         "ratio_flip_tta_vs_none_one_fold": round(median["one_fold_flip_tta"] / median["one_fold_no_tta"], 3),
+        "observer": observer,
         "foreground_worst_case": worst,
         "worst_case_trust_share": round(sum(r["trust_seconds"] for r in worst) / median["ensemble_trust_on"], 4)
         if worst else None,
@@ -145,7 +196,8 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("median_case_seconds", "ratio_trust_on_vs_off", "trust_step_share",
-                                            "ratio_flip_tta_vs_none_one_fold", "worst_case_trust_share")},
+                                            "ratio_flip_tta_vs_none_one_fold", "worst_case_trust_share",
+                                            "observer")},
                      indent=1))
     return 0
 

@@ -26,8 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_machine import machine_info  # noqa: E402
-
+from bench_machine import machine_info
 
 REAL_INPUTS = ["sts_ct", "totalseg/example_ct.nii.gz", "totalseg/example_ct_dicom", "dcmqi/ct-3slice",
                "pyradiomics/lung1_image.nrrd", "dcm_qa_ct/Philips/S21570"]
@@ -45,10 +44,10 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "trust_familiarity.json")
     parser.add_argument("--shared", type=Path, default=Path("/work/shared/data"))
     args = parser.parse_args()
+    from pipeline import training_fingerprint as tfp
     from pipeline.config import Config
     from pipeline.demo_options import DemoConfig
-    from pipeline import training_fingerprint as tfp
-    from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
     from pipeline.predict.cases import discover_cases, read_case
     from pipeline.preprocess.fingerprint import load_case
     from pipeline.preprocess.stage import training_cases
@@ -101,10 +100,10 @@ def main() -> int:
     ingest_dir = REPO / "outputs" / "sts_ct" / "ingest"
     if (ingest_dir / "manifest.json").is_file():
         cases, sts_labels = training_cases(ingest_dir)
-        allowed = {int(l["value"]) for l in sts_labels} | {0}
+        allowed = {int(lbl["value"]) for lbl in sts_labels} | {0}
         values = sorted(allowed - {0})
         loaded = [load_case(case, allowed) for case in cases]
-        sts_stats = [tfp.case_statistics(i.array, l.array, i.grid, values, threshold) for i, l in loaded]
+        sts_stats = [tfp.case_statistics(i.array, lbl.array, i.grid, values, threshold) for i, lbl in loaded]
         sts_rows = []
         for n, (image, _label) in enumerate(loaded):
             others = tfp.build(sts_stats[:n] + sts_stats[n + 1:], sts_labels)

@@ -22,7 +22,7 @@ log = logging.getLogger("ctseg")
 
 
 def _torchrun_rank_and_world() -> tuple[int, int]:
-    from pipeline.devices import torchrun_env
+    from pipeline.torchrun import torchrun_env  # torch-free: ingest must not import torch
 
     return torchrun_env()[:2]
 

@@ -1,6 +1,7 @@
 """The ``ctseg`` command line: argument parsing over :mod:`pipeline.api`, and nothing else.
 
-Exit codes: 0 ok; 1 runtime error; 2 bad arguments or configuration; 3 (predict) some cases failed.
+Exit codes: 0 ok; 1 runtime error; 2 bad arguments or configuration; 3 (ingest, predict, run) some
+cases failed and the others finished.
 Errors print one line naming the file or case and the fix; ``--debug`` adds the traceback.
 Torch and MONAI are imported only inside the verbs, so ``ctseg --help`` answers at once.
 """

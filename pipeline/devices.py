@@ -28,18 +28,11 @@ import os
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.torchrun import torchrun_env  # noqa: F401 (re-exported: devices.torchrun_env)
 
 log = logging.getLogger("ctseg")
 
 CUBLAS_DETERMINISTIC = ":4096:8"  # one of the two values torch's reproducibility notes name
-
-
-def torchrun_env() -> tuple[int, int, int, int]:
-    """(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them; (0, 1, 0, 1) in a plain process."""
-    def number(name: str, default: int) -> int:
-        text = os.environ.get(name, "").strip()
-        return int(text) if text.isdigit() else default
-    return number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0), number("LOCAL_WORLD_SIZE", 1)
 
 
 def cuda_device_for_rank(setting: str, exclusive: bool) -> torch.device:

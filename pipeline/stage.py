@@ -57,6 +57,14 @@ def versions() -> dict[str, str]:
     return found
 
 
+def report_header(stage: str, folder: Path, run_hash: str, failed: bool, started: float, seconds: float,
+                  device: str) -> dict:
+    """The fields every stage's report.json begins with (one function for all stages, predict included)."""
+    return {"stage": stage, "folder": str(folder), "hash": run_hash, "status": "failed" if failed else "ok",
+            "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 3), "device": device, "versions": versions()}
+
+
 def read_done(stage_dir: Path) -> dict | None:
     path = Path(stage_dir) / DONE_FILE
     if not path.is_file():
@@ -228,14 +236,8 @@ class StageRun:
 
     def report(self) -> dict:
         return {
-            "stage": self.name,
-            "folder": str(self.folder),
-            "hash": self.hash,
-            "status": "failed" if self.failed else "ok",
-            "started": _dt.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
-            "seconds": round(time.time() - self.started, 3),
-            "device": self.device,
-            "versions": versions(),
+            **report_header(self.name, self.folder, self.hash, bool(self.failed), self.started,
+                            time.time() - self.started, self.device),
             "counts": {
                 "cases": len(self.records),
                 "ok": sum(r.status == "ok" for r in self.records.values()),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -84,21 +83,26 @@ def body_hu_fractions(array: np.ndarray, grid: Grid, body_threshold_hu: float) -
 
 def component_counts(labels: np.ndarray, values: list[int]) -> dict[int, int]:
     """Connected components (26-connectivity) of each label value in a label map (0 when absent)."""
+    return {value: len(sizes) for value, sizes in component_sizes(labels, values).items()}
+
+
+def component_sizes(labels: np.ndarray, values: list[int]) -> dict[int, np.ndarray]:
+    """Voxel count of every connected component (26-connectivity) of each label value (empty when absent)."""
     from scipy import ndimage
 
     structure = np.ones((3, 3, 3), dtype=bool)
     top = max(values, default=0)
     boxes = ndimage.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64),
                                  max_label=top)
-    counts = {}
+    sizes = {}
     for value in values:
         box = boxes[value - 1] if 0 < value <= len(boxes) else None
         if box is None:
-            counts[value] = 0
+            sizes[value] = np.zeros(0, dtype=np.int64)
             continue
-        _, count = ndimage.label(labels[box] == value, structure=structure)
-        counts[value] = int(count)
-    return counts
+        components, count = ndimage.label(labels[box] == value, structure=structure)
+        sizes[value] = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    return sizes
 
 
 def grid_fingerprint(grid: Grid) -> dict:
@@ -185,7 +189,7 @@ def write(model_dir: Path, content: dict) -> Path:
     return path
 
 
-def read(model_dir: Path) -> Optional[dict]:
+def read(model_dir: Path) -> dict | None:
     """The model folder's training fingerprint, or None when it has none (a model trained before it existed)."""
     path = Path(model_dir) / FILE
     if not path.is_file():
@@ -214,14 +218,14 @@ def read(model_dir: Path) -> Optional[dict]:
     return content
 
 
-def from_training_cases(cases, labels: list[dict], body_threshold_hu: float, known: Optional[dict] = None) -> dict:
+def from_training_cases(cases, labels: list[dict], body_threshold_hu: float, known: dict | None = None) -> dict:
     """Build the fingerprint of ``cases`` (preprocess TrainingCase entries), reusing ``known`` per-case statistics.
 
     ``known`` maps case id → statistics already computed by preprocess; the others are loaded now.
     """
     from pipeline.preprocess.fingerprint import load_case
 
-    allowed = {int(l["value"]) for l in labels} | {0}
+    allowed = {int(lbl["value"]) for lbl in labels} | {0}
     values = sorted(allowed - {0})
     statistics = []
     for case in cases:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+import types
 import zlib
 from typing import Any
 from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +121,7 @@ def load_grid(path: str | Path) -> Grid:
     return load_volume(path).grid
 
 
-_isal_zlib: Any
+_isal_zlib: types.ModuleType | None
 try:  # ISA-L (PyPI isal): the same deflate format, several times faster than zlib at the fastest levels
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - a platform without an isal wheel falls back to zlib
@@ -145,18 +146,17 @@ def parallel_gzip(data, level: int = 1, threads: int | None = None, chunk_bytes:
 
     The one gzip writer of the project (.nii.gz, .seg.nrrd, probability maps). Each chunk is deflated
     independently (both libraries release the GIL) and all but the last end with a sync flush, so the
-    raw deflate streams concatenate into one valid stream. Levels 0-2 deflate with ISA-L when the
+    raw deflate streams concatenate into one valid stream. Levels 1-2 deflate with ISA-L when the
     ``isal`` package is installed (:func:`gzip_backend`), higher levels and machines without it with zlib.
     """
     threads = threads or min(4, os.cpu_count() or 1)
     view = memoryview(data).cast("B")
     chunks = [view[start:start + chunk_bytes] for start in range(0, len(view), chunk_bytes)] or [view]
     last = len(chunks) - 1
-    library: Any
-    if gzip_backend(level) == "isal":
+    library: types.ModuleType = zlib
+    library_level = level
+    if _isal_zlib is not None and gzip_backend(level) == "isal":
         library, library_level = _isal_zlib, _ISAL_LEVEL[level]
-    else:
-        library, library_level = zlib, level
 
     def deflate(item):
         index, piece = item

@@ -16,3 +16,18 @@ def shared_data() -> Path:
         pytest.skip(f"real-scan data not found at {SHARED_DATA}; these tests need ../shared/data beside the "
                     f"checkout (CI provides it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """An experiment folder with ingest and preprocess done (copied by each test that changes it)."""
+    from helpers.train import TINY, write_ingest_folder
+
+    from pipeline.config import load_config
+    from pipeline.preprocess.stage import run_preprocess
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = load_config([], [f"output_root={root}", "experiment=base", *TINY])
+    write_ingest_folder(cfg.stage_dir("ingest"), n_train=5)
+    run_preprocess(cfg)
+    return root

@@ -6,15 +6,15 @@ import re
 
 import numpy as np
 import yaml
+from helpers.predict import write_small_model
+from helpers.rt_export import write_rt_export
 
 from pipeline import api
 from pipeline.config import load_config
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
-from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import discover_cases
 from pipeline.predict.stage import run_predict
-from test_ingest_structures import write_rt_export
-from test_predict_helpers import write_small_model
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 
 
 def _ingest_ids(out) -> dict[str, str]:

@@ -4,10 +4,9 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Volume, affine_from_parts
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
 
 def ctseg(*args, cwd=None):
@@ -78,3 +77,22 @@ def test_unreadable_file(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     result = ctseg("ingest", tmp_path / "missing", "--output", tmp_path / "out", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_ingest_imports_no_torch_or_monai(tmp_path):
+    """The ingest path (scan, decode, RTSTRUCT rasterisation, NIfTI writes) runs without importing torch or MONAI:
+    their import costs seconds per process, more than a small export's whole conversion."""
+    from pipeline.synthetic.dicom import write_rtstruct
+
+    image = Volume(np.full((24, 20, 12), -1000, np.int16), affine_from_parts(np.eye(3), [1.5, 1.2, 3.0], [5, -7, 2]))
+    image.array[6:18, 5:15, 2:10] = 40
+    files = write_ct_series(image, tmp_path / "export" / "P1" / "ct", SeriesWriteOptions(patient_id="P1"))
+    write_rtstruct(Volume((np.asarray(image.array) > 0).astype(np.uint8), image.affine), files,
+                   tmp_path / "export" / "P1" / "rs" / "RS.dcm", {1: "BODY"})
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.cli; code = pipeline.cli.main(sys.argv[1:]); "
+         "print('torch' in sys.modules, 'monai' in sys.modules, code)",
+         "ingest", str(tmp_path / "export"), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip().splitlines()[-1] == "False False 0", probe.stdout + probe.stderr
+    assert list((tmp_path / "out").rglob("*.nii.gz")), "ingest wrote no volume"

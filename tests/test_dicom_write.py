@@ -6,11 +6,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.dicom.write import (TRANSFER_SYNTAXES, SeriesWriteOptions, encode_jpeg_lossless_sv1, tilted_affine,
-                                  write_ct_series)
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Volume, affine_from_parts, lps_to_ras, resample_to_grid
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.dicom import TRANSFER_SYNTAXES, SeriesWriteOptions, tilted_affine, write_ct_series
+from pipeline.synthetic.jpeg_lossless import encode_jpeg_lossless_sv1
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import sitk_to_volume
 
 SMALL = dict(shape=48, slices=12, inplane_spacing_min=2.0, inplane_spacing_max=2.6, slice_spacing_min=4.0,

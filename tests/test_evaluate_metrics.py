@@ -9,8 +9,14 @@ import torch
 
 from pipeline.errors import CaseError, ConfigError, InputError
 from pipeline.evaluate.grids import check_same_grid
-from pipeline.evaluate.metrics import (ROW_KEYS, MetricOptions, case_metrics, class_boxes, mask_metrics,
-                                       unmatched_components)
+from pipeline.evaluate.metrics import (
+    ROW_KEYS,
+    MetricOptions,
+    case_metrics,
+    class_boxes,
+    mask_metrics,
+    unmatched_components,
+)
 from pipeline.geometry import Grid, affine_from_parts
 
 CLASSES = {1: "organ"}

@@ -12,8 +12,15 @@ from matplotlib.image import imread
 
 from pipeline.errors import InputError
 from pipeline.evaluate.metrics import MetricOptions, case_metrics
-from pipeline.evaluate.report import (format_table, overlay_thumbnails, read_metrics_csv, worst_cases,
-                                      write_evaluation_html, write_metrics_csv, write_summary_json)
+from pipeline.evaluate.report import (
+    format_table,
+    overlay_thumbnails,
+    read_metrics_csv,
+    worst_cases,
+    write_evaluation_html,
+    write_metrics_csv,
+    write_summary_json,
+)
 from pipeline.evaluate.summary import compare_runs, summarise
 from pipeline.geometry import affine_from_parts
 

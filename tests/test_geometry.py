@@ -2,8 +2,16 @@
 import numpy as np
 import pytest
 
-from pipeline.geometry import (Grid, Volume, affine_from_parts, canonical_grid, crop_grid, regrid_spacing,
-                               resample_to_grid, world_to_index)
+from pipeline.geometry import (
+    Grid,
+    Volume,
+    affine_from_parts,
+    canonical_grid,
+    crop_grid,
+    regrid_spacing,
+    resample_to_grid,
+    world_to_index,
+)
 from pipeline.volume_io import load_volume, save_nifti, sitk_to_volume, volume_to_sitk
 
 

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_predict_inference import TinyNet, _predictor
+from helpers.predict import TinyNet, _predictor
 
 from pipeline import devices, precision
 from pipeline.config import Config, load_config
@@ -249,7 +249,7 @@ def test_nondeterministic_kernel_warnings_reach_the_log_once(tmp_path, caplog):
 
         def forward(x):  # what torch warns (warn_only) when CUDA has no deterministic kernel for an op
             warnings.warn("nll_loss2d_forward_out_cuda_template does not have a deterministic implementation, but "
-                          "you set 'torch.use_deterministic_algorithms(True, warn_only=True)'.", UserWarning)
+                          "you set 'torch.use_deterministic_algorithms(True, warn_only=True)'.", UserWarning, stacklevel=2)
             return network(x)
         trainer.model = forward
         images, labels = torch.rand(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 1, 16, 16, 16))

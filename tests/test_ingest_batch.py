@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 from pipeline import api
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.geometry import Volume, affine_from_parts
-from test_dicom_phantoms import phantom_volume, write_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENT = "DOE_JOHN_12345"
@@ -168,3 +168,15 @@ def test_traceback_on_stderr_only_with_debug(tmp_path):
     assert quiet.returncode == loud.returncode == 3
     assert "unexpected HeaderDataError" in quiet.stderr and "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr and "HeaderDataError" in loud.stderr
+
+
+def test_error_texts_lose_the_input_folders(tmp_path):
+    from pipeline.ingest.stage import PathPrivacy
+
+    series = tmp_path / "export" / PATIENT / "CT"
+    series.mkdir(parents=True)
+    privacy = PathPrivacy([tmp_path / "export"], full=False)
+    text = privacy.redact(f"[Errno 5] I/O error: '{series / 'IM0003.dcm'}' while reading {series}.")
+    assert PATIENT not in text and "IM0003.dcm" in text and "<input folder #" in text
+    assert privacy.describe(series / "IM0003.dcm").startswith("IM0003.dcm in input folder #")
+    assert PathPrivacy([tmp_path / "export"], full=True).redact(str(series)) == str(series)

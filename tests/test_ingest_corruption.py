@@ -1,4 +1,4 @@
-"""Seeded DICOM corruption campaign: every damaged series is refused naming the file, corrected and named, or unaffected.
+"""Seeded DICOM corruption campaign: each damaged series is refused naming the file, corrected and named, or unaffected.
 
 Each trial damages one file of a clean series (a bad tag value, truncation, random header bytes) on
 the first, a middle or the last slice, runs the ingest path (scan → select → assemble →
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 from pipeline.dicom.assemble import AssemblyOptions, assemble_series
 from pipeline.dicom.header import read_header
@@ -33,7 +34,6 @@ from pipeline.dicom.plausibility import PlausibilityOptions, check_training_volu
 from pipeline.dicom.scan import scan_export
 from pipeline.dicom.select import SelectionRules, select_series
 from pipeline.errors import InputError
-from test_dicom_phantoms import phantom_volume, write_phantom
 
 SHAPE = (40, 36, 14)
 

@@ -3,8 +3,8 @@ import numpy as np
 
 from pipeline import api
 from pipeline.config import load_config
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Volume, affine_from_parts
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
 
 def _export(root, patient_id, patient_name):

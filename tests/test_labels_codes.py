@@ -8,8 +8,19 @@ from pydicom.sr.codedict import codes as pydicom_codes
 
 from pipeline.dataset import load_dataset
 from pipeline.errors import ConfigError
-from pipeline.labels.codes import (ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, DEFAULTS, LEFT, MASS, RIGHT, TISSUE,
-                                   CodeSpec, default_concept, label_concept, slicer_terminology)
+from pipeline.labels.codes import (
+    ABNORMAL_STRUCTURE,
+    ANATOMICAL_STRUCTURE,
+    DEFAULTS,
+    LEFT,
+    MASS,
+    RIGHT,
+    TISSUE,
+    CodeSpec,
+    default_concept,
+    label_concept,
+    slicer_terminology,
+)
 from pipeline.predict.model import _labels
 
 

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from pipeline.errors import InputError
 from pipeline.geometry import Volume, canonical_grid, resample_to_grid
 from pipeline.labels.labelmap import load_label_map
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import save_nifti, sitk_to_volume
 
 SMALL = dict(shape=40, slices=10, inplane_spacing_min=2.5, inplane_spacing_max=3.0, slice_spacing_min=4.0,

@@ -8,12 +8,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series, write_rtstruct
-from pipeline.labels.rtstruct_write import voxel_edge_contours as label_contours
 from pipeline.errors import InputError
 from pipeline.geometry import Volume, affine_from_parts, resample_to_grid
 from pipeline.labels.rtstruct import fill_even_odd, rasterise_rtstruct, read_rtstruct
-from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+from pipeline.labels.rtstruct_write import voxel_edge_contours as label_contours
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series, write_rtstruct
+from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume, sitk_to_volume
 
 SMALL = dict(shape=56, slices=16, inplane_spacing_min=1.8, inplane_spacing_max=2.4, slice_spacing_min=3.0,
@@ -141,6 +141,32 @@ def test_scanline_fill_agrees_with_matplotlib():
         for polygon in polygons:
             expected ^= Path(polygon).contains_points(centres).reshape(40, 30)
         np.testing.assert_array_equal(fill_even_odd((40, 30), polygons), expected)
+
+
+def test_many_slices_at_once_equal_each_slice_alone(monkeypatch):
+    """The batched scan-line fill (all slices of an ROI in one pass, in chunks) is voxel for voxel the fill of
+    each slice alone, on an oblique grid, with vertices exactly on pixel rows and centres."""
+    from pipeline.geometry import Grid, world_to_index
+    from pipeline.labels import rtstruct
+
+    rng = np.random.default_rng(11)
+    direction = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    grid = Grid((37, 29, 9), affine_from_parts(direction, [0.9, 1.3, 2.5], [-20.0, 14.0, 31.0]))
+    contours = []
+    for k in [0, 2, 2, 3, 5, 5, 5, 8]:
+        ij = np.round(rng.uniform(-3, 40, size=(int(rng.integers(3, 14)), 2)) * 2) / 2
+        index = np.c_[ij, np.full(len(ij), float(k))]
+        contours.append((grid.affine @ np.c_[index, np.ones(len(ij))].T).T[:, :3] * [-1.0, -1.0, 1.0])
+    expected = np.zeros(grid.shape, dtype=bool)
+    for k in range(grid.shape[2]):
+        on_slice = [world_to_index(grid, c * [-1.0, -1.0, 1.0])[:, :2] for c in contours
+                    if int(np.rint(world_to_index(grid, c * [-1.0, -1.0, 1.0])[:, 2].mean())) == k]
+        if on_slice:
+            expected[:, :, k] = fill_even_odd(grid.shape[:2], on_slice)
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(rtstruct.rasterise_contours(contours, grid), expected)
+    monkeypatch.setattr(rtstruct, "FILL_CHUNK_VOXELS", 1)  # one slice per chunk
+    np.testing.assert_array_equal(rtstruct.rasterise_contours(contours, grid), expected)
 
 
 def test_unknown_roi_name_lists_the_available_ones(tmp_path):

@@ -8,11 +8,11 @@ import pytest
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
-from pipeline.dicom.write import write_ct_series
 from pipeline.errors import InputError
 from pipeline.geometry import Grid, resample_to_grid
 from pipeline.labels.seg import read_dicom_seg, read_seg_grid
-from pipeline.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
+from pipeline.synthetic.dicom import write_ct_series
+from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume, sitk_to_volume
 
 SMALL = dict(shape=48, slices=12, inplane_spacing_min=2.0, inplane_spacing_max=2.6, slice_spacing_min=4.0,

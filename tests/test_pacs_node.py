@@ -153,10 +153,11 @@ def test_every_dicom_output_of_a_case_is_sent_and_a_new_dicom_output_is_picked_u
     require_orthanc()
     import shutil
 
+    from helpers.predict import write_small_model
+    from test_pacs_pull import node_config, write_export
+
     from pipeline import api
     from pipeline.predict.ledger import sha256_file
-    from test_pacs_pull import node_config, write_export
-    from test_predict_helpers import write_small_model
 
     server = Orthanc(tmp_path / "orthanc", ctseg_port=free_port()).start()
     try:

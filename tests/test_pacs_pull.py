@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.predict import write_small_model
 from pacs_support import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, require_orthanc
-from test_predict_helpers import write_small_model
 
 from pipeline.config import Config
 from pipeline.pacs.options import PeerOptions
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 
 SMALL = PhantomOptions(shape=40, slices=14, inplane_spacing_min=1.4, inplane_spacing_max=1.6,
                        slice_spacing_min=3.0, slice_spacing_max=3.5, noise_hu=0.0, direction="oblique",
@@ -55,7 +55,7 @@ def write_export(root: Path, seeds=(3, 4), mr: bool = False, study_date: str = "
     """Phantom CT series (patients with names, to check they stay out of logs) and optionally an MR series."""
     from pydicom.uid import generate_uid
 
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     series = []
     for n, seed in enumerate(seeds):
@@ -115,7 +115,7 @@ def seg_round_trip(orthanc: Orthanc, out: Path, report: dict, ct_series_uids: se
                 decoded, names = read_dicom_seg(fetched, grid)
                 masks = {value: decoded == value for value in np.unique(labels[labels > 0])}
             else:
-                from test_predict_helpers import LABELS
+                from helpers.predict import LABELS
 
                 by_name = rasterise_rtstruct(fetched, grid)
                 masks = {entry["value"]: by_name[entry["name"]] for entry in LABELS if entry["name"] in by_name}

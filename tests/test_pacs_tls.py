@@ -35,12 +35,12 @@ def test_tls_receiver_stores_from_a_certified_caller_and_refuses_plain_and_uncer
     from pynetdicom import AE
 
     from pipeline.config import Config
-    from pipeline.dicom.write import write_ct_series
     from pipeline.pacs.listen import start_receiver
     from pipeline.pacs.network import client_tls
     from pipeline.pacs.options import PeerOptions
     from pipeline.pacs.spool import Spool
-    from pipeline.phantoms import PhantomOptions, make_phantom
+    from pipeline.synthetic.dicom import write_ct_series
+    from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 
     certs = _certificates(tmp_path / "certs")
     cfg = Config()

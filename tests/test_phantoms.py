@@ -7,10 +7,16 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pipeline.dicom.write import SeriesWriteOptions, tilted_affine
 from pipeline.errors import ConfigError
 from pipeline.labels.rtstruct import rasterise_rtstruct
-from pipeline.phantoms import (LABEL_NAMES, PhantomOptions, label_centroid_ras, make_phantom, write_phantom_export)
+from pipeline.synthetic.dicom import SeriesWriteOptions, tilted_affine
+from pipeline.synthetic.phantoms import (
+    LABEL_NAMES,
+    PhantomOptions,
+    label_centroid_ras,
+    make_phantom,
+    write_phantom_export,
+)
 from pipeline.volume_io import load_volume, sitk_to_volume
 
 # the slices cover at least the in-plane field of view (36 × 3 mm ≥ 64 × 1.6 mm), so organs fit in any direction

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.preprocess.plan import (estimate_training_mb, intensity_statistics, make_plan, plan_patch,
-                                      plan_target_spacing, transform_key)
+from pipeline.preprocess.plan import (
+    estimate_training_mb,
+    intensity_statistics,
+    make_plan,
+    plan_patch,
+    plan_target_spacing,
+    transform_key,
+)
 
 
 def test_target_spacing_is_the_median_for_isotropic_data():
@@ -88,7 +94,7 @@ def test_make_plan_records_plan_and_lets_config_override_every_field():
     assert planned["intensity"] == {"mode": "percentile_zscore", "low": -50.0, "high": 250.0, "mean": 90.0,
                                     "std": 40.0}
     assert planned["class_values"] == [0, 1, 7]
-    assert [l["name"] for l in planned["labels"]] == ["liver", "tumour"]
+    assert [lbl["name"] for lbl in planned["labels"]] == ["liver", "tumour"]
     assert planned["overrides"] == []
     for mode, dims in (("3d", 3), ("2d", 2)):
         assert len(planned["configurations"][mode]["patch_size"]) == dims

@@ -13,17 +13,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.config import Config
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Volume
-from pipeline.phantoms import make_phantom
 from pipeline.predict.cases import Case, discover_cases, resolve_shard, select_shard
 from pipeline.predict.ledger import LEDGER_FILE, Ledger, process_start_time, sha256_file
 from pipeline.predict.stage import EXIT_OK, EXIT_SOME_FAILED, run_predict
+from pipeline.synthetic.phantoms import make_phantom
 from pipeline.volume_io import save_nifti
-from test_predict_helpers import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 
 @pytest.fixture(scope="module")

@@ -7,47 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.predict import TinyNet, _options, _predictor, write_small_model
 from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.predict.inference import (WindowPredictor, network_input, plan_memory,
-                                        sliding_window_predict, window_grid)
-from pipeline.predict.model import LabelInfo, Predictor, load_predictor, optimise_for_inference
+from pipeline.predict.inference import WindowPredictor, network_input, plan_memory, sliding_window_predict, window_grid
+from pipeline.predict.model import load_predictor, optimise_for_inference
 from pipeline.predict.options import MemoryOptions
-from test_predict_helpers import write_small_model
-
-
-class TinyNet(nn.Module):
-    """A small convolutional stand-in that is not flip-equivariant (asymmetric kernels)."""
-
-    def __init__(self, in_channels=1, classes=3, dims=3, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        conv = nn.Conv3d if dims == 3 else nn.Conv2d
-        self.a = conv(in_channels, 6, 3, padding=1)
-        self.b = conv(6, classes, 3, padding=1)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x))) * 3.0
-
-
-def _predictor(networks, patch, mode="3d", context=0, classes=3) -> Predictor:
-    spec = {"mode": mode, "patch_size": list(patch), "context_slices": context, "plan": {},
-            "network": {"name": "tiny", "spatial_dims": 3 if mode == "3d" else 2,
-                        "in_channels": 2 * context + 1, "out_channels": classes}}
-    labels = [LabelInfo(v, f"l{v}", (255, 0, 0)) for v in range(1, classes)]
-    return Predictor(Path("tiny"), spec, "0" * 64, [n.eval() for n in networks], list(range(classes)), labels,
-                     torch.device("cpu"), {})
-
-
-def _options(**changes):
-    """predict options pinned to fp32 (tests compare with fp32 references; the bf16 path has its own tests)."""
-    cfg = Config().predict
-    cfg.precision = "fp32"
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-    return cfg
 
 
 @pytest.mark.parametrize("shape,roi,overlap", [((50, 37, 29), (16, 16, 16), 0.5), ((16, 40, 70), (16, 24, 32), 0.25),
@@ -190,7 +157,7 @@ def test_model_folder_loads_with_labels_and_rewrites(tmp_path: Path):
     folder = write_small_model(tmp_path / "model", folds=2)
     predictor = load_predictor(folder, torch.device("cpu"))
     assert len(predictor.networks) == 2 and predictor.class_values == [0, 1, 2, 3]
-    assert [l.name for l in predictor.labels] == ["liver", "spleen", "kidneys"]
+    assert [lbl.name for lbl in predictor.labels] == ["liver", "spleen", "kidneys"]
     assert predictor.optimisation["checked"] and len(predictor.spec_sha256) == 64
 
 

@@ -7,22 +7,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.predict import LABELS, encoded_image, oracle_predictor, source_resolution, write_small_model
 
 from pipeline.config import Config
 from pipeline.geometry import Grid, affine_from_parts, lps_to_ras
-from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import Case, discover_cases
 from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.options import PostprocessOptions, ReportOptions
 from pipeline.predict.reassemble import postprocess
-from pipeline.predict.report import canonical_view, label_statistics
+from pipeline.predict.report import label_statistics
 from pipeline.predict.stage import predict_case, run_predict
 from pipeline.predict.writers import write_color_table, write_seg_nrrd
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
+from pipeline.thumbnails import canonical_view
 from pipeline.volume_io import load_volume, save_nifti, sitk_to_volume
-from test_predict_helpers import LABELS, encoded_image, oracle_predictor, source_resolution, write_small_model
 
-INFOS = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS]
+INFOS = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS]
 OBLIQUE_FEET_FIRST = PhantomOptions(shape=48, slices=20, inplane_spacing_min=1.1, inplane_spacing_max=1.5,
                                     slice_spacing_min=2.5, slice_spacing_max=3.0, direction="oblique",
                                     feet_first=True, noise_hu=0.0)
@@ -117,8 +118,8 @@ def test_dicom_export_gives_an_anonymous_case_and_a_valid_dicom_seg(tmp_path: Pa
     """A CT series (and an MR series that must be passed over) → one case; its SEG decodes back to our labels."""
     import highdicom as hd
 
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
     from pipeline.labels.seg import read_dicom_seg
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     options = PhantomOptions(shape=48, slices=16, inplane_spacing_min=1.2, inplane_spacing_max=1.2,
                              slice_spacing_min=3.0, slice_spacing_max=3.0, noise_hu=0.0, feet_first=True)
@@ -172,7 +173,7 @@ def test_dicom_seg_keeps_quoted_patient_names_out_of_warnings_and_logs(tmp_path:
     """highdicom warns about a one-part PatientName by quoting it: that must not reach stderr or the log."""
     import warnings as python_warnings
 
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     options = PhantomOptions(shape=40, slices=12, inplane_spacing_min=1.2, inplane_spacing_max=1.2,
                              slice_spacing_min=3.0, slice_spacing_max=3.0, noise_hu=0.0)
@@ -195,7 +196,7 @@ def test_dicom_seg_keeps_quoted_patient_names_out_of_warnings_and_logs(tmp_path:
 
 
 def test_dicom_input_runs_through_run_predict(tmp_path: Path):
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     phantom = make_phantom(8, PhantomOptions(shape=48, slices=16, noise_hu=0.0))
     write_ct_series(phantom.image, tmp_path / "export" / "SMITH", SeriesWriteOptions(patient_name="SMITH^ANN"))
@@ -205,7 +206,16 @@ def test_dicom_input_runs_through_run_predict(tmp_path: Path):
     case_id = result.report["cases"][0]["id"]
     written = load_volume(tmp_path / "out" / f"{case_id}.nii.gz")
     assert written.grid.difference(phantom.image.grid) is None
-    assert "SMITH" not in (tmp_path / "out" / "report.html").read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "SMITH" not in page
+    # the RTSTRUCT (on by default for DICOM CT) is listed like every other output: report, ledger, page
+    assert result.report["cases"][0]["outputs"]["rtstruct"] == f"{case_id}.rtstruct.dcm"
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "out" / "ledger.sqlite") as connection:
+        outputs = json.loads(connection.execute("SELECT outputs FROM cases").fetchone()[0])
+    assert outputs["rtstruct"]["path"] == f"{case_id}.rtstruct.dcm" and len(outputs["rtstruct"]["sha256"]) == 64
+    assert f"{case_id}.rtstruct.dcm" in page
 
 
 def test_probability_maps_on_model_and_source_grids(tmp_path: Path):

@@ -7,19 +7,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.predict import encoded_image, oracle_predictor, source_resolution
 from scipy import ndimage
 
 from pipeline.config import Config
 from pipeline.geometry import Grid, Volume
-from pipeline.phantoms import PhantomOptions, label_centroid_ras, make_phantom
 from pipeline.predict.cases import Case
 from pipeline.predict.inference import WindowPredictor
-from pipeline.predict.reassemble import (probabilities_to_source, reassembly_agreement, refined_to_source,
-                                         to_source_grid)
+from pipeline.predict.reassemble import probabilities_to_source, reassembly_agreement, refined_to_source, to_source_grid
 from pipeline.predict.stage import predict_case
 from pipeline.preprocess.transform import prepare_image, prepare_label, resampled_grid
+from pipeline.synthetic.phantoms import PhantomOptions, label_centroid_ras, make_phantom
 from pipeline.volume_io import save_nifti
-from test_predict_helpers import encoded_image, oracle_predictor, source_resolution
 
 GEOMETRIES = {
     "anisotropic": PhantomOptions(shape=64, slices=20, inplane_spacing_min=0.9, inplane_spacing_max=1.3,

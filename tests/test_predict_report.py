@@ -10,15 +10,15 @@ from matplotlib import image as mpimg
 
 from pipeline.config import Config
 from pipeline.geometry import Volume
-from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.ledger import CaseRow
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.report import _overlay, write_html, write_thumbnail
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import save_nifti
 
 INFOS = [LabelInfo(1, "liver", (221, 130, 101)), LabelInfo(2, "spleen", (157, 108, 162)),
          LabelInfo(3, "kidneys", (185, 102, 83))]
-LONG_WARNING = ("RTSTRUCT not written: case c1: a RTSTRUCT needs every source image to be one slice of the volume, "
+LONG_WARNING = ("RTSTRUCT not written: case c1: an RTSTRUCT needs every source image to be one slice of the volume, "
                 "got an image at voxel index [0.0, 0.325, 1.0] (the series was resampled, e.g. for gantry tilt or "
                 "missing slices). Use the .seg.nrrd or NIfTI output." * 2)
 

@@ -3,12 +3,10 @@ folder names (patient names) stay under private/, the output folder cannot be an
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sqlite3
 import stat
-import struct
 import subprocess
 import uuid
 from pathlib import Path
@@ -16,18 +14,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.cli import main as cli_main
 from pipeline.config import Config
 from pipeline.errors import ConfigError, CtsegError, InputError
 from pipeline.geometry import Volume
-from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict import stage as predict_stage
 from pipeline.predict.ledger import LEDGER_FILE, sha256_file
 from pipeline.predict.stage import EXIT_OK, EXIT_SOME_FAILED, run_predict
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import save_nifti
-from test_predict_helpers import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 PATIENT = "DOE_JOHN_12345"
 
@@ -102,7 +100,7 @@ def test_a_batch_with_a_third_broken_finishes_every_good_case_and_names_each_bad
     single = tmp_path / "exports" / PATIENT / "single"
     single.mkdir()
     _one_slice(single / "oneslice.nii.gz", seed=21)
-    from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     phantom = make_phantom(22, PhantomOptions(shape=48, slices=16, noise_hu=5.0))
     write_ct_series(phantom.image, tmp_path / "exports" / PATIENT / "dicom" / f"CT_{PATIENT}",
@@ -266,6 +264,17 @@ def test_model_json_is_validated_strictly_with_one_line_naming_the_key(tmp_path:
     with pytest.raises(InputError, match=expected) as caught:
         load_model_folder(broken)
     assert "\n" not in str(caught.value)
+
+
+def test_labels_with_coded_concepts_are_valid(tmp_path: Path, model_dir):
+    # training writes each label's SNOMED codes and RT type into model.json (pipeline.labels.codes); the strict
+    # reader must accept what the writer writes (a trained model was refused before this was checked together)
+    from pipeline.models.loader import load_model_folder
+
+    coded = _edit_model(model_dir, tmp_path, lambda s: s["labels"][0].update(
+        category={"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"},
+        type={"value": "10200004", "scheme": "SCT", "meaning": "Liver"}, rt_type="ORGAN"))
+    assert load_model_folder(coded).spec["labels"][0]["rt_type"] == "ORGAN"
 
 
 def test_a_network_too_big_for_the_memory_budget_is_refused_before_it_is_built(tmp_path: Path, model_dir):

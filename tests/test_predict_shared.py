@@ -11,14 +11,21 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
-from pipeline.phantoms import PhantomOptions
 from pipeline.predict.cases import slurm_shard
-from pipeline.predict.ledger import (CLAIMS_DIR, LEDGER_DIR, LEDGER_FILE, filesystem_type, read_case_rows,
-                                     resolve_ledger_mode, sha256_file)
-from test_predict_helpers import SMALL_PHANTOM, write_phantom_nifti, write_small_model
+from pipeline.predict.ledger import (
+    CLAIMS_DIR,
+    LEDGER_DIR,
+    LEDGER_FILE,
+    filesystem_type,
+    read_case_rows,
+    resolve_ledger_mode,
+    sha256_file,
+)
+from pipeline.synthetic.phantoms import PhantomOptions
 
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0

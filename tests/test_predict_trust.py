@@ -9,13 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers.predict import (
+    LABELS,
+    SMALL_PHANTOM,
+    IntensityOracle,
+    encoded_image,
+    oracle_predictor,
+    write_small_model,
+)
 
 from pipeline import training_fingerprint as tfp
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.geometry import Volume
-from pipeline.phantoms import LABEL_NAMES, make_phantom
 from pipeline.predict import trust
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.ledger import LEDGER_FILE
@@ -23,11 +29,10 @@ from pipeline.predict.model import LabelInfo
 from pipeline.predict.options import PredictConfig, ReportOptions, TrustOptions
 from pipeline.predict.report import label_statistics
 from pipeline.predict.stage import run_predict
+from pipeline.synthetic.phantoms import LABEL_NAMES, make_phantom
 from pipeline.volume_io import save_nifti
-from test_predict_helpers import (LABELS, SMALL_PHANTOM, IntensityOracle, encoded_image, oracle_predictor,
-                                  write_small_model)
 
-INFOS = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS]
+INFOS = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS]
 TRAIN_SEEDS = range(6)
 THRESHOLD = -500.0
 
@@ -48,7 +53,7 @@ def held_out():
 
 def _result_codes(label: np.ndarray, grid, fingerprint) -> list[tuple[str, str]]:
     volumes, _ = label_statistics(label, grid, INFOS, ReportOptions())
-    flags, _ = trust.result_flags(label, volumes, INFOS, fingerprint, TrustOptions())
+    flags, _ = trust.result_flags(label, volumes, INFOS, fingerprint, TrustOptions(), grid)
     return sorted((f.code, f.label) for f in flags)
 
 
@@ -102,11 +107,26 @@ def test_an_organ_present_in_every_training_case_but_empty_is_flagged(fingerprin
     assert _result_codes(label, held_out.label.grid, fingerprint) == [("label_missing", "spleen")]
 
 
-def test_an_extra_component_is_flagged(fingerprint, held_out):
-    label = held_out.label.array.copy()
-    assert not (label[:3, :3, :3]).any()
-    label[:3, :3, :3] = 2  # a speck of "spleen" in a corner, apart from the spleen
-    assert _result_codes(label, held_out.label.grid, fingerprint) == [("components", "spleen")]
+def _corner_blob(label: np.ndarray, grid, millilitres: float, value: int) -> np.ndarray:
+    """``label`` with a cube of about ``millilitres`` of ``value`` in the corner (0, 0, 0), away from the organs."""
+    from pipeline.geometry import voxel_volume_ml
+
+    side = max(1, int(round((millilitres / voxel_volume_ml(grid)) ** (1 / 3))))
+    changed = label.copy()
+    assert not changed[:side, :side, :side].any()
+    changed[:side, :side, :side] = value
+    return changed
+
+
+def test_an_extra_component_is_flagged_but_not_a_speck(fingerprint, held_out):
+    grid = held_out.label.grid
+    smallest = fingerprint["labels"]["spleen"]["volume_ml"]["min"]
+    extra = _corner_blob(held_out.label.array, grid, 0.3 * smallest, 2)  # a second "spleen" of 30% its size
+    assert _result_codes(extra, grid, fingerprint) == [("components", "spleen")]
+    speck = _corner_blob(held_out.label.array, grid, 0.02 * smallest, 2)  # a few voxels: not a second organ
+    volumes, _ = label_statistics(speck, grid, INFOS, ReportOptions())
+    flags, measured = trust.result_flags(speck, volumes, INFOS, fingerprint, TrustOptions(), grid)
+    assert flags == [] and measured["spleen"]["components"] == 2 and measured["spleen"]["components_counted"] == 1
 
 
 def test_an_input_with_another_hu_distribution_is_unfamiliar(fingerprint, held_out):

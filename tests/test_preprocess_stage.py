@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers.train import write_ingest_folder
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
@@ -13,7 +14,6 @@ from pipeline.preprocess.cache import load_cached_case, read_index
 from pipeline.preprocess.stage import run_preprocess
 from pipeline.preprocess.transform import labels_to_source
 from pipeline.volume_io import load_volume, save_nifti
-from test_train_synthetic import write_ingest_folder
 
 
 def _config(tmp_path, *overrides):

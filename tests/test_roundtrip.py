@@ -10,10 +10,10 @@ import yaml
 
 from pipeline import api
 from pipeline.config import load_config
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Volume, resample_to_grid
-from pipeline.phantoms import PhantomOptions, label_centroid_ras, make_phantom
 from pipeline.preprocess.transform import labels_to_source, prepare_image, prepare_label
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.phantoms import PhantomOptions, label_centroid_ras, make_phantom
 from pipeline.volume_io import load_volume, save_nifti
 
 CASES = {

@@ -16,21 +16,21 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.predict import encoded_image, oracle_predictor, source_resolution
 
 from pipeline.config import Config
 from pipeline.dicom.assemble import assemble_series
-from pipeline.dicom.write import SeriesWriteOptions, write_ct_series
 from pipeline.geometry import Grid, Volume, affine_from_parts, resample_to_grid
 from pipeline.labels.codes import ABNORMAL_STRUCTURE, ANATOMICAL_STRUCTURE, LEFT, MASS
 from pipeline.labels.rtstruct import rasterise_rtstruct
 from pipeline.labels.rtstruct_write import voxel_edge_contours
-from pipeline.phantoms import PhantomOptions, make_phantom
 from pipeline.predict.cases import discover_cases
 from pipeline.predict.inference import WindowPredictor
 from pipeline.predict.model import LabelInfo
 from pipeline.predict.stage import predict_case
+from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume
-from test_predict_helpers import encoded_image, oracle_predictor, source_resolution
 
 NAMES = [LabelInfo(1, "Rückenmark", (240, 200, 40)), LabelInfo(2, "GTV_Mass", (255, 0, 0)),
          LabelInfo(3, "Niere_links", (185, 102, 83))]
@@ -108,7 +108,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120)
     lines = (run.stdout + run.stderr).splitlines()
-    return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
+    return [lbl for lbl in lines if lbl.startswith("Error")], [lbl for lbl in lines if lbl.startswith("Warning")]
 
 
 def plastimatch_masks(rtstruct: Path, ct_folder: Path, out: Path, grid: Grid, xor: bool = False
@@ -357,3 +357,36 @@ def test_real_ct_rtstruct_and_seg(shared_data, tmp_path: Path):
     # the source's StudyID is 17 characters (SH allows 16): shortened in both, and the case says so
     assert "RTSTRUCT: StudyID of the source is 17 characters, more than its VR SH allows; shortened to 16" in warnings
     assert "DICOM SEG: StudyID of the source is 17 characters, more than its VR SH allows; shortened to 16" in warnings
+
+
+@needs_plastimatch
+def test_a_contour_longer_than_64_kib_survives(tmp_path: Path):
+    """Explicit VR caps a DS value at 64 KiB (about 2,400 points): the RTSTRUCT is Implicit VR, any size fits."""
+    from pipeline.synthetic.dicom import write_rtstruct
+
+    label = np.zeros((512, 512, 1), dtype=np.uint8)
+    label[50:450, 50:450] = 1
+    label[49, 51:450:2] = label[450, 51:450:2] = label[51:450:2, 49] = label[51:450:2, 450] = 1  # saw teeth
+    volume = Volume(label, affine_from_parts(np.diag([-1.0, -1.0, 1.0]), [0.7031, 0.7031, 2.0], [180.123, 170.317, -7.713]))
+    files = write_ct_series(Volume(np.zeros(label.shape, np.int16), volume.affine), tmp_path / "ct")
+    path = write_rtstruct(volume, files, tmp_path / "rs.dcm", {1: "Säge"})
+    contour = pydicom.dcmread(path).ROIContourSequence[0].ContourSequence[0]
+    assert int(contour.NumberOfContourPoints) > 3000 and len(contour.get_item(0x30060050).value) > 65535
+    np.testing.assert_array_equal(rasterise_rtstruct(path, volume.grid)["Säge"], label == 1)
+    theirs = plastimatch_masks(path, tmp_path / "ct", tmp_path / "plastimatch", volume.grid)
+    assert dice(theirs["Säge"], label == 1) == 1.0
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_real_gantry_tilted_series_gets_no_rtstruct_and_says_why(shared_data, tmp_path: Path):
+    """Philips head CT with 18.5° gantry tilt: assembly corrects it onto an orthogonal grid, so no image is one
+    slice of the volume; RTSTRUCT and SEG are refused with the reason, the other outputs are written."""
+    case, (outputs, _, warnings, _) = run_case(shared_data / "dcm_qa_ct" / "Philips" / "S21610" / "S2010",
+                                               tmp_path / "out")
+    assert {"labels", "slicer"} <= set(outputs) and not {"rtstruct", "dicom_seg"} & set(outputs)
+    assert any("corrected gantry tilt 18.50°" in w for w in warnings), warnings
+    refused = [w for w in warnings if w.startswith("RTSTRUCT not written")]
+    assert len(refused) == 1 and "an RTSTRUCT needs every source image to be one slice of the volume" in refused[0]
+    provenance = json.loads((tmp_path / "out" / f"{case.case_id}.provenance.json").read_text())
+    assert provenance["rtstruct"]["written"] is False

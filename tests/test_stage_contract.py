@@ -1,6 +1,5 @@
 """The stage contract: rerun does nothing, a changed setting reruns, a killed stage resumes cleanly."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers.train import _experiment
 
 from pipeline import training_fingerprint
 from pipeline.config import load_config
@@ -14,29 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import load_model_folder
 from pipeline.models.inference import dice_per_class, predict_probabilities
 from pipeline.preprocess.cache import load_cached_case, read_index
-from pipeline.preprocess.stage import run_preprocess
 from pipeline.train.stage import run_train
-from test_train_synthetic import write_ingest_folder
-
-TINY = ["preprocess.target_spacing=[5,5,5]", "train.channels=[4,8,16]", "train.patch_size=[32,32,16]",
-        "train.batch_size=2", "train.max_steps=12", "train.val_every=6", "train.threads=1",
-        "train.precision=fp32"]  # exact comparisons: pinned (bf16 has its own test in test_precision.py)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """An experiment folder with ingest and preprocess done (copied by each test that changes it)."""
-    root = tmp_path_factory.mktemp("train")
-    cfg = load_config([], [f"output_root={root}", "experiment=base", *TINY])
-    write_ingest_folder(cfg.stage_dir("ingest"), n_train=5)
-    run_preprocess(cfg)
-    return root
-
-
-def _experiment(prepared, tmp_path, name, *overrides):
-    for stage in ("ingest", "preprocess"):
-        shutil.copytree(prepared / "base" / stage, tmp_path / name / stage)
-    return load_config([], [f"output_root={tmp_path}", f"experiment={name}", *TINY, *overrides])
 
 
 def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(prepared, tmp_path):
@@ -63,7 +42,7 @@ def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(pr
     bundle = load_model_folder(out / "model")
     spec = bundle.spec
     assert spec["mode"] == "3d" and spec["patch_size"] == [32, 32, 16]
-    assert spec["class_values"] == [0, 1, 2, 5] and [l["name"] for l in spec["labels"]] == ["liver", "spleen",
+    assert spec["class_values"] == [0, 1, 2, 5] and [lbl["name"] for lbl in spec["labels"]] == ["liver", "spleen",
                                                                                              "kidney"]
     assert spec["plan"]["target_spacing"] == [5.0, 5.0, 5.0]
     assert set(spec["folds"][0]["val_dice"]) == {"liver", "spleen", "kidney"}

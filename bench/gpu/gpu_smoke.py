@@ -198,7 +198,7 @@ def fp16_grad_scaler_path():
     rt, trainer = _trainer(_options(precision="fp16"), patch=(64, 64, 64))
     images, labels = _batch(2, (64, 64, 64))
     losses = [float(trainer.train_step(images, labels)) for _ in range(5)]
-    return {"scaler": rt.use_grad_scaler, "scale": trainer.scaler.get_scale(), "losses": [round(l, 4) for l in losses],
+    return {"scaler": rt.use_grad_scaler, "scale": trainer.scaler.get_scale(), "losses": [round(lbl, 4) for lbl in losses],
             "state_keys": sorted(trainer.scaler.state_dict())}
 
 

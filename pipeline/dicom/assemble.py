@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -50,54 +50,9 @@ from pipeline.dicom.pixels import decode_into, output_dtype
 from pipeline.dicom.scan import DUPLICATE_POSITION_MM, SeriesInfo, slice_normal, tilt_angle_deg
 from pipeline.errors import InputError
 from pipeline.geometry import Volume, lps_to_ras
+from pipeline.ingest.options import AssemblyOptions  # the ingest section's settings; re-exported here
 
 SUBPIXEL = 1e-3  # in-plane offsets below this many pixels are treated as zero
-
-
-@dataclass
-class AssemblyOptions:
-    """How a DICOM series becomes one volume, and which irregularities are corrected or refused."""
-
-    tilt: Literal["correct", "refuse"] = field(default="correct", metadata={
-        "help": "Gantry-tilted (sheared) series: resample onto an orthogonal grid ('correct') or refuse."})
-    tilt_tolerance_deg: float = field(default=0.05, metadata={
-        "help": "Slice steps that lean less than this from the slice normal are kept as they are."})
-    spacing_tolerance: float = field(default=0.01, metadata={
-        "help": "Slice positions may deviate from a regular grid by this fraction of the slice spacing "
-                "(or spacing_tolerance_mm, whichever is larger) before they are resampled."})
-    spacing_tolerance_mm: float = field(default=0.01, metadata={
-        "help": "Absolute floor of the slice position tolerance in mm (IPP values are often rounded)."})
-    max_gap_slices: float = field(default=3.0, metadata={
-        "help": "Largest gap between neighbouring slices, in slice spacings, that is filled by linear "
-                "interpolation (3.0 = up to two missing slices); larger gaps are refused."})
-    max_gap_mm: float = field(default=20.0, metadata={
-        "help": "Largest gap in mm that is filled by interpolation; 0 disables this limit."})
-    on_inconsistent: Literal["split", "refuse"] = field(default="split", metadata={
-        "help": "Series that mix image sizes, orientations or acquisitions: assemble the parts the scan "
-                "split them into ('split') or refuse them ('refuse')."})
-    padding_hu: float = field(default=-1024.0, metadata={
-        "help": "HU given to PixelPaddingValue pixels (outside the reconstructed field of view)."})
-    dtype: Literal["auto", "int16", "float32"] = field(default="auto", metadata={
-        "help": "Voxel type: 'auto' is int16 when the rescale gives integer HU, float32 otherwise."})
-    workers: int = field(default=2, metadata={"help": "Threads decoding pixel data."})
-    on_damaged: Literal["refuse", "exclude"] = field(default="refuse", metadata={
-        "help": "A damaged slice (an unreadable or truncated file beside the series, pixel attributes that "
-                "disagree with the series, pixel data that cannot be decoded, a position off the series' "
-                "line): refuse the case naming the file ('refuse'), or leave the slice out, name it in the "
-                "case's warnings and treat it as a missing slice, so the gap rules apply ('exclude')."})
-    off_line_tolerance: float = field(default=0.5, metadata={
-        "help": "A slice whose position is further than this fraction of the slice spacing from the line "
-                "through the other slices' positions is damaged."})
-    max_extent_mm: float = field(default=2000.0, metadata={
-        "help": "Largest physical extent of the assembled grid along any axis, in mm; a series that would "
-                "need more is refused (a corrupted position or spacing, not a body)."})
-    memory_budget_mb: int = field(default=0, metadata={
-        "help": "Largest memory one case may need, estimated from its headers before anything is "
-                "allocated, in MB; a case above it is refused with the size it needs. 0 = half of this "
-                "machine's physical memory."})
-    varying_rescale: Literal["refuse", "allow"] = field(default="refuse", metadata={
-        "help": "CT images of one series whose RescaleSlope or RescaleIntercept differ: refuse (a strong "
-                "sign of a damaged header) or apply each image's own values and name them in the warnings."})
 
 
 @dataclass

@@ -2,44 +2,20 @@
 
 :func:`check_plausibility` returns one warning per problem, and raises :class:`InputError` instead
 when :attr:`PlausibilityOptions.refuse` is set. :func:`check_training_volume` (ingest) also refuses
-NaN/infinite voxels, a sheared grid and too few slices unless the matching ``allow_*`` option is set. It flags intensities that are not HU (display
-values such as uint8 0–255, or no air anywhere), NaN or infinite voxels, direction cosines that are
-not orthonormal, too few slices and a tiny field of view.
+NaN/infinite voxels, a sheared grid and too few slices unless the matching ``allow_*`` option is set.
+It flags intensities that are not HU (display values such as uint8 0–255, or no air anywhere), NaN
+or infinite voxels, direction cosines that are not orthonormal, too few slices and a tiny field of view.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.geometry import Volume
+from pipeline.ingest.options import PlausibilityOptions  # the ingest section's settings; re-exported here
 
 AIR_HU = -1000.0
-
-
-@dataclass
-class PlausibilityOptions:
-    """Which volumes are flagged as implausible CT, and whether that refuses them."""
-
-    refuse: bool = field(default=False, metadata={
-        "help": "Raise an error instead of warning when a check fails."})
-    min_slices: int = field(default=3, metadata={"help": "Volumes with fewer slices are flagged."})
-    min_field_of_view_mm: float = field(default=30.0, metadata={
-        "help": "Volumes whose in-plane extent (either axis) is smaller than this are flagged."})
-    orthonormal_tolerance: float = field(default=1e-3, metadata={
-        "help": "Largest allowed deviation of the direction cosines' dot products from the identity."})
-    air_threshold_hu: float = field(default=-500.0, metadata={
-        "help": "A CT in HU holds air below this value somewhere; a volume whose minimum is higher is flagged."})
-    max_display_value: float = field(default=255.0, metadata={
-        "help": "Volumes with no air and a maximum at or below this look like 8-bit display values."})
-    allow_non_finite: bool = field(default=False, metadata={
-        "help": "Ingest refuses a volume with NaN or infinite voxels unless this is true (then a warning)."})
-    allow_sheared: bool = field(default=False, metadata={
-        "help": "Ingest refuses a volume whose direction cosines are not orthonormal (a sheared grid) unless "
-                "this is true (then a warning)."})
-    allow_few_slices: bool = field(default=False, metadata={
-        "help": "Ingest refuses a volume with fewer than min_slices slices unless this is true (then a warning)."})
 
 
 def check_plausibility(volume: Volume, source: str, options: PlausibilityOptions | None = None) -> list[str]:

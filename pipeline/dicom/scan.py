@@ -165,7 +165,7 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
             outcomes.append(outcome)
             progress.update()
     headers = []
-    for path, outcome in zip(paths, outcomes):
+    for outcome in outcomes:
         if isinstance(outcome, SkippedFile):
             result.skipped.append(outcome)
         else:
@@ -211,7 +211,8 @@ def _read_one(path: Path):
     except SkipFile as exc:
         return SkippedFile(path, str(exc), exc.damaged, exc.series_uid)
     except Exception as exc:  # noqa: BLE001 - one unreadable file must never end the scan
-        return SkippedFile(path, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        return SkippedFile(path, f"unreadable ({type(exc).__name__}: {first})")
 
 
 def _attach_damaged_files(result: ScanResult) -> None:
@@ -247,8 +248,8 @@ def _drop_repeated_instances(headers: list[FileHeader], result: ScanResult) -> l
                 # an identical copy is harmless; a copy that differs means one of the two is damaged
                 same = _same_bytes(header.path, first_path[owner])
                 result.skipped.append(SkippedFile(
-                    header.path, f"duplicate of {first_path[owner].name} (same SOPInstanceUID"
-                                 f"{', identical bytes' if same else ', but different content: one of them is damaged'})",
+                    header.path, f"duplicate of {first_path[owner].name} (same SOPInstanceUID, "
+                                 f"{'identical bytes' if same else 'but different content: one of them is damaged'})",
                     damaged=not same))
                 continue
             first_path[owner] = header.path

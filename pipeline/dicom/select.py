@@ -11,15 +11,16 @@ import csv
 import io
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from pipeline import atomic
 from pipeline.dicom.header import (CT_IMAGE_STORAGE, CT_SOP_CLASSES, ENHANCED_CT_IMAGE_STORAGE,
                                    LEGACY_ENHANCED_CT_IMAGE_STORAGE, SECONDARY_CAPTURE_SOP_CLASSES)
 from pipeline.dicom.scan import SeriesInfo, _patient_hash
 from pipeline.errors import ConfigError
+from pipeline.ingest.options import SelectionRules  # the ingest section's settings; re-exported here
 
 SOP_CLASS_NAMES = {
     CT_IMAGE_STORAGE: "CT Image Storage",
@@ -31,35 +32,6 @@ SOP_CLASS_NAMES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
     **{uid: "Secondary Capture Image Storage" for uid in SECONDARY_CAPTURE_SOP_CLASSES},
 }
-
-
-@dataclass
-class SelectionRules:
-    """Which series ingest keeps."""
-
-    modalities: list[str] = field(default_factory=lambda: ["CT"], metadata={
-        "help": "Modality values (0008,0060) that are kept."})
-    description_regex: str = field(default="", metadata={
-        "help": "Keep only series whose SeriesDescription matches this regular expression (case-insensitive "
-                "search); empty keeps all."})
-    exclude_description_regex: str = field(default="", metadata={
-        "help": "Skip series whose SeriesDescription matches this regular expression (case-insensitive); "
-                "empty skips none."})
-    kernel_regex: str = field(default="", metadata={
-        "help": "Keep only series whose ConvolutionKernel matches this regular expression (case-insensitive "
-                "search); empty keeps all."})
-    min_slices: int = field(default=10, metadata={"help": "Series with fewer slices are skipped."})
-    slice_thickness_range: list[float] = field(default_factory=list, metadata={
-        "help": "[min, max] SliceThickness in mm that is kept; empty keeps any thickness."})
-    allowed_orientations: list[str] = field(default_factory=lambda: ["axial"], metadata={
-        "help": "Slice orientations kept: any of axial, coronal, sagittal (from the slice normal)."})
-    allow_derived: bool = field(default=False, metadata={
-        "help": "Keep DERIVED or SECONDARY images (ImageType) too, e.g. reformats or post-processed series."})
-    allow_secondary_capture: bool = field(default=False, metadata={
-        "help": "Keep Secondary Capture objects (screenshots, summaries); almost never wanted."})
-    policy: Literal["largest", "all"] = field(default="largest", metadata={
-        "help": "Per study, keep only the qualifying series with the most slices ('largest') or every "
-                "qualifying series ('all')."})
 
 
 @dataclass

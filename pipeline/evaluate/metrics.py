@@ -42,12 +42,12 @@ from __future__ import annotations
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from pipeline.errors import CaseError, ConfigError, InputError
+from pipeline.evaluate.options import MetricOptions  # the evaluate section's settings; re-exported here
 
 METRIC_KEYS = ("dice", "hd95_mm", "surface_dice", "volume_pred_ml", "volume_ref_ml", "volume_abs_error_ml",
                "volume_rel_error", "fp_components", "fn_components")
@@ -61,27 +61,6 @@ HIGHER_IS_BETTER = {"dice": True, "hd95_mm": False, "surface_dice": True, "volum
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
 FLAG_BOTH_EMPTY, FLAG_PRED_EMPTY, FLAG_REF_EMPTY = "both_empty", "pred_empty", "ref_empty"
-
-
-@dataclass
-class MetricOptions:
-    """How evaluate computes its per-class metrics."""
-
-    surface_tolerance_mm: float = field(default=2.0, metadata={
-        "help": "Surface Dice counts boundary voxels within this distance (mm) of the other boundary as correct."})
-    hd_percentile: float = field(default=95.0, metadata={
-        "help": "Percentile of the surface distances reported as hd95_mm (100 gives the plain Hausdorff distance)."})
-    empty_one_side_distance: Literal["diagonal", "nan_flagged"] = field(default="diagonal", metadata={
-        "help": "hd95 when exactly one of prediction/reference is empty: 'diagonal' uses the image diagonal in mm "
-                "(finite, worst possible); 'nan_flagged' writes NaN, which the summary counts as missing."})
-    component_connectivity: Literal[6, 26] = field(default=26, metadata={
-        "help": "Voxel connectivity for FP/FN component counts: 26 (faces, edges, corners) or 6 (faces only)."})
-    surface_dice_subvoxels: bool = field(default=False, metadata={
-        "help": "Weight surface Dice by boundary surface area (MONAI use_subvoxels) instead of counting edge voxels."})
-    crop_margin_voxels: int = field(default=2, metadata={
-        "help": "Background voxels kept around each class's bounding box before computing distances (>= 1)."})
-    workers: int = field(default=2, metadata={
-        "help": "Threads computing the classes of one case in parallel (1 = sequential)."})
 
 
 def check_options(options: MetricOptions) -> None:

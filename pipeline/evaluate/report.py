@@ -24,8 +24,9 @@ import numpy as np
 from pipeline import atomic
 from pipeline.errors import InputError
 from pipeline.evaluate.metrics import HIGHER_IS_BETTER, METRIC_KEYS, ROW_KEYS
+from pipeline.geometry import Grid, canonical_grid
+from pipeline.thumbnails import ORIENTATION_LETTERS, VIEW_AXIS, VIEWS, canonical_view, display_plane, display_spacing
 
-VIEWS = ("axial", "coronal", "sagittal")
 REFERENCE_COLOUR, PREDICTION_COLOUR = "#00e000", "#ff00ff"
 THUMBNAIL_CAPTION = ("Radiological convention: the patient's right is on the image left (axial, coronal); axial "
                      "has anterior up, coronal and sagittal superior up, sagittal anterior on the left. "
@@ -114,7 +115,8 @@ def write_comparison_csv(comparison: list[dict], path: str | Path) -> None:
 
 
 def write_comparison(comparison: list[dict], folder: str | Path, run_a: str | Path, run_b: str | Path) -> None:
-    """Write ``comparison.csv``, ``comparison.json`` (with the two runs named) and ``comparison.txt`` into ``folder``."""
+    """Write ``comparison.csv``, ``comparison.json`` (with the two runs named) and ``comparison.txt`` in ``folder``.
+    """
     folder = Path(folder)
     write_comparison_csv(comparison, folder / "comparison.csv")
     atomic.write_json(folder / "comparison.json", _strict_json(
@@ -204,29 +206,21 @@ def overlay_thumbnails(image: np.ndarray | None, pred: np.ndarray, ref: np.ndarr
     from scipy import ndimage
 
     pred, ref = np.asarray(pred), np.asarray(ref)
-    if affine is not None:
-        image, pred, ref, spacing = _to_canonical(image, pred, ref, affine)
+    if affine is not None:  # reorder to R, A, S exactly (axes permuted and flipped, no interpolation)
+        grid = Grid(pred.shape, np.asarray(affine, dtype=np.float64))
+        image, pred, ref = [None if volume is None else canonical_view(np.asarray(volume), grid)[0]
+                            for volume in (image, pred, ref)]
+        spacing = canonical_grid(grid).spacing
     spacing = [float(s) for s in spacing]
     centre = _centre_voxel(ref, pred, ndimage)
     window = _display_window(image)
     thumbnails = {}
     for view in VIEWS:
-        axis = {"axial": 2, "coronal": 1, "sagittal": 0}[view]
-        row_spacing, column_spacing = _display_spacing(view, spacing)
-        planes = [None if volume is None else _display_plane(np.take(volume, centre[axis], axis=axis))
-                  for volume in (image, pred, ref)]
+        row_spacing, column_spacing = display_spacing(view, spacing)
+        index = centre[VIEW_AXIS[view]]
+        planes = [None if volume is None else display_plane(volume, view, index) for volume in (image, pred, ref)]
         thumbnails[view] = _render_plane(view, *planes, row_spacing, column_spacing, window, size_px)
     return thumbnails
-
-
-def _to_canonical(image, pred, ref, affine):
-    from pipeline.geometry import Grid, canonical_grid, resample_to_grid
-
-    grid = Grid(pred.shape, affine)
-    canonical = canonical_grid(grid)
-    moved = [None if volume is None else resample_to_grid(np.asarray(volume), grid, canonical, order=0)
-             for volume in (image, pred, ref)]
-    return moved[0], moved[1], moved[2], canonical.spacing
 
 
 def _centre_voxel(ref: np.ndarray, pred: np.ndarray, ndimage) -> list[int]:
@@ -237,21 +231,6 @@ def _centre_voxel(ref: np.ndarray, pred: np.ndarray, ndimage) -> list[int]:
     return [n // 2 for n in ref.shape]
 
 
-def _display_plane(plane: np.ndarray) -> np.ndarray:
-    """[first, second] index plane → display rows/columns: second axis upward, first axis right-to-left.
-
-    For canonical RAS arrays this puts anterior (axial) or superior (coronal, sagittal) at the top, the
-    patient's right on the left (axial, coronal) and anterior on the left (sagittal).
-    """
-    return plane.T[::-1, ::-1]
-
-
-def _display_spacing(view: str, spacing: list[float]) -> tuple[float, float]:
-    """(row spacing, column spacing) in mm of the displayed plane."""
-    return {"axial": (spacing[1], spacing[0]), "coronal": (spacing[2], spacing[0]),
-            "sagittal": (spacing[2], spacing[1])}[view]
-
-
 def _display_window(image: np.ndarray | None) -> tuple[float, float] | None:
     if image is None:
         return None
@@ -260,10 +239,6 @@ def _display_window(image: np.ndarray | None) -> tuple[float, float] | None:
         return -160.0, 240.0
     low, high = np.percentile(sample, [1, 99])
     return float(low), float(max(high, low + 1e-3))
-
-
-_ORIENTATION_LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"),
-                        "sagittal": ("S", "I", "A", "P")}  # top, bottom, left, right
 
 
 def _render_plane(view, image, pred, ref, row_spacing, column_spacing, window, size_px) -> bytes:
@@ -291,7 +266,7 @@ def _render_plane(view, image, pred, ref, row_spacing, column_spacing, window, s
     axes.set_xlim(0, width_mm)
     axes.set_ylim(0, height_mm)
     axes.set_aspect("equal")
-    top, bottom, left, right = _ORIENTATION_LETTERS[view]
+    top, bottom, left, right = ORIENTATION_LETTERS[view]
     style = {"color": "yellow", "fontsize": 8, "transform": axes.transAxes}
     axes.text(0.5, 0.98, top, ha="center", va="top", **style)
     axes.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)

@@ -55,6 +55,7 @@ from pipeline.config import Config, section_hash
 from pipeline.dataset import DatasetCase, DatasetDescription, load_dataset
 from pipeline.errors import CaseError, ConfigError, CtsegError, InputError
 from pipeline.geometry import Grid, Volume
+from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest, write_manifest
 from pipeline.labels.structures import LabelObject, Structure
 from pipeline.progress import Progress
 from pipeline.stage import StageRun, check_output_outside_inputs, read_done, safe_name
@@ -62,7 +63,7 @@ from pipeline.volume_io import is_volume_file, load_volume, save_nifti, strip_vo
 
 log = logging.getLogger("ctseg")
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 NO_LABEL_OBJECTS = "no RTSTRUCT or DICOM SEG in the export references this image series"
 NOT_MAPPED = "not mapped: no dataset description given (see dataset.suggested.yaml)"
 
@@ -163,8 +164,9 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
         cases, scan_summary = discover_cases(cfg, dataset, source, out, privacy)
         run.extra["scan"] = scan_summary
     manifest_cases, inventory = [], []
-    with Progress(len(cases), "ingest: cases", unit="case") as progress:
-        for case in cases:
+    with Progress(len(cases), "ingest: cases", unit="case") as progress, ImagePrefetch(cfg, privacy) as ahead:
+        for index, case in enumerate(cases):
+            ahead.start([c for c in cases[index + 1:index + 2] if c.previous is None and not run.is_case_done(c.id)])
             inputs = {"image": privacy.describe(case.image_path), "label": privacy.describe(case.label_path),
                       "label_objects": [o.object_id for o in case.label_objects]}
             with run.case(case.id, inputs) as record:
@@ -177,7 +179,8 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
                 if case.previous is not None:
                     entry, rows = relabel_case(cfg, dataset, case, out, record)
                 else:
-                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy)
+                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy, ahead.reader(case),
+                                              ahead.structure_sets(case))
                 record.extra["manifest"] = entry
                 manifest_cases.append(entry)
                 inventory.extend(rows)
@@ -187,8 +190,7 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
         raise InputError(f"no case could be ingested: all {len(cases)} case(s) failed, each with the reason "
                          f"printed above and listed in {out / 'report.json'}. Fix those inputs and rerun.")
     labels = dataset.label_json() if dataset else []
-    atomic.write_json(out / MANIFEST, {"format": "ctseg-ingest/1", "labels": labels, "images_key": images_key,
-                                       "cases": sorted(manifest_cases, key=lambda c: c["id"])})
+    write_manifest(out, labels, images_key, manifest_cases)
     _write_private_mapping(out, cases)
     _finish_inventory(run, out, inventory, manifest_cases, root, dataset)
     # a failed case has its reason in report.json and cases/; the others are complete (exit 3, see cli)
@@ -267,8 +269,8 @@ def _reusable_cases(out: Path, images_key: str) -> list[dict] | None:
     if done is None or done.get("failed_cases") or not (out / MANIFEST).is_file():
         return None
     try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        manifest = read_manifest(out)
+    except InputError:  # damaged or of another version: read the export again
         return None
     if manifest.get("images_key") != images_key:
         return None
@@ -393,9 +395,74 @@ def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> 
 # One case
 # ---------------------------------------------------------------------------------------------
 
+class ImagePrefetch:
+    """Decode the next case's image, and parse its RTSTRUCTs, in a background thread while the current case is
+    rasterised and written.
+
+    Both cores stay busy across cases: pixel decoding (file reads, pydicom) overlaps with the gzip and
+    fsync of the previous case's NIfTI files, which release the GIL. At most one image is read ahead, and
+    only when it fits :data:`PREFETCH_BUDGET_BYTES` (estimated from the scanned headers), so the memory
+    held is at most two images. The result is exactly what :func:`_read_image` returns in the main
+    thread (the same function runs); its exceptions surface in the case they belong to. An RTSTRUCT is
+    still parsed once (here instead of in the case) and rasterised once, in the case.
+    """
+
+    def __init__(self, cfg: Config, privacy: PathPrivacy):
+        self.cfg, self.privacy = cfg, privacy
+        self.futures: dict[str, object] = {}
+        self.parsed: dict[str, dict[Path, object]] = {}
+        self.pool = None
+
+    def __enter__(self) -> "ImagePrefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            for future in [*self.futures.values(), *(f for d in self.parsed.values() for f in d.values())]:
+                future.cancel()
+            self.pool.shutdown(wait=True)
+
+    def start(self, cases: list[CaseSource]) -> None:
+        for case in cases:
+            series = case.series
+            if case.id in self.futures or series is None or not getattr(series, "slices", None):
+                continue  # volume files and explicit folders are read in the case itself
+            if series.slice_count * series.rows * series.columns * 4 > PREFETCH_BUDGET_BYTES:
+                continue
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-prefetch")
+            self.futures[case.id] = self.pool.submit(_read_image, self.cfg, case, self.privacy)
+            from pipeline.labels import rtstruct
+
+            self.parsed[case.id] = {obj.path: self.pool.submit(rtstruct.read_rtstruct, obj.path)
+                                    for obj in case.label_objects if obj.modality == "RTSTRUCT"}
+
+    def reader(self, case: CaseSource) -> Callable:
+        """The image reader for ``case``: its prefetched result, or :func:`_read_image` when none was started."""
+        future = self.futures.pop(case.id, None)
+        if future is None:
+            return _read_image
+        return lambda *_args: future.result()
+
+    def structure_sets(self, case: CaseSource) -> dict[Path, Callable]:
+        """``{RTSTRUCT path: () -> its parsed ROIs}`` for the RTSTRUCTs of ``case`` parsed ahead (may be empty)."""
+        return {path: future.result for path, future in self.parsed.pop(case.id, {}).items()}
+
+
+# the image read ahead (int16/float32 voxels, estimated at 4 bytes each) may use at most this much memory
+PREFETCH_BUDGET_BYTES = 1 << 30
+
+
 def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record,
-                privacy: PathPrivacy | None = None) -> tuple[dict, list[Structure]]:
-    """Read one case's image and labels and write them; returns its manifest entry and inventory rows."""
+                privacy: PathPrivacy | None = None, read_image: Callable | None = None,
+                parsed: dict[Path, Callable] | None = None) -> tuple[dict, list[Structure]]:
+    """Read one case's image and labels and write them; returns its manifest entry and inventory rows.
+
+    ``read_image``: a stand-in for :func:`_read_image` with its signature (the prefetched result);
+    ``parsed``: RTSTRUCTs already parsed, by path (see :func:`pipeline.labels.structures.read_structures`).
+    """
     from pipeline.labels.structures import read_structures, write_case_structures
 
     privacy = privacy or PathPrivacy([], True)
@@ -403,7 +470,7 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
     left_out = None
     objects: list[LabelObject] = []
     try:
-        image, provenance, warnings = _read_image(cfg, case, privacy)
+        image, provenance, warnings = (read_image or _read_image)(cfg, case, privacy)
         from pipeline.dicom.plausibility import check_training_volume
 
         warnings += check_training_volume(image, f"case {case.id}", cfg.ingest.plausibility)
@@ -411,7 +478,7 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
         objects = case.label_objects or _dicom_label_objects(case.label_path)
         label = None
         if objects:
-            found = read_structures(case.id, objects, image.grid, warnings)
+            found = read_structures(case.id, objects, image.grid, warnings, parsed)
             rows, masks = write_case_structures(out, case.id, found, image.grid, cfg.ingest.compresslevel)
             if dataset is not None:
                 image_warnings = list(warnings)
@@ -435,8 +502,15 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
 
     split = "Tr" if case.role == "train" else "Ts"
     image_rel = f"images{split}/{case.id}_0000.nii.gz"
-    save_nifti(_as_storage_dtype(image), out / image_rel, compresslevel=cfg.ingest.compresslevel)
-    label_rel = _write_label(out, case.id, split, label, image.affine)
+    label_rel = f"labels{split}/{case.id}.nii.gz" if label is not None else None
+    try:
+        save_nifti(_as_storage_dtype(image), out / image_rel, compresslevel=cfg.ingest.compresslevel)
+        label_rel = _write_label(out, case.id, split, label, image.affine)
+    except BaseException:  # a failed case leaves no output under its final name (e.g. only the image)
+        for rel in (image_rel, label_rel):
+            if rel and (out / rel).exists():
+                (out / rel).unlink()
+        raise
     series_folder = case.image_path if case.image_path.is_dir() else case.image_path.parent
     provenance = {**provenance, "case": case.id, "role": case.role,
                   "image_source": privacy.describe(case.image_path),
@@ -612,7 +686,8 @@ def _single_series(cfg: Config, folder: Path, privacy: PathPrivacy):
     scan = scan_export(folder, workers=cfg.workers)
     chosen = [d for d in select_series(scan.series, cfg.ingest.select) if d.selected]
     if not chosen:
-        raise InputError(f"{privacy.describe(folder)} must hold one usable CT series, got none ({len(scan.series)} series, "
+        raise InputError(f"{privacy.describe(folder)} must hold one usable CT series, got none "
+                         f"({len(scan.series)} series, "
                          f"{len(scan.skipped)} files skipped). Check the folder or the ingest.select rules.")
     if len(chosen) > 1:
         largest = max(chosen, key=lambda d: d.series.slice_count)
@@ -633,7 +708,8 @@ def _read_label(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
     if dataset is not None:
         unknown = sorted(set(np.unique(label).tolist()) - dataset.label_values())
         if unknown:
-            raise InputError(f"label {privacy.describe(path)} holds values {unknown} that {dataset.path} does not describe "
+            raise InputError(f"label {privacy.describe(path)} holds values {unknown} that {dataset.path} does not "
+                             f"describe "
                              f"(known: {sorted(dataset.label_values())}). Add them to the dataset's labels.")
     return label
 
@@ -679,11 +755,3 @@ def _write_private_mapping(out: Path, cases: list[CaseSource]) -> None:
     atomic.write_text(path, buffer.getvalue())
     os.chmod(path, 0o600)
 
-
-def read_manifest(ingest_dir: Path) -> dict:
-    import json
-
-    path = Path(ingest_dir) / MANIFEST
-    if not path.is_file():
-        raise CtsegError(f"{path} must exist: run 'ctseg ingest' first.")
-    return json.loads(path.read_text())

@@ -129,13 +129,23 @@ def rasterise_rtstruct(rtstruct_path: Path, image_grid: Grid, roi_names: list[st
 
 
 def rasterise_contours(contours: list[np.ndarray], grid: Grid, where: str = "contours") -> np.ndarray:
-    """Even-odd fill of closed planar LPS contours at the voxel centres of ``grid``."""
+    """Even-odd fill of closed planar LPS contours at the voxel centres of ``grid``.
+
+    All points are mapped to voxel indices in one call, and the scan-line fill runs over the contours of
+    many slices at once (:func:`fill_slices`); the result is voxel for voxel that of filling each slice alone.
+    """
     mask = np.zeros(grid.shape, dtype=bool)
+    if not contours:
+        return mask
+    lengths = [len(points) for points in contours]
+    index = world_to_index(grid, np.concatenate(contours) * np.array([-1.0, -1.0, 1.0]))  # LPS → RAS → index
     polygons_on_slice: dict[int, list[np.ndarray]] = {}
     outside = 0
-    for points_lps in contours:
-        index = world_to_index(grid, points_lps * np.array([-1.0, -1.0, 1.0]))  # LPS → RAS → voxel index
-        k_values = index[:, 2]
+    first = 0
+    for length in lengths:
+        contour = index[first:first + length]
+        first += length
+        k_values = contour[:, 2]
         k = int(np.rint(k_values.mean()))
         if np.ptp(k_values) > 2 * PLANARITY_TOLERANCE:
             raise InputError(f"{where}: a contour spans slices {k_values.min():.2f}–{k_values.max():.2f} of the "
@@ -144,35 +154,56 @@ def rasterise_contours(contours: list[np.ndarray], grid: Grid, where: str = "con
         if not 0 <= k < grid.shape[2] or abs(k_values.mean() - k) > SLICE_TOLERANCE:
             outside += 1
             continue
-        polygons_on_slice.setdefault(k, []).append(index[:, :2])
-    for k, polygons in polygons_on_slice.items():
-        mask[:, :, k] = fill_even_odd(grid.shape[:2], polygons)
+        polygons_on_slice.setdefault(k, []).append(contour[:, :2])
+    slices = sorted(polygons_on_slice)
+    per_chunk = max(1, FILL_CHUNK_VOXELS // (grid.shape[0] * grid.shape[1]))
+    for start in range(0, len(slices), per_chunk):
+        chunk = slices[start:start + per_chunk]
+        mask[:, :, chunk] = fill_slices(grid.shape[:2], [polygons_on_slice[k] for k in chunk]).transpose(1, 2, 0)
     if outside:
         log.warning("%s: %d contour(s) lie outside the image's slices and were ignored", where, outside)
     return mask
 
 
+# the scan-line fill of many slices at once holds an int64 toggle count per voxel of the slices it fills
+FILL_CHUNK_VOXELS = 1 << 22
+
+
 def fill_even_odd(shape: tuple[int, int], polygons: list[np.ndarray]) -> np.ndarray:
-    """Pixels (indexed [i, j]) whose centres lie inside an odd number of the (i, j) polygons.
+    """Pixels (indexed [i, j]) whose centres lie inside an odd number of the (i, j) polygons."""
+    return fill_slices(shape, [polygons])[0]
+
+
+def fill_slices(shape: tuple[int, int], polygons_per_slice: list[list[np.ndarray]]) -> np.ndarray:
+    """:func:`fill_even_odd` of several slices at once: a (slices, ni, nj) boolean array.
 
     Scanline fill: every edge crossing row j at x toggles the pixels with centre i > x. Edges are
-    half-open in j, so a vertex exactly on a row is counted once.
+    half-open in j, so a vertex exactly on a row is counted once. Every edge of every polygon of every
+    slice is handled in one pass of array operations (no Python loop over edges, rows or slices).
     """
     ni, nj = shape
+    polygons = [p for slice_polygons in polygons_per_slice for p in slice_polygons]
+    lengths = np.array([len(p) for p in polygons], dtype=np.int64)
+    slot = np.repeat(np.repeat(np.arange(len(polygons_per_slice)), [len(s) for s in polygons_per_slice]), lengths)
     starts = np.concatenate(polygons)
-    ends = np.concatenate([np.roll(p, -1, axis=0) for p in polygons])
+    following = np.arange(1, len(starts) + 1)
+    ends_at = np.cumsum(lengths)
+    following[ends_at - 1] = ends_at - lengths  # each polygon closes on its first point
+    ends = starts[following]
     x0, y0, x1, y1 = starts[:, 0], starts[:, 1], ends[:, 0], ends[:, 1]
     low, high = np.minimum(y0, y1), np.maximum(y0, y1)
     first_row = np.maximum(np.ceil(low), 0).astype(np.int64)
     end_row = np.minimum(np.ceil(high), nj).astype(np.int64)  # rows j with low <= j < high
     counts = np.maximum(end_row - first_row, 0)
+    slices = len(polygons_per_slice)
     if counts.sum() == 0:
-        return np.zeros(shape, dtype=bool)
+        return np.zeros((slices, ni, nj), dtype=bool)
     edge = np.repeat(np.arange(len(counts)), counts)
     row = first_row[edge] + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
     slope = (x1 - x0)[edge] / (y1 - y0)[edge]
     crossing = x0[edge] + (row - y0[edge]) * slope
     first_right = np.clip(np.floor(crossing).astype(np.int64) + 1, 0, ni)
-    toggles = np.bincount(row * (ni + 1) + first_right, minlength=nj * (ni + 1)).reshape(nj, ni + 1)
-    inside = (np.cumsum(toggles, axis=1) & 1).astype(bool)[:, :ni]
-    return inside.T
+    toggles = np.bincount((slot[edge] * nj + row) * (ni + 1) + first_right,
+                          minlength=slices * nj * (ni + 1)).reshape(slices, nj, ni + 1)
+    inside = (np.cumsum(toggles, axis=2) & 1).astype(bool)[:, :, :ni]
+    return inside.transpose(0, 2, 1)

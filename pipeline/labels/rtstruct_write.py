@@ -27,7 +27,15 @@ Geometry: a contour's points are the LPS positions of voxel-corner index coordin
 nothing special; the label slice k must be one source image (the caller checks and passes the
 image of each k).
 
-Text: SpecificCharacterSet ISO_IR 192 (UTF-8), so ROI names such as ``Rückenmark`` survive.
+References: the Referenced Frame of Reference Sequence names the CT's Frame of Reference, study and
+series, and its Contour Image Sequence lists *every* image of the series (as Eclipse and RayStation
+write it; a superset of the contoured slices, so an importer finds the whole series), while each
+contour references the one image it lies on.
+
+Encoding: Implicit VR Little Endian (4-byte lengths: a contour of thousands of points exceeds the
+64 KiB an Explicit VR DS value may hold), the ROI Contour Sequence encoded directly (pydicom needs
+minutes for the hundreds of thousands of elements of a large structure set). Text:
+SpecificCharacterSet ISO_IR 192 (UTF-8), so ROI names such as ``Rückenmark`` survive.
 """
 from __future__ import annotations
 
@@ -35,13 +43,13 @@ import datetime as _dt
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, RTStructureSetStorage, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from pipeline import atomic
 from pipeline.geometry import Grid, lps_to_ras
@@ -59,7 +67,7 @@ class Roi:
     value: int
     name: str
     color: tuple[int, int, int]
-    concept: object = None  # pipeline.labels.codes.Concept; None: no codes, RT type ORGAN
+    concept: Any = None  # pipeline.labels.codes.Concept; None: no codes, RT type ORGAN
 
 
 @dataclass
@@ -97,13 +105,14 @@ def keyhole_walls(padded: np.ndarray) -> np.ndarray:
     background, count = ndimage.label(~padded, structure=np.ones((3, 3), dtype=bool))  # holes: 8-connected
     if count <= 1:
         return walls
-    outside = set(np.unique(np.r_[background[0], background[-1], background[:, 0], background[:, -1]]).tolist())
-    for hole in range(1, count + 1):
-        if hole in outside:
-            continue
-        p, q = np.nonzero(background == hole)
-        top = q.max()
-        column = p[q == top].min()
+    outside = np.unique(np.r_[background[0], background[-1], background[:, 0], background[:, -1]])
+    p, q = np.nonzero(background)
+    hole = background[p, q]
+    inside = ~np.isin(hole, outside)
+    p, q, hole = p[inside], q[inside], hole[inside]
+    order = np.lexsort((p, -q, hole))  # per hole: top row first, leftmost pixel first
+    _, first = np.unique(hole[order], return_index=True)
+    for column, top in zip(p[order][first].tolist(), q[order][first].tolist()):
         row = top + 1
         while row < nj and padded[column - 1, row] and padded[column, row]:
             walls[column, row] = True
@@ -126,56 +135,77 @@ def voxel_edge_contours(plane: np.ndarray, holes: str = "keyhole") -> list[np.nd
     # directed boundary edges between corner points (a, b) of the padded grid, inside on the left;
     # pixel (p, q) has corners (p, q), (p + 1, q), (p + 1, q + 1), (p, q + 1)
     starts, ends = [], []
-    for dp, dq, start, end in ((0, -1, (0, 0), (1, 0)), (1, 0, (1, 0), (1, 1)),
-                               (0, 1, (1, 1), (0, 1)), (-1, 0, (0, 1), (0, 0))):
+    for dp, dq, corner_a, corner_b in ((0, -1, (0, 0), (1, 0)), (1, 0, (1, 0), (1, 1)),
+                                       (0, 1, (1, 1), (0, 1)), (-1, 0, (0, 1), (0, 0))):
         open_side = ~np.roll(padded, (-dp, -dq), axis=(0, 1))
         if dp == 1:
             open_side |= walls[1:]
         elif dp == -1:
             open_side |= walls[:-1]
         p, q = np.nonzero(padded & open_side)
-        starts.append(np.c_[p + start[0], q + start[1]])
-        ends.append(np.c_[p + end[0], q + end[1]])
+        starts.append(np.c_[p + corner_a[0], q + corner_a[1]])
+        ends.append(np.c_[p + corner_b[0], q + corner_b[1]])
     start = np.concatenate(starts)
     end = np.concatenate(ends)
     if not len(start):
         return []
     width = nj + 1
-    start_key = start[:, 0] * width + start[:, 1]
-    outgoing: dict[int, list[int]] = {}
-    for edge, key in enumerate(start_key.tolist()):
-        outgoing.setdefault(key, []).append(edge)
-    direction = end - start
-    used = np.zeros(len(start), dtype=bool)
+    successor = _successors(start, end, width)
     polygons = []
-    for first in range(len(start)):
-        if used[first]:
-            continue
-        loop = []
-        edge = first
-        while not used[edge]:
-            used[edge] = True
-            loop.append(start[edge])
-            key = int(end[edge, 0] * width + end[edge, 1])
-            candidates = [e for e in outgoing[key] if not used[e]]
-            if not candidates:
-                break
-            if len(candidates) > 1:  # a shared corner (diagonal pixels, a keyhole's ends): turn left
-                edge = min(candidates, key=lambda e: _turn(direction[edge], direction[e]))
-            else:
-                edge = candidates[0]
-        polygon = _drop_collinear(np.asarray(loop, dtype=np.float64)) - 1.5  # corners → index coordinates
+    for edges in _cycles(successor):
+        polygon = _drop_collinear(start[edges].astype(np.float64)) - 1.5  # corners → index coordinates
         if len(polygon) >= 3:
             polygons.append(polygon)
     return polygons
 
 
-def _turn(incoming: np.ndarray, outgoing: np.ndarray) -> int:
+def _successors(start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
+    """The edge that follows each boundary edge: the only one leaving its end corner, or at a corner
+    with two (diagonal pixels, a keyhole's ends) the one turning most to the left."""
+    start_key = start[:, 0] * width + start[:, 1]
+    end_key = end[:, 0] * width + end[:, 1]
+    order = np.argsort(start_key, kind="stable")
+    sorted_keys = start_key[order]
+    first = np.searchsorted(sorted_keys, end_key, side="left")
+    count = np.searchsorted(sorted_keys, end_key, side="right") - first
+    if count.min() < 1 or count.max() > 2:
+        raise ValueError("boundary edges must meet at corners shared by one or two edges")  # cannot happen
+    successor = order[first]
+    double = np.nonzero(count == 2)[0]
+    if len(double):
+        a, b = order[first[double]], order[first[double] + 1]
+        direction = end - start
+        rank_a = _turn_ranks(direction[double], direction[a])
+        rank_b = _turn_ranks(direction[double], direction[b])
+        successor[double] = np.where(rank_a <= rank_b, a, b)
+    return successor
+
+
+def _turn_ranks(incoming: np.ndarray, outgoing: np.ndarray) -> np.ndarray:
     """0 left, 1 straight on, 2 right, 3 back: the order in which a boundary walk prefers its next edge."""
-    cross = int(incoming[0] * outgoing[1] - incoming[1] * outgoing[0])
-    if cross:
-        return 0 if cross > 0 else 2
-    return 1 if int(incoming @ outgoing) > 0 else 3
+    cross = incoming[:, 0] * outgoing[:, 1] - incoming[:, 1] * outgoing[:, 0]
+    dot = (incoming * outgoing).sum(axis=1)
+    return np.where(cross > 0, 0, np.where(cross < 0, 2, np.where(dot > 0, 1, 3)))
+
+
+def _cycles(successor: np.ndarray) -> list[np.ndarray]:
+    """The cycles of the successor map (each edge on exactly one): the closed boundary loops."""
+    if np.bincount(successor, minlength=len(successor)).max() > 1:
+        raise ValueError("boundary walk is not one-to-one")  # the turn rule makes it so; a guard, not a path
+    following = successor.tolist()
+    seen = bytearray(len(following))
+    loops = []
+    for first in range(len(following)):
+        if seen[first]:
+            continue
+        loop = []
+        edge = first
+        while not seen[edge]:
+            seen[edge] = 1
+            loop.append(edge)
+            edge = following[edge]
+        loops.append(np.asarray(loop))
+    return loops
 
 
 def _drop_collinear(points: np.ndarray) -> np.ndarray:
@@ -349,7 +379,7 @@ def rtstruct_dataset(labels: np.ndarray, grid: Grid, rois: list[Roi], source: So
     dataset.ReferencedFrameOfReferenceSequence = Sequence([frame_item])
 
     roi_items, contour_items, observation_items = [], [], []
-    summary = {"rois": [], "contours": 0, "points": 0, "unreferenced_contours": 0, "corrected": corrected}
+    summary: dict[str, Any] = {"rois": [], "contours": 0, "points": 0, "unreferenced_contours": 0, "corrected": corrected}
     for number, roi in enumerate(rois, start=1):
         item = Dataset()
         item.ROINumber = number

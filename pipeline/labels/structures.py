@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -75,18 +75,20 @@ class Structure:
 COLUMNS = [f.name for f in fields(Structure)]
 
 
-def read_structures(case_id: str, objects: list[LabelObject], grid: Grid, warnings: list[str]
-                    ) -> Iterator[tuple[Structure, np.ndarray]]:
+def read_structures(case_id: str, objects: list[LabelObject], grid: Grid, warnings: list[str],
+                    parsed: dict[Path, Callable[[], list]] | None = None) -> Iterator[tuple[Structure, np.ndarray]]:
     """Every structure of ``objects`` rasterised on ``grid``, one at a time (a structure set may hold 60 ROIs).
 
     A label object that cannot be read, or a structure that cannot be placed on the image, becomes
     a row with an empty mask and the reason in ``problem`` (and in ``warnings``): the image is still
-    ingested.
+    ingested. ``parsed``: per RTSTRUCT path, a call returning what ``read_rtstruct`` returns (or raising what it
+    raises) when the file was parsed ahead in another thread; the others are parsed here.
     """
+    parsed = parsed or {}
     voxel_ml = voxel_volume_ml(grid)
     for obj in objects:
         try:
-            items = _read_object(obj, grid)
+            items = _read_object(obj, grid, parsed.get(obj.path))
         except (CtsegError, OSError, ValueError, KeyError, AttributeError, IndexError) as exc:
             reason = f"{obj.object_id} could not be read ({exc})"
             warnings.append(f"{reason}; its structures are not in the inventory")
@@ -118,11 +120,12 @@ class PackedMasks:
         return np.unpackbits(self.packed[index], count=count).astype(bool).reshape(self.shape)
 
 
-def _read_object(obj: LabelObject, grid: Grid):
+def _read_object(obj: LabelObject, grid: Grid, parsed: Callable[[], list] | None = None):
     if obj.modality == "RTSTRUCT":
         from pipeline.labels.rtstruct import rasterise_contours, read_rtstruct
 
-        return _rtstruct_items(read_rtstruct(obj.path), obj, grid, rasterise_contours)  # parsed once
+        rois = parsed() if parsed is not None else read_rtstruct(obj.path)  # parsed once, here or ahead
+        return _rtstruct_items(rois, obj, grid, rasterise_contours)
     if obj.modality == "SEG":
         from pipeline.labels.seg import read_seg_segments
 

@@ -86,8 +86,8 @@ def network_spec(name: str, spatial_dims: int, in_channels: int, out_channels: i
     n_levels = levels_for_patch(patch_size, len(channels))
     if n_levels < len(channels):
         raise ConfigError(f"train.patch_size {list(patch_size)} must be divisible by {2 ** (len(channels) - 1)} "
-                          f"along every axis for {len(channels)} levels (train.channels={channels}). Use a patch size that is a multiple of "
-                          f"{2 ** (len(channels) - 1)}, or fewer channels entries.")
+                          f"along every axis for {len(channels)} levels (train.channels={channels}). Use a patch "
+                          f"size that is a multiple of {2 ** (len(channels) - 1)}, or fewer channels entries.")
     if name == "UNet":
         kwargs = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": int(num_res_units),
                   "norm": norm.upper(), "dropout": float(dropout)}

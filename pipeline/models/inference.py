@@ -1,7 +1,10 @@
 """Whole-volume inference on the model grid: sliding windows in 3D, or slice by slice (2D / 2.5D).
 
-Used by validation during training and available to prediction, so that both see a volume the
-same way. For 2D models the slices are the model grid's k axis (axial after reorientation to RAS);
+Used by validation during training. Prediction has its own memory-planned sliding window
+(:mod:`pipeline.predict.inference`: budgets, streaming, GPU plans), which follows the same rules: Gaussian
+blending of the windows' softmax, the same slice axis and context for 2D models; the predict tests compare it
+with MONAI's ``sliding_window_inference``. Merging the two is open work. For 2D models the slices are the model
+grid's k axis (axial after reorientation to RAS);
 a 2.5D model with ``context_slices = n`` gets slices k-n..k+n as channels, the edge slice repeated
 beyond the volume.
 """

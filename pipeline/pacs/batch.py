@@ -37,7 +37,7 @@ class NodeBatch:
     """One model, one ledger, one output folder; ``segment(folder)`` runs the cases of one received series."""
 
     def __init__(self, cfg: Config, model_dir: Path, output_dir: Path, retry_failed: bool = False):
-        from pipeline.models.loader import MODEL_FILE, read_model_spec
+        from pipeline.models.folder import MODEL_FILE, read_model_spec
         from pipeline.predict import cases as case_io
         from pipeline.predict.ledger import open_ledger, sha256_file
         from pipeline.predict.model import resolve_device

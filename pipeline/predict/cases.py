@@ -117,7 +117,8 @@ def _expand_list(list_file: Path, discovery: Discovery, ingest_cfg, workers: int
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"input list {list_file} must be a readable UTF-8 text file, got {exc}. Fix the file.")
+        raise InputError(f"input list {list_file} must be a readable UTF-8 text file, got {exc}. Fix the file.") \
+            from None
     for number, line in enumerate(lines, start=1):
         entry = line.split("#", 1)[0].strip()
         if not entry:

@@ -217,7 +217,7 @@ class WindowPredictor:
         if self.two_d and self.context == 0:
             axes = [a for a in axes if a != "SI"]  # a single slice has nothing to mirror along SI
         self.flip_sets = [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
-        self.observer = None  # called with each member's classes and the ensemble (pipeline.predict.trust)
+        self.observer = None  # sees each member's and the ensemble's log-probabilities (pipeline.predict.trust)
 
     @property
     def passes_per_window(self) -> int:
@@ -254,7 +254,6 @@ class WindowPredictor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """log(mean softmax) over folds and mirrorings, ``[B, K, x, y, z]`` float32."""
         total = None
-        members = [] if self.observer is not None else None
         for network in self.networks:
             for axes in self.flip_sets:
                 dims_in, dims_out = self._flip_dims(axes)
@@ -262,13 +261,13 @@ class WindowPredictor:
                 log_probs = torch.log_softmax(self._forward(network, xi).float(), dim=1)
                 if dims_out:
                     log_probs = torch.flip(log_probs, dims_out)
-                if members is not None:
-                    members.append(log_probs.argmax(dim=1))
+                if self.observer is not None:
+                    self.observer.member(log_probs)
                 total = log_probs if total is None else torch.logaddexp(total, log_probs, out=total)
         if self.passes_per_window > 1:
             total.sub_(math.log(self.passes_per_window))
-        if members is not None:
-            self.observer(members, total)
+        if self.observer is not None:
+            self.observer.ensemble(total)
         return total
 
 

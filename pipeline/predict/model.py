@@ -120,7 +120,8 @@ def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
 
     A model whose estimated memory exceeds :func:`network_budget_bytes` is refused before it is built.
     """
-    from pipeline.models.loader import MODEL_FILE, class_values, load_model_folder
+    from pipeline.models.folder import MODEL_FILE, class_values
+    from pipeline.models.loader import load_model_folder
 
     model_dir = Path(model_dir)
     bundle = load_model_folder(model_dir, device="cpu", folds=folds,

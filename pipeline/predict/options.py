@@ -96,6 +96,9 @@ class TrustOptions:
     volume_margin: float = field(default=2.0, metadata={
         "help": "A label volume below the smallest training volume / margin, or above the largest x margin, "
                 "is flagged."})
+    component_min_fraction: float = field(default=0.1, metadata={
+        "help": "Predicted components smaller than this fraction of the label's smallest training volume are "
+                "not counted against the training's component counts (specks are not a second organ)."})
     input_margin: float = field(default=2.0, metadata={
         "help": "A spacing or image extent (per axis) below the training minimum / margin, or above the "
                 "maximum x margin, is flagged as an unfamiliar input."})
@@ -118,12 +121,13 @@ class PredictConfig:
     batch_size_2d: int = field(default=16, metadata={"help": "Slices (2D patches) per forward pass of a 2D model."})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
         "help": "Autocast precision of the network pass (pipeline/precision.py; the choice and its reason go into "
-                "report.json and each provenance). auto: fp32 on every CPU, so that every CPU writes the same "
-                "labels; bf16 on CUDA GPUs with native bf16, fp16 on older GPUs. bf16 on a CPU with AVX512-BF16/AMX "
-                "is opt-in: measured per-class Dice agreement with fp32 >= 0.9977 on the demo model (0.0026% of "
-                "voxels changed); its speed against fp32 measured 0.8-1.4x on the small demo network and 1.6-2.5x "
-                "on a spleen-size UNet at 96^3 (bench/README.md, Precision). Emulated on other CPUs: many times "
-                "slower."})
+                "report.json and each provenance). auto = fp32 on every device: measured against fp32 on a CPU "
+                "with native bf16, bf16 labels agreed to a per-class Dice of 0.9977-0.9993 on the demo model but "
+                "only 0.857 on one of 4 held-out CTs of an sts_ct GTV model (pooled 0.9969; 0.05% of voxels "
+                "changed), below the 0.995 that auto requires (bench/README.md, Precision). bf16 is opt-in: "
+                "0.8-1.4x the speed of fp32 for the demo network, 1.6-2.5x for a spleen-size UNet at 96^3, on "
+                "CPUs with AVX512-BF16/AMX and GPUs of compute capability >= 8 (emulated, many times slower, "
+                "elsewhere). fp16 is opt-in too (demo model agreement 0.9996; emulated on the CPU)."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
         "help": "auto uses CUDA when present, else the CPU."})
     optimize_network: bool = field(default=True, metadata={

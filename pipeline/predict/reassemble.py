@@ -191,7 +191,8 @@ def min_component_ml(options, label: str) -> Optional[float]:
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"predict.postprocess.min_component_ml for '{label}' must be a number of mL, got {raw!r}.")
+        raise ConfigError(f"predict.postprocess.min_component_ml for '{label}' must be a number of mL, got {raw!r}.") \
+            from None
 
 
 def check_label_names(options, known: list[str]) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
-from pipeline.geometry import Grid, canonical_grid, voxel_volume_ml
+from pipeline.geometry import Grid, voxel_volume_ml
+from pipeline.thumbnails import ORIENTATION_LETTERS, VIEW_AXIS, VIEWS, canonical_view, display_plane, display_spacing
 
 WINDOW_HU = (-160.0, 240.0)
 FACE_NAMES = {(0, 1): "right", (0, -1): "left", (1, 1): "anterior", (1, -1): "posterior", (2, 1): "superior",
@@ -39,7 +40,7 @@ def volume_ranges(options) -> dict[str, tuple[float, float]]:
             low, high = (float(v) for v in bounds.split(":", 1))
         except ValueError:
             raise ConfigError(f"predict.report.volume_range_ml entries must look like 'name=min:max' (mL), got "
-                              f"{entry!r}. Example: 'liver=800:3500'.")
+                              f"{entry!r}. Example: 'liver=800:3500'.") from None
         ranges[name.strip()] = (low, high)
     if len(options.default_volume_range_ml) != 2:
         raise ConfigError(f"predict.report.default_volume_range_ml must be [min, max] in mL, got "
@@ -103,22 +104,6 @@ def label_statistics(labels: np.ndarray, grid: Grid, label_infos, options) -> tu
 # Thumbnails
 # ---------------------------------------------------------------------------------------------
 
-def canonical_view(array: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """A zero-copy view of ``array`` with axes along R, A, S (increasing), and the spacing of those axes."""
-    canon = canonical_grid(grid)
-    mapping = np.linalg.inv(grid.affine) @ canon.affine
-    order, flips = [], []
-    for dst_axis in range(3):
-        src_axis = int(np.argmax(np.abs(mapping[:3, dst_axis])))
-        order.append(src_axis)
-        flips.append(mapping[src_axis, dst_axis] < 0)
-    view = np.transpose(array, order)
-    for axis, flip in enumerate(flips):
-        if flip:
-            view = np.flip(view, axis)
-    return view, canon.spacing
-
-
 def _overlay(labels2d: np.ndarray, colors: np.ndarray) -> np.ndarray:
     """Labels at 45% opacity with their outlines opaque: similar colours (liver, kidneys) stay apart."""
     rgba = np.zeros((*labels2d.shape, 4), dtype=np.float32)
@@ -146,21 +131,17 @@ def write_thumbnail(image: np.ndarray, labels: np.ndarray, grid: Grid, label_inf
     for info in label_infos:
         colors[info.value] = np.asarray(info.color, dtype=np.float32) / 255.0
     centre = _centre(lab)
-    sx, sy, sz = spacing
-    # each view: 2D arrays indexed [row, column] for display, plus the aspect (row spacing / column spacing)
-    views = [
-        ("axial", ct[:, :, centre[2]], lab[:, :, centre[2]], sy / sx, ("A", "P", "R", "L")),
-        ("coronal", ct[:, centre[1], :], lab[:, centre[1], :], sz / sx, ("S", "I", "R", "L")),
-        ("sagittal", ct[centre[0], :, :], lab[centre[0], :, :], sz / sy, ("S", "I", "A", "P")),
-    ]
+    # each view: 2D arrays as displayed [row, column], plus the aspect (row spacing / column spacing)
+    views = []
+    for name in VIEWS:
+        row_spacing, column_spacing = display_spacing(name, spacing)
+        index = centre[VIEW_AXIS[name]]
+        views.append((name, display_plane(ct, name, index), display_plane(lab, name, index),
+                      row_spacing / column_spacing, ORIENTATION_LETTERS[name]))
     present = [info for info in label_infos if info.value <= lab.max() and np.any(lab == info.value)]
     figure = Figure(figsize=(9.0, 3.3 + (0.3 if present else 0.0)), dpi=72)
     FigureCanvasAgg(figure)
-    for n, (name, ct2d, lab2d, aspect, letters) in enumerate(views):
-        # [first axis, second axis] → rows top-down = second axis descending, columns = first axis descending
-        # (patient's right, or anterior for sagittal, on the viewer's left)
-        ct_rows = np.asarray(ct2d)[::-1, ::-1].T
-        lab_rows = np.asarray(lab2d)[::-1, ::-1].T
+    for n, (name, ct_rows, lab_rows, aspect, letters) in enumerate(views):
         axes = figure.add_subplot(1, 3, n + 1)
         axes.imshow(ct_rows, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=aspect,
                     interpolation="nearest")
@@ -294,7 +275,7 @@ def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[
         seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
         count = "error" if row.error else (str(len(row.warnings)) if row.warnings else "")
         trust = row.summary.get("trust") or {}
-        confidence = "" if not trust else (f"{trust['confidence']:.2f}" +
+        confidence = "" if not trust else (f"{trust['confidence']:.3f}" +
                                            ("<br><span class='failed'>needs review</span>" if trust.get("needs_review")
                                             else ""))
         parts.append(f"<tr><td><a href='#{html.escape(row.case_id)}'>{html.escape(row.case_id)}</a></td>"
@@ -318,7 +299,8 @@ def _case_section(folder: Path, row, label_names: list[str], colors: list) -> st
              "<div class='case-body'>"]
     if volumes:
         lines.append("<table class='volumes'><tr><th>label</th><th>mL</th></tr>" + "".join(
-            f"<tr><td>{_swatch(color)}{html.escape(name)}</td><td>{volumes.get(name, {}).get('volume_ml', '')}</td></tr>"
+            f"<tr><td>{_swatch(color)}{html.escape(name)}</td>"
+            f"<td>{volumes.get(name, {}).get('volume_ml', '')}</td></tr>"
             for name, color in zip(label_names, colors)) + "</table>")
     notes = [f"<div class='failed'>{html.escape(row.error)}</div>"] if row.error else []
     notes += [f"<div class='warn'>{html.escape(w)}</div>" for w in row.warnings]

@@ -10,9 +10,10 @@
    grid, runs sliding-window inference (:mod:`pipeline.predict.inference`), takes the argmax and
    maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), optionally cleans it per
    label, checks it against the model's training data and scores its confidence
-   (:mod:`pipeline.predict.trust`), and writes every output atomically (:mod:`pipeline.predict.writers`). The outputs'
-   SHA-256 go into the ledger. A case that fails (unreadable, not CT, out of memory, any error) is
-   recorded as failed with its message and the batch moves on.
+   (:mod:`pipeline.predict.trust`), and writes every output atomically
+   (:mod:`pipeline.predict.writers`). The outputs' SHA-256 go into the ledger. A case that fails
+   (unreadable, not CT, out of memory, any error) is recorded as failed with its message and the
+   batch moves on.
 4. Writes ``report.json``, ``report.csv`` and ``report.html`` (:mod:`pipeline.predict.report`)
    covering every case of the input (all shards: the last shard to finish has the full picture);
    the CSV and HTML list the least trustworthy cases first, under a "needs review" count.
@@ -59,7 +60,7 @@ from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
                                          refined_to_source, to_source_grid)
 from pipeline.progress import Progress
-from pipeline.stage import REPORT_FILE, versions
+from pipeline.stage import REPORT_FILE, report_header, versions
 
 log = logging.getLogger("ctseg.predict")
 
@@ -86,7 +87,7 @@ class PredictResult:
 
 def options_folds(spec: dict, cfg: Config) -> list[int]:
     """The fold numbers this batch ensembles: ``predict.folds``, or every fold of the model folder."""
-    from pipeline.models.loader import fold_numbers
+    from pipeline.models.folder import fold_numbers
 
     every = fold_numbers(spec)
     return every if cfg.predict.folds is None else [f for f in every if f in set(cfg.predict.folds)]
@@ -100,7 +101,7 @@ def settings_hash(model_json_sha256: str, cfg: Config) -> str:
 def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path,
                 shard: Optional[tuple[int, int]] = None, retry_failed: bool = False) -> PredictResult:
     """Segment every case of ``input_path`` into ``output_dir`` (see module docstring)."""
-    from pipeline.models.loader import MODEL_FILE, read_model_spec
+    from pipeline.models.folder import MODEL_FILE, read_model_spec
 
     started = time.time()
     wall = time.perf_counter()
@@ -174,9 +175,11 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
                             "--take-stale to take them over", len(stuck), ", ".join(stuck[:10]))
                 failed += stuck
             skipped = batch_redactor.all(discovery.skipped)
-            report = _report(cfg, spec, model_dir, input_path if not hide else "<input> (see private/inputs.json)",
-                             output_dir, shard, device, rows, mine_ids, outcomes, skipped, batch, started,
-                             time.perf_counter() - wall, run_hash)
+            run = _RunInfo(cfg=cfg, spec=spec, model_dir=model_dir, output_dir=output_dir, shard=shard,
+                           device=device, started=started, run_hash=run_hash,
+                           input_label=str(input_path) if not hide else "<input> (see private/inputs.json)")
+            report = _report(run, batch, rows, mine_ids=mine_ids, outcomes=outcomes, skipped=skipped,
+                             seconds=time.perf_counter() - wall)
             report["ledger"] = ledger.describe()
             if batch.stopped:  # disk full: the cases not started stay pending for a plain rerun
                 report.update(stopped=batch.stopped, status="failed", exit_code=EXIT_SOME_FAILED)
@@ -805,26 +808,36 @@ def _ctseg_version() -> str:
     return __version__
 
 
-def _report(cfg, spec, model_dir, input_path, output_dir, shard, device, rows, mine_ids, outcomes, skipped, batch,
-            started, seconds, run_hash) -> dict:
+@dataclass
+class _RunInfo:
+    """What one predict run is: settings, model, folders, shard and device (the fixed part of its report)."""
+
+    cfg: Config
+    spec: dict
+    model_dir: Path
+    output_dir: Path
+    input_label: str  # the input as the report may name it (no folder names unless predict.full_paths)
+    shard: Optional[tuple[int, int]]
+    device: torch.device
+    started: float
+    run_hash: str
+
+
+def _report(run: _RunInfo, batch: "_Batch", rows, *, mine_ids: set[str], outcomes: dict[str, str],
+            skipped: list[str], seconds: float) -> dict:
     mine_rows = [row for row in rows if row.case_id in mine_ids]
     failed_mine = [row for row in mine_rows if row.status == "failed"]
     return {
-        "stage": "predict",
-        "folder": str(output_dir),
-        "hash": run_hash,
-        "status": "failed" if failed_mine else "ok",
+        **report_header("predict", run.output_dir, run.run_hash, bool(failed_mine), run.started, seconds,
+                        str(run.device)),
         "exit_code": EXIT_SOME_FAILED if failed_mine else EXIT_OK,
-        "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "device": str(device),
         "precision": batch.window_predictor.precision.to_json() if batch.window_predictor else None,
-        "versions": versions(),
-        "model": {"folder": str(model_dir), "mode": spec.get("mode"), "network": spec["network"].get("name"),
-                  "folds": options_folds(spec, cfg), "load_seconds": batch.model_seconds,
+        "model": {"folder": str(run.model_dir), "mode": run.spec.get("mode"),
+                  "network": run.spec["network"].get("name"), "folds": options_folds(run.spec, run.cfg),
+                  "load_seconds": batch.model_seconds,
                   "inference_rewrites": batch.predictor.optimisation if batch.predictor else None},
-        "input": str(input_path),
-        "shard": list(shard) if shard else None,
+        "input": run.input_label,
+        "shard": list(run.shard) if run.shard else None,
         "counts": {
             **_batch_counts(rows),
             "this_shard": len(mine_rows),
@@ -860,7 +873,7 @@ def rewrite_report(output_dir: Path) -> dict:
     Shards each write the merged report when they finish, so the last one's is complete; this rebuilds it at any
     time (after a shard died, or while others still run) without loading a model or reading an image.
     """
-    from pipeline.models.loader import read_model_spec
+    from pipeline.models.folder import read_model_spec
     from pipeline.predict.ledger import has_ledger, read_case_rows
 
     output_dir = Path(output_dir)
@@ -880,7 +893,8 @@ def rewrite_report(output_dir: Path) -> dict:
                    "exit_code": EXIT_SOME_FAILED if failed else EXIT_OK, "counts": _batch_counts(rows),
                    "cases": _case_entries(rows),
                    "needs_review": [row.case_id for row in trust.review_order(rows)
-                                    if trust.case_trust(row).get("needs_review")], "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
+                                    if trust.case_trust(row).get("needs_review")],
+                   "rewritten": _dt.datetime.now().isoformat(timespec="seconds")})
     summary = {**trust.review_summary(rows), **reporting.summary_block(
         rows, model_dir, str(report.get("device", "")), 0.0, report.get("skipped_inputs"))}
     _write_reports(output_dir, report, rows, summary, legend)

@@ -27,7 +27,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -214,7 +214,7 @@ def write_probabilities(probabilities: np.ndarray, grid: Grid, class_names: list
 # DICOM SEG
 # ---------------------------------------------------------------------------------------------
 
-def source_image_order(series, grid: Grid, case_id: str, what: str = "DICOM SEG") -> list[tuple[object, int]]:
+def source_image_order(series, grid: Grid, case_id: str, what: str = "a DICOM SEG") -> list[tuple[object, int]]:
     """(SliceRef, k) for every source image: the slice k of the volume that holds that image's pixels.
 
     Raises CaseError when the volume is not a one-to-one stack of the source images (tilt
@@ -223,23 +223,23 @@ def source_image_order(series, grid: Grid, case_id: str, what: str = "DICOM SEG"
     order = []
     for slice_ref in series.slices:
         if slice_ref.position is None:
-            raise CaseError(case_id, f"a {what} needs ImagePositionPatient on every source image, got an image "
+            raise CaseError(case_id, f"{what} needs ImagePositionPatient on every source image, got an image "
                                      f"without it. Use the .seg.nrrd or NIfTI output for this export.")
         ras = lps_to_ras(np.r_[np.asarray(slice_ref.position, dtype=float), 1.0].reshape(1, 4).T).T[0, :3]
         index = world_to_index(grid, ras[None, :])[0]
         k = int(round(index[2]))
         if np.abs(index - [0, 0, k]).max() > 1e-2 or not 0 <= k < grid.shape[2]:
-            raise CaseError(case_id, f"a {what} needs every source image to be one slice of the volume, got an "
+            raise CaseError(case_id, f"{what} needs every source image to be one slice of the volume, got an "
                                      f"image at voxel index {np.round(index, 3).tolist()} (the series was resampled, "
                                      f"e.g. for gantry tilt or missing slices). Use the .seg.nrrd or NIfTI output.")
         order.append((slice_ref, k))
     return order
 
 
-def _single_frame_order(series, grid: Grid, case_id: str, what: str) -> list[tuple[object, int]]:
+def _single_frame_order(series, grid: Grid, case_id: str, what: str) -> list[tuple[Any, int]]:
     order = source_image_order(series, grid, case_id, what)
     if any(getattr(s, "frame", None) is not None for s, _ in order):
-        raise CaseError(case_id, f"a {what} is written for single-frame source images only, got a multi-frame "
+        raise CaseError(case_id, f"{what} is written for single-frame source images only, got a multi-frame "
                                  f"series. Use the .seg.nrrd or NIfTI output.")
     return order
 
@@ -283,7 +283,7 @@ def write_dicom_seg(labels: np.ndarray, grid: Grid, label_infos, series, path: P
 
     from pipeline.labels.rtstruct_write import copy_study_attributes
 
-    order = _single_frame_order(series, grid, case_id, "DICOM SEG")
+    order = _single_frame_order(series, grid, case_id, "a DICOM SEG")
     present = [info for info in label_infos if np.any(labels == info.value)]
     if not present:
         return {"written": False, "reason": "no label present"}
@@ -343,7 +343,7 @@ def write_case_rtstruct(labels: np.ndarray, grid: Grid, label_infos, series, pat
     """
     from pipeline.labels.rtstruct_write import ImageRef, Roi, SourceSeries, rtstruct_dataset, source_header
 
-    order = _single_frame_order(series, grid, case_id, "RTSTRUCT")
+    order = _single_frame_order(series, grid, case_id, "an RTSTRUCT")
     present = [info for info in label_infos if np.any(labels == info.value)]
     if not present:
         return {"written": False, "reason": "no label present"}

@@ -145,9 +145,9 @@ def make_plan(fingerprint: dict, cfg: Config) -> dict:
         "intensity": intensity,
         "crop_to_body": bool(options.crop_to_body),
         "body_threshold_hu": float(options.body_threshold_hu),
-        "labels": [{"name": l["name"], "value": int(l["value"]), "color": list(l.get("color") or []), **codes_json(l)}
-                   for l in labels],
-        "class_values": [0] + [int(l["value"]) for l in labels],
+        "labels": [{"name": lbl["name"], "value": int(lbl["value"]), "color": list(lbl.get("color") or []),
+                    **codes_json(lbl)} for lbl in labels],
+        "class_values": [0] + [int(lbl["value"]) for lbl in labels],
         "configurations": {
             "3d": {"patch_size": patch3, "batch_size": batch3,
                    "estimated_memory_mb": round(estimate_training_mb(patch3, batch3, channels, out_channels))},

@@ -12,7 +12,6 @@ files' size and modification time are unchanged; otherwise they are recomputed.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.config import Config, section_hash
 from pipeline.errors import CaseError, InputError
+from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest
 from pipeline.preprocess import cache
 from pipeline.preprocess.fingerprint import TrainingCase, case_fingerprint, load_case, source_identity
 from pipeline.preprocess.plan import intensity_statistics, make_plan
@@ -32,20 +32,15 @@ log = logging.getLogger("ctseg")
 
 def training_cases(ingest_dir: Path) -> tuple[list[TrainingCase], list[dict]]:
     """The manifest's labelled training cases and its label descriptions."""
-    path = ingest_dir / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{path} must exist: run 'ctseg ingest' before 'ctseg preprocess'.")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != "ctseg-ingest/1":
-        raise InputError(f"{path} must have format 'ctseg-ingest/1', got {manifest.get('format')!r}. "
-                         f"Re-run 'ctseg ingest' with this version.")
+    manifest = read_manifest(ingest_dir)
+    path = ingest_dir / MANIFEST_FILE
     cases = [TrainingCase(c["id"], ingest_dir / c["image"], ingest_dir / c["label"])
              for c in manifest.get("cases", []) if c.get("role") == "train" and c.get("label")]
     if not cases:
         raise InputError(f"{path} must list at least one training case with a label, got none. Give the "
                          f"dataset labelled cases with role 'train' (labelsTr/ or 'label:' in dataset.yaml).")
     labels = manifest.get("labels") or []
-    if not any(int(l["value"]) != 0 for l in labels):
+    if not any(int(lbl["value"]) != 0 for lbl in labels):
         raise InputError(f"{path} must describe at least one foreground label (value > 0), got {labels}. "
                          f"List the label names and values under 'labels:' in dataset.yaml.")
     return cases, labels
@@ -66,7 +61,7 @@ def run_preprocess(cfg: Config, force: bool = False) -> dict:
         return {"stage": "preprocess", "status": "up_to_date", "folder": str(out)}
 
     cases, labels = training_cases(ingest_dir)
-    allowed = {int(l["value"]) for l in labels} | {0}
+    allowed = {int(lbl["value"]) for lbl in labels} | {0}
     fingerprint = _fingerprint(cases, labels, allowed, cfg, run)
     plan = make_plan(fingerprint, cfg)
     atomic.write_json(out / "fingerprint.json", fingerprint)
@@ -111,8 +106,8 @@ def _fingerprint(cases: list[TrainingCase], labels: list[dict], allowed: set[int
                 failed.append(CaseRecord(id=case.id, status="failed", error=str(exc), hash=run.hash))
             progress.update()
     if failed:  # every bad case is reported at once, before anything is cached or trained
-        for record in failed:
-            run.records[record.id] = record
+        for failure in failed:
+            run.records[failure.id] = failure
         run.finish(complete=False)
         raise _bad_cases_error(failed)
     return {"cases": records, "labels": labels,
@@ -147,8 +142,8 @@ def _cache_case(case: TrainingCase, plan: dict, allowed: set[int], cfg: Config, 
         lookup[value] = index
     classes = lookup[prepare_label(label, prepared.grid).astype(np.int64)]
     counts = np.bincount(classes.ravel(), minlength=len(plan["class_values"]))
-    missing = [l["name"] for l, c in zip(plan["labels"], counts[1:]) if c == 0 and
-               int(np.count_nonzero(label.array == l["value"]))]
+    missing = [lbl["name"] for lbl, c in zip(plan["labels"], counts[1:]) if c == 0 and
+               int(np.count_nonzero(label.array == lbl["value"]))]
     if missing:
         record.warnings.append(f"labels {missing} vanish at the target spacing {plan['target_spacing']} mm "
                                f"(too small); consider a finer preprocess.target_spacing")

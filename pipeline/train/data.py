@@ -216,7 +216,7 @@ def batch_items(dataset: PatchDataset, step: int, batch_size: int) -> tuple[torc
     """The batch of (1-based) ``step``, built in this process."""
     first = (step - 1) * batch_size
     items = [dataset[first + b] for b in range(batch_size)]
-    return torch.stack([i for i, _ in items]), torch.stack([l for _, l in items])
+    return torch.stack([i for i, _ in items]), torch.stack([lbl for _, lbl in items])
 
 
 class StepBatches(torch.utils.data.Sampler):

@@ -228,7 +228,7 @@ class FoldTrainer:
             per_case[case_id] = dice_per_class(probs.argmax(0), label, len(job.class_names) + 1)
         self.network.train()
         if runtime.distributed:
-            shares = [None] * runtime.world_size
+            shares: list = [None] * runtime.world_size
             torch.distributed.all_gather_object(shares, per_case)
             merged = {case_id: scores for share in shares for case_id, scores in share.items()}
             per_case = {case_id: merged[case_id] for case_id, _, _ in job.val_cases}  # the single-process order

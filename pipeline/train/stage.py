@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, training_fingerprint
 from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.labels.codes import codes_json
-from pipeline.models import MODEL_FORMAT, network_spec
-from pipeline import training_fingerprint
+from pipeline.models import network_spec
+from pipeline.models.folder import write_model_json
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
@@ -243,14 +243,14 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
                       "best_step": result["best_step"]})
     training_fingerprint.write_for_training(model_dir, cfg.stage_dir("preprocess"), cfg.stage_dir("ingest"),
                                             plan["labels"], cfg.preprocess.body_threshold_hu)
-    atomic.write_json(model_dir / "model.json", {
-        "format": MODEL_FORMAT,
+    write_model_json(model_dir, {
         "network": spec,
         "mode": sampling.mode,
         "context_slices": sampling.context_slices,
         "patch_size": sampling.patch_size,
         "plan": plan,
-        "labels": [{"name": l["name"], "value": l["value"], "color": l["color"], **codes_json(l)} for l in plan["labels"]],
+        "labels": [{"name": lbl["name"], "value": lbl["value"], "color": lbl["color"], **codes_json(lbl)}
+                   for lbl in plan["labels"]],
         "class_values": plan["class_values"],
         "folds": folds,
         "training": {"max_steps": cfg.train.max_steps, "seed": cfg.seed, "stage_hash": stage_hash,

@@ -343,7 +343,7 @@ def write_phantom_export(root: Path, cases: list[Phantom], case_ids: Optional[li
     """
     from pydicom.uid import generate_uid
 
-    from pipeline.dicom.write import SeriesWriteOptions, tilted_affine, write_ct_series, write_rtstruct
+    from pipeline.synthetic.dicom import SeriesWriteOptions, tilted_affine, write_ct_series, write_rtstruct
     from pipeline.volume_io import save_nifti
 
     root = Path(root)

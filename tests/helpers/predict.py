@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import Config
 from pipeline.geometry import Volume, canonical_grid
-from pipeline.phantoms import PhantomOptions, make_phantom
+from pipeline.models.folder import write_model_folder
 from pipeline.predict.model import LabelInfo, Predictor
-from pipeline.predict.modelfolder import write_model_folder
+from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import save_nifti
 
 LABELS = [{"name": "liver", "value": 1, "color": [221, 130, 101]},
@@ -68,7 +69,7 @@ def oracle_predictor(target_spacing, num_classes: int = 4, patch=(32, 32, 32)) -
     spec = {"format": "ctseg-model/1", "mode": "3d", "patch_size": list(patch), "plan": plan,
             "network": {"name": "oracle", "spatial_dims": 3, "in_channels": 1, "out_channels": num_classes},
             "labels": LABELS[:num_classes - 1], "folds": []}
-    labels = [LabelInfo(l["value"], l["name"], tuple(l["color"])) for l in LABELS[:num_classes - 1]]
+    labels = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS[:num_classes - 1]]
     return Predictor(folder=Path("oracle"), spec=spec, spec_sha256="0" * 64,
                      networks=[IntensityOracle(num_classes, step).eval()], class_values=list(range(num_classes)),
                      labels=labels, device=torch.device("cpu"), optimisation={})
@@ -83,3 +84,35 @@ def encoded_image(label: Volume) -> Volume:
 def source_resolution(grid) -> list[float]:
     """Target spacing (R, A, S) that makes the model grid the source grid's voxels, only reordered."""
     return canonical_grid(grid).spacing.tolist()
+
+
+class TinyNet(nn.Module):
+    """A small convolutional stand-in that is not flip-equivariant (asymmetric kernels)."""
+
+    def __init__(self, in_channels=1, classes=3, dims=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.a = conv(in_channels, 6, 3, padding=1)
+        self.b = conv(6, classes, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * 3.0
+
+
+def _predictor(networks, patch, mode="3d", context=0, classes=3) -> Predictor:
+    spec = {"mode": mode, "patch_size": list(patch), "context_slices": context, "plan": {},
+            "network": {"name": "tiny", "spatial_dims": 3 if mode == "3d" else 2,
+                        "in_channels": 2 * context + 1, "out_channels": classes}}
+    labels = [LabelInfo(v, f"l{v}", (255, 0, 0)) for v in range(1, classes)]
+    return Predictor(Path("tiny"), spec, "0" * 64, [n.eval() for n in networks], list(range(classes)), labels,
+                     torch.device("cpu"), {})
+
+
+def _options(**changes):
+    """predict options pinned to fp32 (tests compare with fp32 references; the bf16 path has its own tests)."""
+    cfg = Config().predict
+    cfg.precision = "fp32"
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg

@@ -1,0 +1,16 @@
+"""torchrun's process environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), read without importing torch.
+
+Kept apart from :mod:`pipeline.devices` so that stages which never touch torch (ingest) can ask "am I rank 0?"
+without paying torch's import (about 3 s on a loaded 2-core machine).
+"""
+from __future__ import annotations
+
+import os
+
+
+def torchrun_env() -> tuple[int, int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them; (0, 1, 0, 1) in a plain process."""
+    def number(name: str, default: int) -> int:
+        text = os.environ.get(name, "").strip()
+        return int(text) if text.isdigit() else default
+    return number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0), number("LOCAL_WORLD_SIZE", 1)
