@@ -116,15 +116,17 @@ class NodeBatch:
 
     def write_report(self, extra: dict | None = None) -> dict:
         from pipeline.predict import report as reporting
-        from pipeline.predict.stage import _report
+        from pipeline.predict.stage import _report, _RunInfo
         from pipeline.stage import REPORT_FILE
 
         rows = self.ledger.rows([case.case_id for case in self.discovery.cases])
         mine = {case.case_id for case in self.discovery.cases}
         seconds = time.perf_counter() - self.clock
-        report = _report(self.cfg, self.spec, self.model_dir, "DICOM node spool (private/pacs-spool)",
-                         self.output_dir, None, self.device, rows, mine, self.outcomes, list(self.discovery.skipped),
-                         self.batch, self.started, seconds, self.run_hash)
+        run = _RunInfo(cfg=self.cfg, spec=self.spec, model_dir=self.model_dir, output_dir=self.output_dir,
+                       input_label="DICOM node spool (private/pacs-spool)", shard=None, device=self.device,
+                       started=self.started, run_hash=self.run_hash)
+        report = _report(run, self.batch, rows, mine_ids=mine, outcomes=self.outcomes,
+                         skipped=list(self.discovery.skipped), seconds=seconds)
         from pipeline.pacs.send import read_sends
 
         report["ledger"] = self.ledger.describe()
