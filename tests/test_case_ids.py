@@ -6,8 +6,6 @@ import re
 
 import numpy as np
 import yaml
-from helpers.predict import write_small_model
-from helpers.rt_export import write_rt_export
 
 from pipeline import api
 from pipeline.config import load_config
@@ -15,6 +13,9 @@ from pipeline.predict.cases import discover_cases
 from pipeline.predict.stage import run_predict
 from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
+
+from helpers.predict import write_small_model
+from helpers.rt_export import write_rt_export
 
 
 def _ingest_ids(out) -> dict[str, str]:

@@ -37,10 +37,10 @@ def _worker(root: str, results: str) -> None:
 
 @pytest.mark.slow  # two processes start torch and MONAI: about a minute on a busy 2-core CPU
 def test_two_gloo_processes_stay_in_sync(tmp_path):
-    from helpers.train import write_ingest_folder
-
     from pipeline.config import load_config
     from pipeline.preprocess.stage import run_preprocess
+
+    from helpers.train import write_ingest_folder
 
     cfg = load_config([], [f"output_root={tmp_path}", "experiment=ddp", *TINY])
     write_ingest_folder(cfg.stage_dir("ingest"), n_train=4)

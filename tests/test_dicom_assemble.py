@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers.dicom_phantoms import phantom_affine, phantom_array, phantom_values, phantom_volume, rewrite, write_phantom
 from pydicom.uid import generate_uid
 
 from pipeline.dicom.assemble import AssemblyOptions, assemble_series, to_dcm2niix_convention
@@ -18,6 +17,8 @@ from pipeline.errors import InputError
 from pipeline.geometry import Grid, resample_to_grid
 from pipeline.synthetic.dicom import tilted_affine
 from pipeline.volume_io import load_volume
+
+from helpers.dicom_phantoms import phantom_affine, phantom_array, phantom_values, phantom_volume, rewrite, write_phantom
 
 
 def _only_series(folder):

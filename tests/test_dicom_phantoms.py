@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+
 from helpers.dicom_phantoms import (
     phantom_array,
     phantom_volume,

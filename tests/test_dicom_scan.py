@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from helpers.dicom_phantoms import phantom_volume, rewrite, write_phantom
 from pydicom.uid import generate_uid
 
 from pipeline.dicom.header import LEGACY_ENHANCED_CT_IMAGE_STORAGE
 from pipeline.dicom.scan import labels_for, scan_export
 from pipeline.errors import InputError
+
+from helpers.dicom_phantoms import phantom_volume, rewrite, write_phantom
 
 
 def _reasons(result) -> dict[str, str]:

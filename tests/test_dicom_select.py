@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 from pipeline.dicom.scan import scan_export
 from pipeline.dicom.select import SelectionRules, select_series, write_series_table
 from pipeline.errors import ConfigError
+
+from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 
 def _by_description(decisions):

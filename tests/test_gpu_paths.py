@@ -13,13 +13,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers.predict import TinyNet, _predictor
 
 from pipeline import devices, precision
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, CtsegError
 from pipeline.predict.inference import plan_memory, sliding_window_predict
 from pipeline.predict.options import MemoryOptions
+
+from helpers.predict import TinyNet, _predictor
 
 GB = 10 ** 9
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 from pipeline import api
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.geometry import Volume, affine_from_parts
+
+from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENT = "DOE_JOHN_12345"

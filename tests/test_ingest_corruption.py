@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 from pipeline.dicom.assemble import AssemblyOptions, assemble_series
 from pipeline.dicom.header import read_header
@@ -34,6 +33,8 @@ from pipeline.dicom.plausibility import PlausibilityOptions, check_training_volu
 from pipeline.dicom.scan import scan_export
 from pipeline.dicom.select import SelectionRules, select_series
 from pipeline.errors import InputError
+
+from helpers.dicom_phantoms import phantom_volume, write_phantom
 
 SHAPE = (40, 36, 14)
 

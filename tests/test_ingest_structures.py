@@ -12,12 +12,13 @@ import os
 import numpy as np
 import pytest
 import yaml
-from helpers.rt_export import PATIENTS, write_rt_export
 
 from pipeline import api
 from pipeline.config import load_config
 from pipeline.geometry import Volume
 from pipeline.volume_io import load_volume
+
+from helpers.rt_export import PATIENTS, write_rt_export
 
 # patient -> (phantom geometry, {ROI name: which mask}); "none" writes an ROI without contours
 

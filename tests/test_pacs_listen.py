@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pacs_support import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, require_orthanc, wait_until
-from test_pacs_pull import model, orthanc, write_export  # noqa: F401 (fixtures)
+
+from helpers.pacs import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, require_orthanc, wait_until, write_export
 
 REPO = Path(__file__).resolve().parents[1]
 SENDER_AET = "STORESCU"

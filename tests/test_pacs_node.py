@@ -148,16 +148,16 @@ def test_config_checks_peer_lists_and_ae_titles(tmp_path: Path):
 
 def test_every_dicom_output_of_a_case_is_sent_and_a_new_dicom_output_is_picked_up(tmp_path: Path):
     """predict's SEG and RTSTRUCT both arrive; an extra DICOM output recorded in the ledger is sent too, by content."""
-    from pacs_support import Orthanc, free_port, require_orthanc
+    from helpers.pacs import Orthanc, free_port, require_orthanc
 
     require_orthanc()
     import shutil
 
-    from helpers.predict import write_small_model
-    from test_pacs_pull import node_config, write_export
-
     from pipeline import api
     from pipeline.predict.ledger import sha256_file
+
+    from helpers.pacs import node_config, write_export
+    from helpers.predict import write_small_model
 
     server = Orthanc(tmp_path / "orthanc", ctseg_port=free_port()).start()
     try:

@@ -7,69 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.predict import write_small_model
-from pacs_support import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, require_orthanc
 
-from pipeline.config import Config
 from pipeline.pacs.options import PeerOptions
-from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 
-SMALL = PhantomOptions(shape=40, slices=14, inplane_spacing_min=1.4, inplane_spacing_max=1.6,
-                       slice_spacing_min=3.0, slice_spacing_max=3.5, noise_hu=0.0, direction="oblique",
-                       feet_first=True)
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path):
-    require_orthanc()
-    server = Orthanc(tmp_path / "orthanc", ctseg_port=free_port()).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return write_small_model(tmp_path_factory.mktemp("pacs-model") / "model")
-
-
-def node_config(orthanc: Orthanc, **pacs) -> Config:
-    cfg = Config()
-    cfg.workers = 1
-    cfg.predict.outputs.thumbnails = False
-    cfg.predict.outputs.seg_nrrd = False
-    cfg.predict.precision = "fp32"
-    cfg.pacs.ae_title = CTSEG_AET
-    cfg.pacs.peers = [PeerOptions(name="orthanc", ae_title=ORTHANC_AET, host="127.0.0.1", port=orthanc.dicom_port)]
-    cfg.pacs.source = "orthanc"
-    cfg.pacs.listen.port = orthanc.ctseg_port
-    cfg.pacs.timeout_seconds = 20.0
-    cfg.predict.send_to = ["orthanc"]
-    for key, value in pacs.items():
-        setattr(cfg.pacs, key, value)
-    return cfg
-
-
-def write_export(root: Path, seeds=(3, 4), mr: bool = False, study_date: str = "20261130") -> list[list[Path]]:
-    """Phantom CT series (patients with names, to check they stay out of logs) and optionally an MR series."""
-    from pydicom.uid import generate_uid
-
-    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
-
-    series = []
-    for n, seed in enumerate(seeds):
-        phantom = make_phantom(seed, SMALL)
-        series.append(write_ct_series(phantom.image, root / f"ct{n}", SeriesWriteOptions(
-            patient_name=f"DOE^JANE{n}", patient_id=f"PID-99{n}", study_uid=generate_uid(), series_uid=generate_uid(),
-            frame_of_reference_uid=generate_uid(), study_date=study_date)))
-    if mr:
-        phantom = make_phantom(9, SMALL)
-        series.append(write_ct_series(phantom.image, root / "mr", SeriesWriteOptions(
-            patient_name="DOE^MARY", patient_id="PID-777", modality="MR", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-            study_uid=generate_uid(), series_uid=generate_uid(), frame_of_reference_uid=generate_uid(),
-            study_date=study_date)))
-    return series
+from helpers.pacs import ORTHANC_AET, Orthanc, free_port, node_config, require_orthanc, write_export
 
 
 def _referenced_ct_series(ds) -> set[str]:
@@ -221,7 +162,7 @@ def test_pull_refuses_an_empty_query_and_names_bad_keywords(tmp_path):
 
 def test_pull_by_qido_and_wado_rs_and_send_by_stow_rs(tmp_path, model):
     """The DICOMweb paths against Orthanc's DICOMweb plugin: QIDO-RS search, WADO-RS retrieve, STOW-RS send."""
-    from pacs_support import DICOMWEB_PLUGIN
+    from helpers.pacs import DICOMWEB_PLUGIN
 
     require_orthanc()
     pytest.importorskip("dicomweb_client")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pacs_support import free_port
+
+from helpers.pacs import free_port
 
 
 def _certificates(folder: Path) -> dict[str, Path]:

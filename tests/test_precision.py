@@ -88,10 +88,10 @@ def test_the_probe_reports_this_cpu_as_its_flags_say():
 
 
 def test_train_runtime_and_window_predictor_take_the_policy_s_answer(monkeypatch):
-    from helpers.predict import TinyNet, _predictor
-
     from pipeline.predict.inference import WindowPredictor
     from pipeline.train.runtime import setup_runtime
+
+    from helpers.predict import TinyNet, _predictor
 
     for native in (True, False):
         _fake_probe(monkeypatch, native)
@@ -113,9 +113,9 @@ def _capture_dtypes(network):
 
 def test_predict_in_bf16_runs_the_network_in_bf16_and_stays_close_to_fp32():
     """The bf16 path, forced, on a small volume (emulated bf16 is slow but correct on any CPU)."""
-    from helpers.predict import TinyNet, _options, _predictor
-
     from pipeline.predict.inference import sliding_window_predict
+
+    from helpers.predict import TinyNet, _options, _predictor
 
     net = TinyNet(seed=7)
     seen = _capture_dtypes(net)
@@ -135,9 +135,9 @@ def test_predict_in_bf16_runs_the_network_in_bf16_and_stays_close_to_fp32():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from helpers.train import TINY, write_ingest_folder
-
     from pipeline.preprocess.stage import run_preprocess
+
+    from helpers.train import TINY, write_ingest_folder
 
     root = tmp_path_factory.mktemp("precision")
     cfg = load_config([], [f"output_root={root}", "experiment=base", *TINY])
@@ -149,9 +149,9 @@ def prepared(tmp_path_factory):
 def test_training_runs_in_each_forced_precision_and_records_it(prepared, tmp_path):
     """Both CPU training paths, forced by configuration, on tiny patches: each trains, in its own precision
     (the losses differ, but not by much), and says so in report.json and model.json."""
-    from helpers.train import TINY
-
     from pipeline.train.stage import run_train
+
+    from helpers.train import TINY
 
     losses = {}
     for requested in ("fp32", "bf16"):
@@ -172,9 +172,9 @@ def test_training_runs_in_each_forced_precision_and_records_it(prepared, tmp_pat
 
 
 def test_predict_report_and_provenance_name_the_precision_and_its_reason(tmp_path):
-    from helpers.predict import write_phantom_nifti, write_small_model
-
     from pipeline.predict.stage import run_predict
+
+    from helpers.predict import write_phantom_nifti, write_small_model
 
     model = write_small_model(tmp_path / "model")
     inputs = tmp_path / "in"

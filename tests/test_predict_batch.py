@@ -13,7 +13,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.config import Config
@@ -24,6 +23,8 @@ from pipeline.predict.ledger import LEDGER_FILE, Ledger, process_start_time, sha
 from pipeline.predict.stage import EXIT_OK, EXIT_SOME_FAILED, run_predict
 from pipeline.synthetic.phantoms import make_phantom
 from pipeline.volume_io import save_nifti
+
+from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 
 @pytest.fixture(scope="module")

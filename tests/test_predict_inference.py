@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.predict import TinyNet, _options, _predictor, write_small_model
 from torch import nn
 
 from pipeline.config import Config
@@ -15,6 +14,8 @@ from pipeline.errors import ConfigError
 from pipeline.predict.inference import WindowPredictor, network_input, plan_memory, sliding_window_predict, window_grid
 from pipeline.predict.model import load_predictor, optimise_for_inference
 from pipeline.predict.options import MemoryOptions
+
+from helpers.predict import TinyNet, _options, _predictor, write_small_model
 
 
 @pytest.mark.parametrize("shape,roi,overlap", [((50, 37, 29), (16, 16, 16), 0.5), ((16, 40, 70), (16, 24, 32), 0.25),

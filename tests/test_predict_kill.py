@@ -13,13 +13,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from helpers.predict import write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.config import Config
 from pipeline.predict.ledger import LEDGER_FILE, sha256_file
 from pipeline.predict.stage import run_predict
 from pipeline.synthetic.phantoms import PhantomOptions
+
+from helpers.predict import write_phantom_nifti, write_small_model
 
 REPO = Path(__file__).resolve().parents[1]
 # big enough that a case takes a few seconds on a loaded CPU, so the kill lands mid-batch

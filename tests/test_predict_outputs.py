@@ -7,7 +7,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers.predict import LABELS, encoded_image, oracle_predictor, source_resolution, write_small_model
 
 from pipeline.config import Config
 from pipeline.geometry import Grid, affine_from_parts, lps_to_ras
@@ -22,6 +21,8 @@ from pipeline.predict.writers import write_color_table, write_seg_nrrd
 from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.thumbnails import canonical_view
 from pipeline.volume_io import load_volume, save_nifti, sitk_to_volume
+
+from helpers.predict import LABELS, encoded_image, oracle_predictor, source_resolution, write_small_model
 
 INFOS = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS]
 OBLIQUE_FEET_FIRST = PhantomOptions(shape=48, slices=20, inplane_spacing_min=1.1, inplane_spacing_max=1.5,

@@ -7,7 +7,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers.predict import encoded_image, oracle_predictor, source_resolution
 from scipy import ndimage
 
 from pipeline.config import Config
@@ -19,6 +18,8 @@ from pipeline.predict.stage import predict_case
 from pipeline.preprocess.transform import prepare_image, prepare_label, resampled_grid
 from pipeline.synthetic.phantoms import PhantomOptions, label_centroid_ras, make_phantom
 from pipeline.volume_io import save_nifti
+
+from helpers.predict import encoded_image, oracle_predictor, source_resolution
 
 GEOMETRIES = {
     "anisotropic": PhantomOptions(shape=64, slices=20, inplane_spacing_min=0.9, inplane_spacing_max=1.3,

@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.cli import main as cli_main
@@ -26,6 +25,8 @@ from pipeline.predict.ledger import LEDGER_FILE, sha256_file
 from pipeline.predict.stage import EXIT_OK, EXIT_SOME_FAILED, run_predict
 from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import save_nifti
+
+from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 PATIENT = "DOE_JOHN_12345"
 

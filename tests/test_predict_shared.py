@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
@@ -26,6 +25,8 @@ from pipeline.predict.ledger import (
     sha256_file,
 )
 from pipeline.synthetic.phantoms import PhantomOptions
+
+from helpers.predict import SMALL_PHANTOM, write_phantom_nifti, write_small_model
 
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0

@@ -9,14 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.predict import (
-    LABELS,
-    SMALL_PHANTOM,
-    IntensityOracle,
-    encoded_image,
-    oracle_predictor,
-    write_small_model,
-)
 
 from pipeline import training_fingerprint as tfp
 from pipeline.config import Config
@@ -31,6 +23,15 @@ from pipeline.predict.report import label_statistics
 from pipeline.predict.stage import run_predict
 from pipeline.synthetic.phantoms import LABEL_NAMES, make_phantom
 from pipeline.volume_io import save_nifti
+
+from helpers.predict import (
+    LABELS,
+    SMALL_PHANTOM,
+    IntensityOracle,
+    encoded_image,
+    oracle_predictor,
+    write_small_model,
+)
 
 INFOS = [LabelInfo(lbl["value"], lbl["name"], tuple(lbl["color"])) for lbl in LABELS]
 TRAIN_SEEDS = range(6)

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from helpers.train import write_ingest_folder
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
@@ -14,6 +13,8 @@ from pipeline.preprocess.cache import load_cached_case, read_index
 from pipeline.preprocess.stage import run_preprocess
 from pipeline.preprocess.transform import labels_to_source
 from pipeline.volume_io import load_volume, save_nifti
+
+from helpers.train import write_ingest_folder
 
 
 def _config(tmp_path, *overrides):

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers.predict import encoded_image, oracle_predictor, source_resolution
 
 from pipeline.config import Config
 from pipeline.dicom.assemble import assemble_series
@@ -31,6 +30,8 @@ from pipeline.predict.stage import predict_case
 from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
 from pipeline.volume_io import load_volume
+
+from helpers.predict import encoded_image, oracle_predictor, source_resolution
 
 NAMES = [LabelInfo(1, "Rückenmark", (240, 200, 40)), LabelInfo(2, "GTV_Mass", (255, 0, 0)),
          LabelInfo(3, "Niere_links", (185, 102, 83))]

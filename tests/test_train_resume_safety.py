@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import pytest
-from helpers.train import TINY, _experiment
 
 from pipeline.cli import main as cli_main
 from pipeline.errors import ConfigError
 from pipeline.train import loop
 from pipeline.train.stage import run_train
+
+from helpers.train import TINY, _experiment
 
 
 def test_resume_without_a_checkpoint_says_so_and_asks_for_a_plain_train(prepared, tmp_path, capsys):

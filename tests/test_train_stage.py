@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers.train import _experiment
 
 from pipeline import training_fingerprint
 from pipeline.config import load_config
@@ -16,6 +15,8 @@ from pipeline.models import load_model_folder
 from pipeline.models.inference import dice_per_class, predict_probabilities
 from pipeline.preprocess.cache import load_cached_case, read_index
 from pipeline.train.stage import run_train
+
+from helpers.train import _experiment
 
 
 def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(prepared, tmp_path):

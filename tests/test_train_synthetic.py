@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
 from helpers.train import synthetic_case, write_ingest_folder
 
 # (centre RAS mm, radius mm, HU, label value)
