@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_machine import machine_info  # noqa: E402
+
 from pipeline import atomic  # noqa: E402
 from pipeline.evaluate.metrics import MetricOptions, case_metrics  # noqa: E402
 
@@ -114,7 +115,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic cases.")
     args = parser.parse_args(argv)
 
-    import torch
 
     options = MetricOptions(workers=args.workers)
     spacing = tuple(args.spacing)

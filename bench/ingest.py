@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_machine import machine_info  # noqa: E402
+
 from pipeline import atomic  # noqa: E402
 from pipeline.dicom.assemble import AssemblyOptions, assemble_series, to_dcm2niix_convention  # noqa: E402
 from pipeline.dicom.scan import scan_export  # noqa: E402

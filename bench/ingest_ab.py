@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_machine import machine_info  # noqa: E402
+
 from pipeline import atomic  # noqa: E402
 
 CHILD = r"""
@@ -76,9 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", type=int, default=400, help="slices of the synthetic 512x512 series")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    from ingest import PHILIPS_UNTILTED, write_synthetic_series
-
     import os
+
+    from ingest import PHILIPS_UNTILTED, write_synthetic_series
 
     load_before = [round(v, 2) for v in os.getloadavg()]
     trees = {"this": HERE.parent, "reference": args.reference.resolve()}

@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_machine import machine_info  # noqa: E402
 from pacs_support import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, wait_until  # noqa: E402
+
 from pipeline import atomic  # noqa: E402
 
 
 def write_series(folder: Path, slices: int) -> list[Path]:
-    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
     from pipeline.geometry import Volume
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
 
     rng = np.random.default_rng(0)
     array = (rng.normal(0, 30, size=(512, 512, slices)) - 50).astype(np.int16)
@@ -92,7 +93,7 @@ def main() -> None:
                     times["receive_ctseg"].append(storescu(port, CTSEG_AET, files))
                     key = series_key(study_uid, series_uid)
                     try:
-                        wait_until(lambda: spool.get(key) and spool.get(key)["state"] == "complete", 60, "release")
+                        wait_until(lambda s=spool, k=key: s.get(k) and s.get(k)["state"] == "complete", 60, "release")
                     except AssertionError:
                         raise AssertionError(f"series not complete after storescu: {spool.get(key)}") from None
                     assert spool.get(key)["instances"] == len(files)
@@ -127,7 +128,8 @@ def main() -> None:
                 "runs_s": [round(v, 3) for v in values]}
 
     result = {
-        "benchmark": "pacs", "series": {"slices": slices, "rows": 512, "columns": 512, "megabytes": round(megabytes, 1)},
+        "benchmark": "pacs",
+        "series": {"slices": slices, "rows": 512, "columns": 512, "megabytes": round(megabytes, 1)},
         "repeats": args.repeats, **{name: stats(values) for name, values in times.items()},
         "ratios": {
             "receive_ctseg_over_orthanc": round(statistics.median(times["receive_ctseg"])

@@ -93,12 +93,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--label", default="", help="a name for this model/data pair in the JSON")
     args = parser.parse_args()
+    import torch
     from bench_machine import machine_info
 
     from pipeline.models.folder import read_model_spec
     from pipeline.precision import cpu_model_name, probe
-
-    import torch
 
     precisions = ["fp32"] + [p for p in args.precisions.split(",") if p and p != "fp32"]
     spec = read_model_spec(args.model)

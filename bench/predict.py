@@ -27,8 +27,8 @@ overlap (0.5), each in its own subprocess so that peak memory (VmHWM) is per var
 the reference's network and image moved there as the bundle does (its ``device`` is CUDA when
 available), its output back on the CPU for Invertd and SaveImaged.
 
-Also measured: the Dice agreement of the two label maps, and the cost of our reassembly (argmax then nearest) against resampling every class's
-probabilities to the source grid first (the Dice change between the two is reported).
+Also measured: the Dice agreement of the two label maps, and the cost of our reassembly (argmax then nearest)
+against resampling every class's probabilities to the source grid first (the Dice change between the two is reported).
 """
 from __future__ import annotations
 
@@ -171,8 +171,19 @@ def variant_reference(work: Path, bundle_exact: bool = False) -> dict:
     import numpy as np
     import torch
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, EnsureTyped, Invertd,
-                                  LoadImaged, Orientationd, SaveImaged, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     from pipeline.models import build_network
 
@@ -238,8 +249,13 @@ def variant_reassembly(work: Path) -> dict:
     from pipeline.config import Config
     from pipeline.predict.inference import sliding_window_predict
     from pipeline.predict.model import load_predictor
-    from pipeline.predict.reassemble import (classes_to_values, probabilities_to_source, reassembly_agreement,
-                                             refined_to_source, to_source_grid)
+    from pipeline.predict.reassemble import (
+        classes_to_values,
+        probabilities_to_source,
+        reassembly_agreement,
+        refined_to_source,
+        to_source_grid,
+    )
     from pipeline.preprocess.transform import prepare_image
     from pipeline.volume_io import load_volume
 
@@ -278,9 +294,9 @@ def variant_reassembly(work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300) -> dict:
-    import numpy as np
-
     import shutil
+
+    import numpy as np
 
     from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
     from pipeline.volume_io import save_nifti
@@ -307,8 +323,10 @@ def prepare_inputs(work: Path, model: Path, shape: int = 512, slices: int = 300)
     return {"shape": [shape, shape, slices], "spacing_mm": [spacing, spacing, 1.0], "dtype": "int16",
             "generator": "pipeline.synthetic.phantoms.make_phantom(seed=7)",
             "labels": {lbl["value"]: lbl["name"] for lbl in spec["labels"]}, "plan": plan,
-            "model": {"folder": str(model), "training": spec["training"], "validation_dice": spec["folds"][0]["val_dice"],
-                      "trained_patch_size": json.loads((model / "model.json").read_text())["patch_size"]}, "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}
+            "model": {"folder": str(model), "training": spec["training"],
+                      "validation_dice": spec["folds"][0]["val_dice"],
+                      "trained_patch_size": json.loads((model / "model.json").read_text())["patch_size"]},
+            "bytes_on_disk": image_path.stat().st_size, "voxels": int(np.prod([shape, shape, slices]))}
 
 
 def run_variant(work: Path, variant: str, repeat: int = 0) -> dict:
@@ -447,9 +465,8 @@ def main() -> None:
 
 
 def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load_before) -> dict:
-    from bench_machine import machine_info
-
     import torch
+    from bench_machine import machine_info
 
     gb = 1e9
     min_dice = min(comparison["dice_ours_vs_reference"].values())
@@ -493,7 +510,8 @@ def build_result(inputs, ours, ours_all, reference, reassembly, comparison, load
         "benchmark": "predict: ctseg run_predict vs MONAI spleen-bundle-style inference, same network",
         "summary": summary,
         "machine": {**machine_info(load_before),
-                    "gpu_figure": "measured" if torch.cuda.is_available() else "not measured: no CUDA GPU on this machine",
+                    "gpu_figure": "measured" if torch.cuda.is_available()
+                    else "not measured: no CUDA GPU on this machine",
                     "timing_method": "variants ran interleaved, each in its own subprocess; the headline uses each "
                                      "variant's fastest run, the medians are given too"},
         "input": inputs,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_machine import machine_info  # noqa: E402
+
 from pipeline import atomic  # noqa: E402
 
 
@@ -78,10 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     load_before = list(os.getloadavg())
 
-    from pipeline.synthetic.dicom import write_ct_series
     from pipeline.labels.rtstruct import rasterise_rtstruct
-    from pipeline.labels.rtstruct_write import ImageRef, Roi, SourceSeries, rtstruct_dataset, save_rtstruct, \
-        source_header
+    from pipeline.labels.rtstruct_write import (
+        ImageRef,
+        Roi,
+        SourceSeries,
+        rtstruct_dataset,
+        save_rtstruct,
+        source_header,
+    )
+    from pipeline.synthetic.dicom import write_ct_series
     from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
     phantom = make_phantom(1, PhantomOptions(shape=args.shape, slices=args.slices, noise_hu=20.0))

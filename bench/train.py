@@ -71,8 +71,8 @@ def peak_rss_mb() -> float:
 def write_dataset(root: Path, cases: int) -> list[dict]:
     """Phantom CTs and labels as NIfTI plus an ingest manifest (what 'ctseg ingest' would write)."""
     from pipeline import atomic
-    from pipeline.ingest.manifest import write_manifest
     from pipeline.geometry import Volume
+    from pipeline.ingest.manifest import write_manifest
     from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
     options = PhantomOptions(**PHANTOM)
@@ -117,8 +117,16 @@ def run_reference(root: Path, args) -> dict:
     from monai.losses import DiceLoss
     from monai.networks.layers import Norm
     from monai.networks.nets import UNet
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
-                                  RandCropByPosNegLabeld, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        RandCropByPosNegLabeld,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     torch.manual_seed(0)
     files = json.loads((root / "files.json").read_text())
@@ -223,9 +231,11 @@ def _time_steps(stream, step, args, device) -> dict:
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     return {"steps": args.steps, "seconds_per_step_median": round(statistics.median(walls), 4),
-            "seconds_per_step_min": round(min(walls), 4), "iterations_per_second": round(1 / statistics.median(walls), 4),
+            "seconds_per_step_min": round(min(walls), 4),
+            "iterations_per_second": round(1 / statistics.median(walls), 4),
             "cpu_seconds_per_step_median": round(statistics.median(cpus), 4),
-            "torch_threads": torch.get_num_threads(), "warmup_seconds_including_any_compilation": round(warmup_seconds, 1)}
+            "torch_threads": torch.get_num_threads(),
+            "warmup_seconds_including_any_compilation": round(warmup_seconds, 1)}
 
 
 def worker(args) -> None:
@@ -284,7 +294,8 @@ def main() -> None:
     load_before = list(os.getloadavg())
     results: dict = {"benchmark": "train",
                      "settings": {"patch": [args.patch] * 3, "batch": args.batch, "steps": args.steps,
-                                  "warmup": args.warmup, "rounds": args.rounds, "cases": args.cases, "spacing_mm": SPACING,
+                                  "warmup": args.warmup, "rounds": args.rounds, "cases": args.cases,
+                                  "spacing_mm": SPACING,
                                   "window_hu": WINDOW, "network": {"name": "UNet", "channels": CHANNELS,
                                                                    "strides": [2, 2, 2, 2], "num_res_units": 2,
                                                                    "norm": "batch"},

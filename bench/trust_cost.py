@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_machine import machine_info
+from bench_machine import machine_info  # noqa: E402  (after the sys.path set-up above)
 
 
 def run_variant(model: Path, listing: Path, overrides: list[str], scratch: Path) -> dict:

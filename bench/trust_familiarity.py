@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_machine import machine_info
+from bench_machine import machine_info  # noqa: E402  (after the sys.path set-up above)
 
 REAL_INPUTS = ["sts_ct", "totalseg/example_ct.nii.gz", "totalseg/example_ct_dicom", "dcmqi/ct-3slice",
                "pyradiomics/lung1_image.nrrd", "dcm_qa_ct/Philips/S21570"]
@@ -47,10 +47,10 @@ def main() -> int:
     from pipeline import training_fingerprint as tfp
     from pipeline.config import Config
     from pipeline.demo_options import DemoConfig
-    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
     from pipeline.predict.cases import discover_cases, read_case
     from pipeline.preprocess.fingerprint import load_case
     from pipeline.preprocess.stage import training_cases
+    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
     cfg = Config()
     options = cfg.predict.trust

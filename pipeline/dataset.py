@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
@@ -35,7 +35,7 @@ class DatasetCase:
 
     id: str
     image: str
-    label: Optional[str] = None
+    label: str | None = None
     role: Literal["train", "test"] = "train"
 
 
@@ -46,7 +46,7 @@ class DatasetDescription:
     name: str
     labels: list[LabelSpec]
     description: str = ""
-    source: Optional[str] = None
+    source: str | None = None
     cases: list[DatasetCase] = field(default_factory=list)
     test_cases: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)  # regexes of structure names never used (see names.py)

@@ -27,8 +27,8 @@ def demo_config_path() -> Path:
 
 def write_demo_export(cfg, root: Path) -> Path:
     """Generate the phantoms (once; reruns reuse them) and return the dataset.yaml describing them."""
-    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
     from pipeline.geometry import Volume
+    from pipeline.synthetic.dicom import SeriesWriteOptions, write_ct_series
     from pipeline.synthetic.phantoms import PhantomOptions, make_phantom
     from pipeline.volume_io import save_nifti
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class Grid:
     def world(self, index: Sequence[float] | np.ndarray) -> np.ndarray:
         return (self.affine @ np.append(np.asarray(index, dtype=np.float64), 1.0))[:3]
 
-    def difference(self, other: "Grid", atol_mm: float = 1e-3, atol_dir: float = 1e-4) -> str | None:
+    def difference(self, other: Grid, atol_mm: float = 1e-3, atol_dir: float = 1e-4) -> str | None:
         """Describe how this grid differs from ``other``, or None when they match within tolerance."""
         problems = []
         if self.shape != other.shape:
@@ -81,7 +81,7 @@ class Grid:
         return {"shape": list(self.shape), "affine": self.affine.tolist()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Grid":
+    def from_json(cls, data: dict) -> Grid:
         return cls(tuple(data["shape"]), np.array(data["affine"], dtype=np.float64))
 
 

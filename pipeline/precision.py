@@ -22,7 +22,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -78,7 +78,7 @@ class Precision:
     reason: str
 
     @property
-    def dtype(self) -> Optional[torch.dtype]:
+    def dtype(self) -> torch.dtype | None:
         """The autocast dtype; None for plain fp32 (no autocast at all)."""
         return DTYPES[self.name]
 
@@ -117,8 +117,8 @@ def _cpu_flag(name: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
-def _probe_cached(device_type: str, index: Optional[int]) -> Capability:
+@functools.cache
+def _probe_cached(device_type: str, index: int | None) -> Capability:
     if device_type == "cuda":
         with torch.cuda.device(index if index is not None else torch.cuda.current_device()):
             name = torch.cuda.get_device_name()

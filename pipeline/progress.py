@@ -65,7 +65,7 @@ class Progress:
             self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
             self._redirect.__enter__()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,10 +31,10 @@ import re
 import shutil
 import time
 import traceback as _traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 from pipeline import atomic
 from pipeline.errors import CaseError, ConfigError, CtsegError
@@ -150,7 +150,7 @@ class StageRun:
         self.redact: Callable[[str], str] = lambda text: text
 
     @classmethod
-    def open(cls, name: str, folder: Path, stage_hash: str, force: bool = False, device: str = "cpu") -> "StageRun":
+    def open(cls, name: str, folder: Path, stage_hash: str, force: bool = False, device: str = "cpu") -> StageRun:
         run = cls(name, folder, stage_hash, device=device)
         run.resume_cases = not force
         done = read_done(run.folder)

@@ -9,9 +9,9 @@ import os
 import struct
 import types
 import zlib
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -56,7 +56,8 @@ def test_empty_folder(tmp_path):
 def test_folder_without_ct(tmp_path):
     export = tmp_path / "mr_only"
     volume = Volume(np.zeros((16, 16, 12), np.int16), affine_from_parts(np.eye(3), [1, 1, 2], [0, 0, 0]))
-    write_ct_series(volume, export / "series", SeriesWriteOptions(modality="MR", sop_class_uid="1.2.840.10008.5.1.4.1.1.4"))
+    write_ct_series(volume, export / "series",
+                    SeriesWriteOptions(modality="MR", sop_class_uid="1.2.840.10008.5.1.4.1.1.4"))
     (export / "notes.txt").write_text("not dicom")
     result = ctseg("ingest", export, "--output", tmp_path / "out")
     _assert_one_line_error(result, str(export), "no CT series")

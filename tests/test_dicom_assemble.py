@@ -248,7 +248,8 @@ def test_missing_slice_is_interpolated_within_the_gap_limit(tmp_path):
 def test_gap_beyond_the_limit_is_refused(tmp_path):
     write_phantom(tmp_path, drop_slices=[3, 4, 5])
     series = _only_series(tmp_path)
-    with pytest.raises(InputError, match=r"got a 8.00 mm gap between slices 2 and 3 \(IM0003.dcm and IM0004.dcm\) where slices are 2.00 mm apart"):
+    with pytest.raises(InputError, match=r"got a 8.00 mm gap between slices 2 and 3 \(IM0003.dcm and IM0004.dcm\) "
+                                         r"where slices are 2.00 mm apart"):
         assemble_series(series)
     assembled = assemble_series(series, AssemblyOptions(max_gap_slices=4.0))
     assert np.array_equal(assembled.volume.array, phantom_array())

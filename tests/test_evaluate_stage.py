@@ -68,7 +68,8 @@ def test_evaluating_the_same_folders_again_gives_the_same_metrics(tmp_path):
     _write_run(tmp_path, shift=2)
     outputs = []
     for _ in range(2):
-        result = ctseg("evaluate", "--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--output", tmp_path / "eval")
+        result = ctseg("evaluate", "--pred", tmp_path / "pred", "--ref", tmp_path / "ref",
+                       "--output", tmp_path / "eval")
         assert result.returncode == 0, result.stderr
         outputs.append((tmp_path / "eval" / "metrics.csv").read_text())
     assert outputs[0] == outputs[1] and len(outputs[1].splitlines()) == 1 + 4 * 2

@@ -250,7 +250,8 @@ def test_nondeterministic_kernel_warnings_reach_the_log_once(tmp_path, caplog):
 
         def forward(x):  # what torch warns (warn_only) when CUDA has no deterministic kernel for an op
             warnings.warn("nll_loss2d_forward_out_cuda_template does not have a deterministic implementation, but "
-                          "you set 'torch.use_deterministic_algorithms(True, warn_only=True)'.", UserWarning, stacklevel=2)
+                          "you set 'torch.use_deterministic_algorithms(True, warn_only=True)'.", UserWarning,
+                          stacklevel=2)
             return network(x)
         trainer.model = forward
         images, labels = torch.rand(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 1, 16, 16, 16))

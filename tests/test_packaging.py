@@ -66,7 +66,8 @@ def test_readme_api_snippet_runs(tmp_path):
     overrides = re.search(r"load_config\(\[[^\]]*\], (\[[^\]]*\])\)", snippet)
     assert overrides, "the snippet's load_config call must list its overrides"
     tiny = (f'["output_root={tmp_path}", "experiment=trial", "demo.train_cases=2", "demo.test_cases=1", '
-            f'"demo.in_plane_size=96", "demo.slices=48", "train.max_steps=4", "train.val_every=4", "train.patch_size=null"]')
+            f'"demo.in_plane_size=96", "demo.slices=48", "train.max_steps=4", "train.val_every=4", '
+            f'"train.patch_size=null"]')
     code = snippet.replace(overrides.group(1), tiny)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,7 +96,8 @@ def test_wheel_installs_and_runs_the_demo_from_any_folder(tmp_path):
     demo = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "out"),
                            "--set", "demo.train_cases=2", "--set", "demo.test_cases=1",
                            "--set", "demo.in_plane_size=96", "--set", "demo.slices=48",
-                           "--set", "train.max_steps=4", "--set", "train.val_every=4", "--set", "train.patch_size=null"],
+                           "--set", "train.max_steps=4", "--set", "train.val_every=4",
+                           "--set", "train.patch_size=null"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert demo.returncode in (0, 1), demo.stderr[-3000:]  # 1 = ran, but 4 steps stay below the Dice target
     assert "Traceback" not in demo.stderr and "Mean foreground Dice" in demo.stdout

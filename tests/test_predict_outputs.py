@@ -81,7 +81,7 @@ def test_seg_nrrd_reads_back_in_slicerio_with_terminology_geometry_and_non_ascii
                           closed_surface=True)
     raw = path.read_bytes()
     header, _, data = raw.partition(b"\n\n")
-    assert "Segment0_Name:=Rückenmark".encode("utf-8") in header  # UTF-8, not pynrrd's ASCII
+    assert "Segment0_Name:=Rückenmark".encode() in header  # UTF-8, not pynrrd's ASCII
     voxels = np.frombuffer(gzip.decompress(data), dtype=np.uint8).reshape(phantom.label.array.shape, order="F")
     np.testing.assert_array_equal(voxels, phantom.label.array)  # one standard gzip stream (parallel_gzip)
 

@@ -68,7 +68,8 @@ def test_oracle_prediction_reproduces_the_source_label_exactly(tmp_path: Path, g
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_labels_keep_their_world_position_through_a_coarser_model_grid(geometry: str):
-    """Through a coarser, differently spaced model grid and back, each label's centroid stays put and its voxels mostly agree."""
+    """Through a coarser, differently spaced model grid and back, each label's centroid stays put and its voxels
+    mostly agree."""
     phantom = make_phantom(5, GEOMETRIES[geometry])
     truth = phantom.label
     plan = {"target_spacing": [1.6, 1.8, 2.2], "intensity": {"mode": "window", "low": -200, "high": 300},

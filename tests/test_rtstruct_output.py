@@ -116,7 +116,8 @@ def plastimatch_masks(rtstruct: Path, ct_folder: Path, out: Path, grid: Grid, xo
                       ) -> dict[str, np.ndarray]:
     """plastimatch's own rasterisation of the RTSTRUCT on the CT it reads, resampled (nearest) onto ``grid``."""
     run = subprocess.run(["plastimatch", "convert", "--input", str(rtstruct), "--referenced-ct", str(ct_folder),
-                          "--output-prefix", str(out), "--prefix-format", "nii.gz"] + (["--xor-contours"] if xor else []),
+                          "--output-prefix", str(out), "--prefix-format", "nii.gz"]
+                         + (["--xor-contours"] if xor else []),
                          capture_output=True, text=True, errors="replace", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     masks = {}
@@ -368,7 +369,8 @@ def test_a_contour_longer_than_64_kib_survives(tmp_path: Path):
     label = np.zeros((512, 512, 1), dtype=np.uint8)
     label[50:450, 50:450] = 1
     label[49, 51:450:2] = label[450, 51:450:2] = label[51:450:2, 49] = label[51:450:2, 450] = 1  # saw teeth
-    volume = Volume(label, affine_from_parts(np.diag([-1.0, -1.0, 1.0]), [0.7031, 0.7031, 2.0], [180.123, 170.317, -7.713]))
+    volume = Volume(label, affine_from_parts(np.diag([-1.0, -1.0, 1.0]), [0.7031, 0.7031, 2.0],
+                                             [180.123, 170.317, -7.713]))
     files = write_ct_series(Volume(np.zeros(label.shape, np.int16), volume.affine), tmp_path / "ct")
     path = write_rtstruct(volume, files, tmp_path / "rs.dcm", {1: "Säge"})
     contour = pydicom.dcmread(path).ROIContourSequence[0].ContourSequence[0]

@@ -198,7 +198,8 @@ def fp16_grad_scaler_path():
     rt, trainer = _trainer(_options(precision="fp16"), patch=(64, 64, 64))
     images, labels = _batch(2, (64, 64, 64))
     losses = [float(trainer.train_step(images, labels)) for _ in range(5)]
-    return {"scaler": rt.use_grad_scaler, "scale": trainer.scaler.get_scale(), "losses": [round(lbl, 4) for lbl in losses],
+    return {"scaler": rt.use_grad_scaler, "scale": trainer.scaler.get_scale(),
+            "losses": [round(loss, 4) for loss in losses],
             "state_keys": sorted(trainer.scaler.state_dict())}
 
 
@@ -284,7 +285,8 @@ def memory_plan_counts_cached_gpu_memory_as_free():
     after = plan_memory(*args, need_probabilities=False, prefer_probabilities=True)
     reserved = torch.cuda.memory_reserved(DEV)
     torch.cuda.empty_cache()
-    return {"budget_gb_before": round(before.budget_bytes / 1e9, 1), "budget_gb_after": round(after.budget_bytes / 1e9, 1),
+    return {"budget_gb_before": round(before.budget_bytes / 1e9, 1),
+            "budget_gb_after": round(after.budget_bytes / 1e9, 1),
             "plan_before": [before.stitch_device, before.mode, before.accumulate],
             "plan_after": [after.stitch_device, after.mode, after.accumulate],
             "reserved_gb_while_planning": round(reserved / 1e9, 1),

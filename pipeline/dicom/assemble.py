@@ -41,7 +41,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -64,7 +63,7 @@ class AssembledVolume:
     warnings: list[str]
 
 
-def assemble_series(series: SeriesInfo, options: Optional[AssemblyOptions] = None) -> AssembledVolume:
+def assemble_series(series: SeriesInfo, options: AssemblyOptions | None = None) -> AssembledVolume:
     """Read ``series``'s pixels into one HU volume on its exact grid (see module docstring)."""
     options = options or AssemblyOptions()
     _check_assemblable(series, options)

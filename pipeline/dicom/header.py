@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pydicom
 from pydicom.datadict import dictionary_VR
@@ -85,9 +85,9 @@ class PixelFormat:
     samples_per_pixel: int
     photometric: str
     frames: int
-    padding_value: Optional[int]        # PixelPaddingValue, in stored (raw) units
-    padding_range_limit: Optional[int]  # PixelPaddingRangeLimit, in stored units
-    pixel_offset: Optional[int]         # file offset of native little-endian pixel bytes, else None
+    padding_value: int | None        # PixelPaddingValue, in stored (raw) units
+    padding_range_limit: int | None  # PixelPaddingRangeLimit, in stored units
+    pixel_offset: int | None         # file offset of native little-endian pixel bytes, else None
 
     @property
     def is_native_little_endian(self) -> bool:
@@ -99,13 +99,13 @@ class SliceRef:
     """One 2D image: a single-frame file, or one frame of a multi-frame file."""
 
     path: Path
-    frame: Optional[int]  # 0-based frame index in a multi-frame file, None for single-frame files
-    position: Optional[tuple[float, float, float]]  # ImagePositionPatient (LPS mm)
-    orientation: Optional[tuple[float, ...]]        # ImageOrientationPatient: row cosine, column cosine
-    pixel_spacing: Optional[tuple[float, float]]    # PixelSpacing: (between rows, between columns) mm
+    frame: int | None  # 0-based frame index in a multi-frame file, None for single-frame files
+    position: tuple[float, float, float] | None  # ImagePositionPatient (LPS mm)
+    orientation: tuple[float, ...] | None        # ImageOrientationPatient: row cosine, column cosine
+    pixel_spacing: tuple[float, float] | None    # PixelSpacing: (between rows, between columns) mm
     rescale_slope: float
     rescale_intercept: float
-    instance_number: Optional[int]
+    instance_number: int | None
     sop_instance_uid: str
     pixel: PixelFormat
     # attributes that tell two images at the same position apart (acquisition, temporal position, ...)
@@ -126,14 +126,14 @@ class FileHeader:
     modality: str
     image_type: tuple[str, ...]
     series_description: str
-    series_number: Optional[int]
+    series_number: int | None
     study_uid: str
     series_uid: str
     frame_of_reference_uid: str
     patient_id: str = field(repr=False)
     convolution_kernel: str
-    slice_thickness: Optional[float]
-    spacing_between_slices: Optional[float]
+    slice_thickness: float | None
+    spacing_between_slices: float | None
     manufacturer: str
     transfer_syntax: str
     slices: list[SliceRef] = field(default_factory=list)
@@ -233,7 +233,7 @@ def _short(exc: Exception) -> str:
     return text[:120]
 
 
-def _pixel_data_location(handle, size: int, dataset) -> Optional[tuple[int, Optional[int]]]:
+def _pixel_data_location(handle, size: int, dataset) -> tuple[int, int | None] | None:
     """(value offset, length or None when undefined) of the pixel data element, None when absent.
 
     ``stop_before_pixels`` leaves the file positioned at the start of the pixel data element.
@@ -617,7 +617,7 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in _split(value))
 
 
-def _float(value: Any) -> Optional[float]:
+def _float(value: Any) -> float | None:
     items = _split(value)
     if not items:
         return None
@@ -628,12 +628,12 @@ def _float(value: Any) -> Optional[float]:
     return result if math.isfinite(result) else None
 
 
-def _int(value: Any) -> Optional[int]:
+def _int(value: Any) -> int | None:
     number = _float(value)
     return None if number is None else int(round(number))
 
 
-def _floats(value: Any, count: int) -> Optional[tuple[float, ...]]:
+def _floats(value: Any, count: int) -> tuple[float, ...] | None:
     items = _split(value)
     if len(items) != count:
         return None

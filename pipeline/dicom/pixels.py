@@ -16,7 +16,6 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -46,7 +45,7 @@ def output_dtype(slices: list[SliceRef], requested: str = "auto") -> np.dtype:
 
 
 def decode_into(slices: list[SliceRef], out: np.ndarray, air_hu: float, workers: int = 2,
-                series_name: str = "series", failures: Optional[list] = None) -> DecodeStats:
+                series_name: str = "series", failures: list | None = None) -> DecodeStats:
     """Decode ``slices[k]`` into ``out[k]`` (shape (n, rows, cols)) as HU, in parallel by file.
 
     A file that cannot be decoded raises :class:`InputError` naming it; when ``failures`` is a list,
@@ -153,7 +152,7 @@ def _apply_bits_stored(stored: np.ndarray, pixel: PixelFormat) -> np.ndarray:
     return unsigned & np.array((1 << pixel.bits_stored) - 1, dtype=unsigned.dtype)
 
 
-def padding_mask(stored: np.ndarray, pixel: PixelFormat) -> Optional[np.ndarray]:
+def padding_mask(stored: np.ndarray, pixel: PixelFormat) -> np.ndarray | None:
     """Pixels that are PixelPaddingValue (or within PixelPaddingRangeLimit), None when none can be."""
     if pixel.padding_value is None:
         return None

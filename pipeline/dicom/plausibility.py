@@ -8,7 +8,6 @@ or infinite voxels, direction cosines that are not orthonormal, too few slices a
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from pipeline.errors import InputError

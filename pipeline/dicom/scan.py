@@ -25,10 +25,10 @@ import hashlib
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 
@@ -63,9 +63,9 @@ class SeriesInfo:
     sop_class_uid: str
     image_type: tuple[str, ...]
     series_description: str
-    series_number: Optional[int]
+    series_number: int | None
     convolution_kernel: str
-    slice_thickness: Optional[float]
+    slice_thickness: float | None
     study_uid: str
     series_uid: str
     frame_of_reference_uid: str
@@ -76,12 +76,12 @@ class SeriesInfo:
     slices: list[SliceRef] = field(default_factory=list, repr=False)
     rows: int = 0
     columns: int = 0
-    pixel_spacing: Optional[tuple[float, float]] = None  # (between rows, between columns) mm
-    orientation: Optional[tuple[float, ...]] = None       # ImageOrientationPatient of the first image
+    pixel_spacing: tuple[float, float] | None = None  # (between rows, between columns) mm
+    orientation: tuple[float, ...] | None = None       # ImageOrientationPatient of the first image
     orientation_label: str = ""                           # axial / coronal / sagittal ("" for non-images)
     obliquity_deg: float = 0.0        # angle between the slice normal and the nearest patient axis
     tilt_deg: float = 0.0             # angle between the slice normal and the direction slices step in
-    slice_spacing: Optional[float] = None  # median distance between slice positions along the normal
+    slice_spacing: float | None = None  # median distance between slice positions along the normal
     transfer_syntaxes: tuple[str, ...] = ()
     part: int = 0                     # 0 = whole series; N ≥ 1 = part N of a split series
     split_reason: str = ""
@@ -107,7 +107,7 @@ class SeriesInfo:
         return bool(self.slices)
 
     @property
-    def spacing(self) -> Optional[tuple[float, float, float]]:
+    def spacing(self) -> tuple[float, float, float] | None:
         """Voxel spacing in our [i, j, k] order: (between columns, between rows, between slices) mm."""
         if self.pixel_spacing is None:
             return None
@@ -534,7 +534,7 @@ def _geometry_label(slice_ref: SliceRef) -> str:
     return f"{slice_ref.pixel.columns}x{slice_ref.pixel.rows} {label}"
 
 
-def _positions_along_normal(slices: list[SliceRef]) -> Optional[np.ndarray]:
+def _positions_along_normal(slices: list[SliceRef]) -> np.ndarray | None:
     if not slices or slices[0].orientation is None or any(s.position is None for s in slices):
         return None
     normal = slice_normal(slices[0].orientation)

@@ -13,11 +13,15 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from pipeline import atomic
-from pipeline.dicom.header import (CT_IMAGE_STORAGE, CT_SOP_CLASSES, ENHANCED_CT_IMAGE_STORAGE,
-                                   LEGACY_ENHANCED_CT_IMAGE_STORAGE, SECONDARY_CAPTURE_SOP_CLASSES)
+from pipeline.dicom.header import (
+    CT_IMAGE_STORAGE,
+    CT_SOP_CLASSES,
+    ENHANCED_CT_IMAGE_STORAGE,
+    LEGACY_ENHANCED_CT_IMAGE_STORAGE,
+    SECONDARY_CAPTURE_SOP_CLASSES,
+)
 from pipeline.dicom.scan import SeriesInfo, _patient_hash
 from pipeline.errors import ConfigError
 from pipeline.ingest.options import SelectionRules  # the ingest section's settings; re-exported here
@@ -43,7 +47,7 @@ class SeriesDecision:
     reason: str
 
 
-def select_series(series: list[SeriesInfo], rules: Optional[SelectionRules] = None) -> list[SeriesDecision]:
+def select_series(series: list[SeriesInfo], rules: SelectionRules | None = None) -> list[SeriesDecision]:
     """Decide for every series whether ingest keeps it; one decision per series, in input order."""
     rules = rules or SelectionRules()
     _validate(rules)
@@ -126,7 +130,7 @@ def _backslash_joined(values) -> str:
     return "\\".join(values)
 
 
-def _mm(value: Optional[float]) -> str:
+def _mm(value: float | None) -> str:
     return "unknown" if value is None else f"{value:g} mm"
 
 

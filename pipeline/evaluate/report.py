@@ -16,8 +16,8 @@ import csv
 import html
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

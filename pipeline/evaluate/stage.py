@@ -110,8 +110,14 @@ def _inputs_key(pairs) -> list:
 
 def run_evaluate(cfg: Config, pred_dir: Path, ref_dir: Path, output: Path) -> dict:
     from pipeline.evaluate.metrics import case_metrics
-    from pipeline.evaluate.report import (format_table, overlay_thumbnails, worst_cases, write_evaluation_html,
-                                          write_metrics_csv, write_summary_json)
+    from pipeline.evaluate.report import (
+        format_table,
+        overlay_thumbnails,
+        worst_cases,
+        write_evaluation_html,
+        write_metrics_csv,
+        write_summary_json,
+    )
     from pipeline.evaluate.summary import summarise
 
     pairs, unmatched = pair_cases(pred_dir, ref_dir)

@@ -38,15 +38,16 @@ predict uses: stable across reruns, free of patient names or IDs, and safe as fi
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -355,10 +356,9 @@ def _explicit_case(cfg: Config, dataset: DatasetDescription, case: DatasetCase) 
 
 
 def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> tuple[list[CaseSource], dict]:
+    from pipeline.case_ids import series_case_id
     from pipeline.dicom.scan import labels_for, scan_export
     from pipeline.dicom.select import select_series, write_series_table
-
-    from pipeline.case_ids import series_case_id
 
     log.info("ingest: scanning %s", root)
     scan = scan_export(root, workers=cfg.workers)
@@ -409,11 +409,11 @@ class ImagePrefetch:
 
     def __init__(self, cfg: Config, privacy: PathPrivacy):
         self.cfg, self.privacy = cfg, privacy
-        self.futures: dict[str, object] = {}
-        self.parsed: dict[str, dict[Path, object]] = {}
-        self.pool = None
+        self.futures: dict[str, Any] = {}  # concurrent.futures.Future of each case's image read
+        self.parsed: dict[str, dict[Path, Any]] = {}  # and of its RTSTRUCTs' parses
+        self.pool: Any = None  # a one-thread ThreadPoolExecutor, started with the first prefetch
 
-    def __enter__(self) -> "ImagePrefetch":
+    def __enter__(self) -> ImagePrefetch:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -424,7 +424,7 @@ class ImagePrefetch:
 
     def start(self, cases: list[CaseSource]) -> None:
         for case in cases:
-            series = case.series
+            series: Any = case.series
             if case.id in self.futures or series is None or not getattr(series, "slices", None):
                 continue  # volume files and explicit folders are read in the case itself
             if series.slice_count * series.rows * series.columns * 4 > PREFETCH_BUDGET_BYTES:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 # RT ROI Interpreted Type (3006,00A4), the defined terms of PS3.3 C.8.8.8
 RtRoiType = Literal["EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR", "BOLUS", "AVOIDANCE",
@@ -51,7 +51,7 @@ class Concept:
 
     category: CodeSpec
     type: CodeSpec
-    modifier: Optional[CodeSpec] = None
+    modifier: CodeSpec | None = None
     rt_type: str = "ORGAN"
     source: str = "default"  # "dataset" when every part came from the dataset description, else what filled it
 
@@ -140,7 +140,7 @@ def default_concept(name: str) -> Concept:
     return Concept(TISSUE, TISSUE, None, "ORGAN", "default (unknown name)")
 
 
-def label_concept(name: str, codes: Optional[dict] = None) -> Concept:
+def label_concept(name: str, codes: dict | None = None) -> Concept:
     """The label's concept: what the dataset description gave (``codes``: category/type/modifier/rt_type,
     as CodeSpec or plain dicts), the rest from :func:`default_concept`."""
     codes = {k: v for k, v in (codes or {}).items() if v not in (None, "", {})}
@@ -148,7 +148,7 @@ def label_concept(name: str, codes: Optional[dict] = None) -> Concept:
     if not codes:
         return default
 
-    def code(key: str) -> Optional[CodeSpec]:
+    def code(key: str) -> CodeSpec | None:
         value = codes.get(key)
         if value is None or isinstance(value, CodeSpec):
             return value
@@ -183,7 +183,7 @@ def codes_json(holder) -> dict:
 
 def slicer_terminology(concept: Concept) -> str:
     """Slicer's ``TerminologyEntry``: context~category~type~modifier~anatomic context~region~region modifier."""
-    def item(code: Optional[CodeSpec]) -> str:
+    def item(code: CodeSpec | None) -> str:
         return "^^" if code is None else f"{code.scheme}^{code.value}^{code.meaning}"
 
     return "~".join(["Segmentation category and type - DICOM master list", item(concept.category),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -32,13 +31,13 @@ class LabelSpec:
                 "(with the reason in structures.csv). false: such a case is kept and the label is left out "
                 "of its label map (its voxels count as background)."})
     # coded concepts (pipeline.labels.codes): unset parts come from its default table by name
-    category: Optional[CodeSpec] = field(default=None, metadata={
+    category: CodeSpec | None = field(default=None, metadata={
         "help": "SNOMED CT segmented property category, e.g. {value: '91723000', meaning: Anatomical Structure}."})
-    type: Optional[CodeSpec] = field(default=None, metadata={
+    type: CodeSpec | None = field(default=None, metadata={
         "help": "SNOMED CT segmented property type, e.g. {value: '10200004', meaning: Liver}."})
-    modifier: Optional[CodeSpec] = field(default=None, metadata={
+    modifier: CodeSpec | None = field(default=None, metadata={
         "help": "Optional type modifier, e.g. {value: '7771000', meaning: Left}."})
-    rt_type: Optional[RtRoiType] = field(default=None, metadata={
+    rt_type: RtRoiType | None = field(default=None, metadata={
         "help": "RT ROI Interpreted Type of the RTSTRUCT output: ORGAN, GTV, CTV, PTV, AVOIDANCE, EXTERNAL, ..."})
 
 

@@ -43,7 +43,7 @@ import datetime as _dt
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
@@ -251,7 +251,7 @@ def _image_reference(image: ImageRef) -> bytes:
                  _element(0x00081155, image.sop_instance_uid.encode("ascii"), b"\0"))
 
 
-def _roi_contour_item(number: int, color, contours: list[tuple[Optional[ImageRef], np.ndarray]]) -> bytes:
+def _roi_contour_item(number: int, color, contours: list[tuple[ImageRef | None, np.ndarray]]) -> bytes:
     """One ROI Contour Sequence item: display colour, ROI number and its CLOSED_PLANAR contours.
 
     ContourData is DS in mm with 4 decimals (0.1 µm); Implicit VR has 4-byte lengths, so a contour
@@ -379,7 +379,8 @@ def rtstruct_dataset(labels: np.ndarray, grid: Grid, rois: list[Roi], source: So
     dataset.ReferencedFrameOfReferenceSequence = Sequence([frame_item])
 
     roi_items, contour_items, observation_items = [], [], []
-    summary: dict[str, Any] = {"rois": [], "contours": 0, "points": 0, "unreferenced_contours": 0, "corrected": corrected}
+    summary: dict[str, Any] = {"rois": [], "contours": 0, "points": 0, "unreferenced_contours": 0,
+                               "corrected": corrected}
     for number, roi in enumerate(rois, start=1):
         item = Dataset()
         item.ROINumber = number

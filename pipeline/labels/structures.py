@@ -21,9 +21,9 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 

@@ -7,7 +7,8 @@ upsampled tensor is padded to the skip size so that odd input sizes come back at
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ def _layers(spatial_dims: int):
 class DoubleConv(nn.Module):
     """Two 3×3 convolutions, each followed by optional normalisation and a ReLU."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, padding: str, norm: Optional[str],
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, padding: str, norm: str | None,
                  dropout: float = 0.0):
         super().__init__()
         conv, _, _, batch_norm, instance_norm, drop = _layers(spatial_dims)
@@ -51,7 +52,7 @@ class DoubleConv(nn.Module):
 class Down(nn.Module):
     """2× max pooling, then a :class:`DoubleConv`."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, padding: str, norm: Optional[str],
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, padding: str, norm: str | None,
                  dropout: float = 0.0):
         super().__init__()
         pool = _layers(spatial_dims)[2]
@@ -66,7 +67,7 @@ class Up(nn.Module):
     """2× upsampling that halves the channels, concatenation with the skip, then a :class:`DoubleConv`."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, padding: str, upsample: str,
-                 norm: Optional[str]):
+                 norm: str | None):
         super().__init__()
         conv, conv_transpose, *_ = _layers(spatial_dims)
         self.spatial_dims = spatial_dims
@@ -115,7 +116,7 @@ class ClassicUNet(nn.Module):
                  features: Sequence[int] = (64, 128, 256, 512, 1024),
                  padding: Literal["same", "valid"] = "same",
                  upsample: Literal["interp", "transposed"] = "interp",
-                 norm: Optional[Literal["batch", "instance"]] = "batch",
+                 norm: Literal["batch", "instance"] | None = "batch",
                  dropout: float = 0.0, checkpointing: bool = False):
         super().__init__()
         if padding not in ("same", "valid"):

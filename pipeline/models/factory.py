@@ -7,8 +7,9 @@ rebuilds the very network that was trained, without the training config.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -35,7 +36,7 @@ def network_class(name: str):
                      f"The model folder may come from a newer ctseg; upgrade ctseg.")
 
 
-def check_network_kwargs(spec: dict, where: Optional[Path] = None) -> None:
+def check_network_kwargs(spec: dict, where: Path | None = None) -> None:
     """Refuse a ``kwargs`` key that the network's constructor does not take, naming the valid ones."""
     parameters = inspect.signature(network_class(spec["name"]).__init__).parameters
     valid = [n for n, p in parameters.items() if n not in ("self", "spatial_dims", "in_channels", "out_channels")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from pipeline import atomic
 from pipeline.errors import InputError
@@ -42,7 +42,7 @@ def write_model_json(folder: Path, spec: dict) -> Path:
 
 def write_model_folder(folder: Path, network_spec: dict, networks: list[nn.Module], plan: dict,
                        labels: list[dict], patch_size: list[int], *, mode: str = "3d", context_slices: int = 0,
-                       extra: Optional[dict] = None) -> Path:
+                       extra: dict | None = None) -> Path:
     """A model folder from networks in memory (benchmarks, tests, converted bundles): one ``fold_<n>.pt`` state
     dict per network, then ``model.json``; returns the folder. Training writes its folder with
     :func:`write_model_json` after copying each fold's best checkpoint."""

@@ -8,9 +8,9 @@ device, where nothing is allocated) is checked against a budget before any netwo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,6 @@ from torch import nn
 from pipeline.errors import ConfigError, InputError
 from pipeline.models.factory import build_network
 from pipeline.models.folder import MODEL_FILE, class_values, fold_numbers, read_model_spec
-
 
 
 @dataclass
@@ -40,7 +39,7 @@ class ModelBundle:
 _OUTPUTS_PER_LEVEL = 20
 
 
-def level_channels(spec: dict) -> Optional[list[int]]:
+def level_channels(spec: dict) -> list[int] | None:
     """Feature widths per resolution level of a network spec, or None when the spec does not say."""
     kwargs = spec.get("kwargs") or {}
     for key in ("channels", "filters", "features"):
@@ -52,7 +51,7 @@ def level_channels(spec: dict) -> Optional[list[int]]:
     return None
 
 
-def network_memory_bytes(spec: dict, window: Sequence[int], exact: bool = False) -> tuple[int, Optional[int]]:
+def network_memory_bytes(spec: dict, window: Sequence[int], exact: bool = False) -> tuple[int, int | None]:
     """(bytes of the network's fp32 weights, bytes of the activations of one window or None if unknown).
 
     The network is built on the ``meta`` device (shapes only, nothing allocated). Activations are
@@ -83,7 +82,7 @@ def network_memory_bytes(spec: dict, window: Sequence[int], exact: bool = False)
     try:
         with torch.no_grad():
             network.eval()(torch.empty((1, int(spec["in_channels"]), *[int(w) for w in window]), device="meta"))
-        activations: Optional[int] = total[0]
+        activations: int | None = total[0]
     except Exception:  # an architecture the meta device cannot run: weights alone are checked
         activations = None
     finally:
@@ -92,7 +91,7 @@ def network_memory_bytes(spec: dict, window: Sequence[int], exact: bool = False)
     return int(weights), activations
 
 
-def check_network_size(spec: dict, folds: int, budget_bytes: Optional[int], where: Path) -> dict:
+def check_network_size(spec: dict, folds: int, budget_bytes: int | None, where: Path) -> dict:
     """Refuse a model whose networks would not fit ``budget_bytes``; returns the estimate."""
     window = [int(p) for p in spec["patch_size"]][: int(spec["network"]["spatial_dims"])]
     weights, activations = network_memory_bytes(spec["network"], window)
@@ -113,8 +112,8 @@ def check_network_size(spec: dict, folds: int, budget_bytes: Optional[int], wher
     return estimate
 
 
-def load_model_folder(path: Path, device: str = "cpu", folds: Optional[Sequence[int]] = None,
-                      memory_budget_bytes: Optional[int] = None) -> ModelBundle:
+def load_model_folder(path: Path, device: str = "cpu", folds: Sequence[int] | None = None,
+                      memory_budget_bytes: int | None = None) -> ModelBundle:
     """Load every fold's network of a model folder (or only ``folds``) onto ``device`` in eval mode.
 
     With ``folds`` the returned spec lists only those folds, so provenance says what was used.

@@ -19,6 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.pacs.network import client_tls, describe_peer, describe_status, find_peer, make_ae
@@ -95,7 +96,7 @@ def send_results(cfg: PacsConfig, folder: Path, destinations: list[str], case_id
     peers = [find_peer(cfg, name, "the send destination") for name in destinations]
     folder = Path(folder)
     db = _connect(folder)
-    report = {"stage": "send", "folder": str(folder), "destinations": [describe_peer(p) for p in peers],
+    report: dict[str, Any] = {"stage": "send", "folder": str(folder), "destinations": [describe_peer(p) for p in peers],
               "sent": 0, "already_sent": 0, "failed": 0, "items": []}
     try:
         items = dicom_outputs(folder, case_ids)

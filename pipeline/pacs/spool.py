@@ -165,7 +165,7 @@ class Spool:
             self._db.execute("COMMIT")
             return {"incomplete": interrupted, "requeued": requeued}
 
-    def prune(self, days: float, now: Optional[float] = None) -> int:
+    def prune(self, days: float, now: float | None = None) -> int:
         """Delete the received files of series done or skipped more than ``days`` ago (their results are in the
         predict folder; the copy of the patient's images is not kept for ever). Failed and incomplete series are
         kept for investigation. ``days`` <= 0 keeps everything. Returns how many series were removed."""

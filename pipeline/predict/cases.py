@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Volume
@@ -42,10 +42,10 @@ class Case:
 
     case_id: str
     source: str                       # what the ledger and report show as the input (no patient data)
-    path: Optional[Path] = None       # volume file
+    path: Path | None = None       # volume file
     series: Any = None                # pipeline.dicom.scan.SeriesInfo for DICOM cases
     notes: list[str] = field(default_factory=list)
-    error: Optional[str] = None       # refused while finding inputs (a bad list entry): fails with this reason
+    error: str | None = None       # refused while finding inputs (a bad list entry): fails with this reason
     private: list[str] = field(default_factory=list)  # texts that name the input (list entries): private/ only
 
     @property
@@ -217,7 +217,7 @@ def dicom_case_id(series, ingest_cfg: Any = None) -> str:
 # Shards
 # ---------------------------------------------------------------------------------------------
 
-def resolve_shard(shard: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
     """The explicit ``--shard i/n``, else torchrun's RANK / WORLD_SIZE when WORLD_SIZE > 1, else None."""
     if shard is None:
         world = os.environ.get("WORLD_SIZE", "")
@@ -256,7 +256,7 @@ def shard_of(position: int, case_id: str, count: int, shard_by: str = "index") -
     return position % count
 
 
-def select_shard(cases: list[Case], shard: Optional[tuple[int, int]], shard_by: str = "index") -> list[Case]:
+def select_shard(cases: list[Case], shard: tuple[int, int] | None, shard_by: str = "index") -> list[Case]:
     """The cases of shard ``(i, n)`` of the sorted list; all cases when ``shard`` is None."""
     if shard is None:
         return list(cases)

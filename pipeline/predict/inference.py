@@ -31,7 +31,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -280,7 +279,7 @@ class InferenceOutput:
     """Per-voxel channel index of the winning class on the model grid (and probabilities when asked)."""
 
     classes: np.ndarray                      # uint8/uint16 [X, Y, Z], channel index
-    probabilities: Optional[np.ndarray]      # float32 [K, X, Y, Z] (sums to 1) or None
+    probabilities: np.ndarray | None      # float32 [K, X, Y, Z] (sums to 1) or None
     plan: MemoryPlan
     stats: dict
 
@@ -328,7 +327,7 @@ def network_input(array: np.ndarray, predictor) -> tuple[torch.Tensor, tuple[int
 
 
 def sliding_window_predict(array: np.ndarray, predictor, cfg, need_probabilities: bool = False,
-                           window_predictor: Optional[WindowPredictor] = None,
+                           window_predictor: WindowPredictor | None = None,
                            prefer_probabilities: bool = False) -> InferenceOutput:
     """Predict every voxel of ``array`` (model grid, network input scale); see module docstring.
 

@@ -34,10 +34,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 LEDGER_FILE = "ledger.sqlite"
 SCHEMA_VERSION = "1"
@@ -66,7 +66,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def process_start_time(pid: int) -> Optional[str]:
+def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), or None when no such process exists."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
@@ -89,26 +89,26 @@ class CaseRow:
     case_id: str
     input: str
     status: str
-    error: Optional[str]
-    shard: Optional[str]
+    error: str | None
+    shard: str | None
     attempts: int
-    settings_hash: Optional[str]
-    run_id: Optional[str]
-    host: Optional[str]
-    pid: Optional[int]
-    proc_start: Optional[str]
-    started: Optional[float]
+    settings_hash: str | None
+    run_id: str | None
+    host: str | None
+    pid: int | None
+    proc_start: str | None
+    started: float | None
     updated: float
-    seconds: Optional[float]
+    seconds: float | None
     timings: dict
     outputs: dict
     warnings: list
     summary: dict
-    traceback: Optional[str] = None
+    traceback: str | None = None
     retryable: int = 0  # failed for a reason outside the input (disk full): a plain rerun tries again
 
     @classmethod
-    def from_sql(cls, row: sqlite3.Row) -> "CaseRow":
+    def from_sql(cls, row: sqlite3.Row) -> CaseRow:
         data = dict(row)
         for key, empty in (("timings", {}), ("outputs", {}), ("warnings", []), ("summary", {})):
             data[key] = json.loads(data[key]) if data[key] else empty
@@ -171,7 +171,7 @@ class Ledger:
                         raise
 
     @contextmanager
-    def _transaction(self, connection: Optional[sqlite3.Connection] = None) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, connection: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         db = connection or self._connection
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -210,8 +210,8 @@ class Ledger:
             self._connection.close()
 
     # -- liveness ------------------------------------------------------------------------------
-    def owner_alive(self, host: Optional[str], pid: Optional[int], proc_start: Optional[str],
-                    run_id: Optional[str]) -> bool:
+    def owner_alive(self, host: str | None, pid: int | None, proc_start: str | None,
+                    run_id: str | None) -> bool:
         if run_id == self.run_id:
             return True
         if host == self.host and pid is not None:
@@ -259,18 +259,18 @@ class Ledger:
             db.executemany("INSERT OR IGNORE INTO cases (case_id, input, status, updated) VALUES (?, ?, 'pending', ?)",
                            [(case_id, source, now) for case_id, source in cases])
 
-    def get(self, case_id: str) -> Optional[CaseRow]:
+    def get(self, case_id: str) -> CaseRow | None:
         row = self._connection.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
         return CaseRow.from_sql(row) if row else None
 
-    def rows(self, case_ids: Optional[list[str]] = None) -> list[CaseRow]:
+    def rows(self, case_ids: list[str] | None = None) -> list[CaseRow]:
         rows = [CaseRow.from_sql(r) for r in self._connection.execute("SELECT * FROM cases ORDER BY case_id")]
         if case_ids is None:
             return rows
         wanted = set(case_ids)
         return [r for r in rows if r.case_id in wanted]
 
-    def verify_outputs(self, row: CaseRow) -> Optional[str]:
+    def verify_outputs(self, row: CaseRow) -> str | None:
         """None when every recorded output exists with its checksum; otherwise what is wrong."""
         if not row.outputs:
             return "no outputs recorded"
@@ -282,7 +282,7 @@ class Ledger:
                 return f"{name} output {entry['path']} changed since it was written (checksum differs)"
         return None
 
-    def needs_doing(self, current: Optional[CaseRow], settings_hash: str, retry_failed: bool) -> tuple[bool, str]:
+    def needs_doing(self, current: CaseRow | None, settings_hash: str, retry_failed: bool) -> tuple[bool, str]:
         """Whether a case in state ``current`` (None: never seen) is to be done now, and why; the one rule.
 
         A case ``running`` in a live process is not decided here: each layout checks its owner first.
@@ -330,9 +330,9 @@ class Ledger:
                 self._mark_running(db, case_id, source, settings_hash, (current.attempts if current else 0) + 1)
             return taken, why
 
-    def finish(self, case_id: str, status: str, *, error: Optional[str] = None, seconds: float = 0.0,
-               timings: Optional[dict] = None, outputs: Optional[dict] = None, warnings: Optional[list] = None,
-               summary: Optional[dict] = None, traceback: Optional[str] = None, retryable: bool = False) -> None:
+    def finish(self, case_id: str, status: str, *, error: str | None = None, seconds: float = 0.0,
+               timings: dict | None = None, outputs: dict | None = None, warnings: list | None = None,
+               summary: dict | None = None, traceback: str | None = None, retryable: bool = False) -> None:
         with self._transaction() as db:
             db.execute("UPDATE cases SET status = ?, error = ?, seconds = ?, timings = ?, outputs = ?, warnings = ?, "
                        "summary = ?, traceback = ?, retryable = ?, updated = ? WHERE case_id = ? AND run_id = ?",
@@ -366,7 +366,7 @@ NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre
                                  "glusterfs", "9p", "afs", "ocfs2", "gfs2", "panfs", "wekafs"})
 
 
-def filesystem_type(path: Path, mounts_text: Optional[str] = None) -> str:
+def filesystem_type(path: Path, mounts_text: str | None = None) -> str:
     """The type of the file system holding ``path`` (longest mount point of ``/proc/mounts``), or "unknown"."""
     if mounts_text is None:
         try:
@@ -451,10 +451,10 @@ class SharedLedger(Ledger):
                     merged[row.case_id] = row
         return merged
 
-    def get(self, case_id: str) -> Optional[CaseRow]:
+    def get(self, case_id: str) -> CaseRow | None:
         return self._merged().get(case_id)
 
-    def rows(self, case_ids: Optional[list[str]] = None) -> list[CaseRow]:
+    def rows(self, case_ids: list[str] | None = None) -> list[CaseRow]:
         merged = self._merged()
         wanted = set(case_ids) if case_ids is not None else set(merged)
         return [merged[key] for key in sorted(merged) if key in wanted]
@@ -463,7 +463,7 @@ class SharedLedger(Ledger):
     def _claim_path(self, case_id: str) -> Path:
         return self.claims / f"{_safe_part(case_id)}{CLAIM_SUFFIX}"
 
-    def _claim_owner(self, path: Path) -> Optional[dict]:
+    def _claim_owner(self, path: Path) -> dict | None:
         try:
             owner = json.loads(path.read_text(encoding="utf-8"))
             owner["age"] = time.time() - path.stat().st_mtime
@@ -629,7 +629,7 @@ def _query_other(path: Path, sql: str) -> list[sqlite3.Row]:
                      f"the shared folder; move a damaged file away only when its host will not run again.")
 
 
-def _read_rows(path: Path, connection: Optional[sqlite3.Connection] = None) -> list[CaseRow]:
+def _read_rows(path: Path, connection: sqlite3.Connection | None = None) -> list[CaseRow]:
     if connection is not None:
         return [CaseRow.from_sql(r) for r in connection.execute("SELECT * FROM cases")]
     return [CaseRow.from_sql(r) for r in _query_other(path, "SELECT * FROM cases")]

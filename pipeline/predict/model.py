@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ class Predictor:
     labels: list[LabelInfo]          # foreground labels, in channel order
     device: torch.device
     optimisation: dict = field(default_factory=dict)
-    training_fingerprint: Optional[dict] = None   # training_fingerprint.json, when the model folder has one
+    training_fingerprint: dict | None = None   # training_fingerprint.json, when the model folder has one
 
     @property
     def mode(self) -> str:
@@ -103,7 +103,7 @@ def resolve_device(wanted: str) -> torch.device:
     return device
 
 
-def network_budget_bytes(device: torch.device, budget_gb: Optional[float] = None) -> int:
+def network_budget_bytes(device: torch.device, budget_gb: float | None = None) -> int:
     """Memory the networks may take: ``budget_gb``, else the available RAM (CPU) or the GPU's total memory."""
     if budget_gb:
         return int(budget_gb * 1e9)
@@ -115,7 +115,7 @@ def network_budget_bytes(device: torch.device, budget_gb: Optional[float] = None
 
 
 def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
-                   folds: Optional[Sequence[int]] = None, memory_budget_gb: Optional[float] = None) -> Predictor:
+                   folds: Sequence[int] | None = None, memory_budget_gb: float | None = None) -> Predictor:
     """Load the model folder's networks (all folds, or ``folds``) onto ``device`` (see module docstring).
 
     A model whose estimated memory exceeds :func:`network_budget_bytes` is refused before it is built.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -16,10 +16,10 @@ class MemoryOptions:
                 "budget, else streaming."})
     accumulate: Literal["auto", "fp32", "fp16", "bf16"] = field(default="auto", metadata={
         "help": "Precision of the stitching buffer. auto: fp32 when it fits the budget, else fp16."})
-    budget_gb: Optional[float] = field(default=None, metadata={
+    budget_gb: float | None = field(default=None, metadata={
         "help": "Memory the stitching may use (GB). null = 50% of available RAM on the CPU, or "
                 "gpu_fraction of free GPU memory."})
-    network_budget_gb: Optional[float] = field(default=None, metadata={
+    network_budget_gb: float | None = field(default=None, metadata={
         "help": "Memory the model's networks may need (GB): weights of every fold plus the activations of one "
                 "window, estimated from model.json before any network is built; a model above it is refused. "
                 "null = the available RAM (CPU) or the GPU's total memory."})
@@ -133,7 +133,7 @@ class PredictConfig:
     optimize_network: bool = field(default=True, metadata={
         "help": "Fold batch norms into convolutions, use a channels-last layout and a faster instance norm on "
                 "the CPU; checked against the unmodified network at load time and skipped if they disagree."})
-    folds: Optional[list[int]] = field(default=None, metadata={
+    folds: list[int] | None = field(default=None, metadata={
         "help": "Folds of the model folder to ensemble (e.g. [0] for one fold's network); null = every fold."})
     tta: bool = field(default=False, metadata={
         "help": "Mirroring test-time augmentation: average the predictions over all combinations of flips "

@@ -15,8 +15,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 PRIVATE_DIR = "private"
 INPUTS_FILE = "inputs.json"
@@ -25,15 +25,15 @@ INPUTS_FILE = "inputs.json"
 class Redactor:
     """Replaces known private texts in messages; the identity when ``enabled`` is False."""
 
-    def __init__(self, replacements: Optional[dict[str, str]] = None, enabled: bool = True,
-                 words: Optional[dict[str, str]] = None):
+    def __init__(self, replacements: dict[str, str] | None = None, enabled: bool = True,
+                 words: dict[str, str] | None = None):
         self.enabled = enabled
         self._pairs: dict[str, str] = {}
         self._words: dict[str, str] = {}  # replaced only as whole words (a folder name without a slash)
-        self._pattern: Optional[re.Pattern] = None
+        self._pattern: re.Pattern | None = None
         self.add(replacements or {}, words)
 
-    def add(self, replacements: dict[str, str], words: Optional[dict[str, str]] = None) -> "Redactor":
+    def add(self, replacements: dict[str, str], words: dict[str, str] | None = None) -> Redactor:
         for text, replacement in replacements.items():
             if text and text not in self._pairs:
                 self._pairs[text] = replacement
@@ -50,7 +50,7 @@ class Redactor:
         text = match.group(0)
         return self._pairs[text] if text in self._pairs else self._words[text]
 
-    def absorb(self, other: "Redactor") -> "Redactor":
+    def absorb(self, other: Redactor) -> Redactor:
         """Add another redactor's replacements (a batch's log filter learns every case's folders)."""
         return self.add(other._pairs, other._words) if self.enabled else self
 
@@ -83,7 +83,7 @@ def path_replacements(folder: Path, replacement: str) -> dict[str, str]:
     return pairs
 
 
-def case_folder(case) -> Optional[Path]:
+def case_folder(case) -> Path | None:
     """The case's own folder: the folder of its volume file, or the common folder of its DICOM files."""
     if case.path is not None:
         return Path(case.path).parent

@@ -19,8 +19,6 @@ Optional per-class clean-up (:func:`postprocess`) runs on the source grid, so wh
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from pipeline.errors import ConfigError
@@ -152,7 +150,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def reassembly_agreement(probabilities: np.ndarray, model_grid: Grid, source_grid: Grid, class_values: list[int],
-                         names: Optional[list[str]] = None) -> dict:
+                         names: list[str] | None = None) -> dict:
     """Dice per label between ours (argmax, then nearest) and MONAI-style (linear probabilities, then argmax)."""
     ours = to_source_grid(classes_to_values(probabilities.argmax(0).astype(np.uint8), class_values),
                           model_grid, source_grid)
@@ -183,7 +181,7 @@ def _applies(names: list[str], label: str) -> bool:
     return "*" in names or label in names
 
 
-def min_component_ml(options, label: str) -> Optional[float]:
+def min_component_ml(options, label: str) -> float | None:
     table = _parse_named(options.min_component_ml, "predict.postprocess.min_component_ml")
     raw = table.get(label, table.get("*"))
     if raw is None:

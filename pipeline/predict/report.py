@@ -14,7 +14,6 @@ import datetime as _dt
 import html
 import io
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -246,7 +245,7 @@ def _swatch(color) -> str:
 
 
 def write_html(path: Path, folder: Path, rows, summary: dict, label_names: list[str],
-               label_colors: Optional[list] = None) -> Path:
+               label_colors: list | None = None) -> Path:
     """report.html: the summary, a colour legend, an overview table, then one section per case.
 
     Each case's section holds its volumes (with the label colours), its warnings, which wrap instead
@@ -316,7 +315,7 @@ def _case_section(folder: Path, row, label_names: list[str], colors: list) -> st
     return "\n".join(lines)
 
 
-def summary_block(rows, model_dir: Path, device: str, total_seconds: float, skipped: Optional[list[str]] = None
+def summary_block(rows, model_dir: Path, device: str, total_seconds: float, skipped: list[str] | None = None
                   ) -> dict:
     counts = {status: sum(r.status == status for r in rows) for status in ("done", "failed", "running", "pending")}
     block = {

@@ -40,7 +40,6 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -50,15 +49,19 @@ from pipeline.config import Config, stable_hash, to_dict
 from pipeline.errors import ConfigError, CtsegError, InputError
 from pipeline.geometry import Volume
 from pipeline.predict import cases as case_io
-from pipeline.predict import privacy
+from pipeline.predict import privacy, trust, writers
 from pipeline.predict import report as reporting
-from pipeline.predict import trust
-from pipeline.predict import writers
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.ledger import Ledger, open_ledger, process_start_time, sha256_file
 from pipeline.predict.model import Predictor, load_predictor, resolve_device
-from pipeline.predict.reassemble import (check_label_names, classes_to_values, postprocess, probabilities_to_source,
-                                         refined_to_source, to_source_grid)
+from pipeline.predict.reassemble import (
+    check_label_names,
+    classes_to_values,
+    postprocess,
+    probabilities_to_source,
+    refined_to_source,
+    to_source_grid,
+)
 from pipeline.progress import Progress
 from pipeline.stage import REPORT_FILE, report_header, versions
 
@@ -99,7 +102,7 @@ def settings_hash(model_json_sha256: str, cfg: Config) -> str:
 
 
 def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path,
-                shard: Optional[tuple[int, int]] = None, retry_failed: bool = False) -> PredictResult:
+                shard: tuple[int, int] | None = None, retry_failed: bool = False) -> PredictResult:
     """Segment every case of ``input_path`` into ``output_dir`` (see module docstring)."""
     from pipeline.models.folder import MODEL_FILE, read_model_spec
 
@@ -311,7 +314,7 @@ def publish(staging: Path, folder: Path, case_id: str) -> None:
     staging.rmdir()
 
 
-def withdraw(folder: Path, case_id: str, staging: Optional[Path]) -> None:
+def withdraw(folder: Path, case_id: str, staging: Path | None) -> None:
     """Remove everything an unfinished case left: its staging folder and any of its final-named outputs."""
     if staging is not None and staging.exists():
         shutil.rmtree(staging, ignore_errors=True)
@@ -334,7 +337,7 @@ class _Reserve:
             pid = stale.name.rsplit("-", 1)[-1]
             if pid.isdigit() and process_start_time(int(pid)) is None:
                 stale.unlink(missing_ok=True)
-        self.path: Optional[Path] = folder / f"{self.PREFIX}{host}-{os.getpid()}"
+        self.path: Path | None = folder / f"{self.PREFIX}{host}-{os.getpid()}"
         try:
             with open(self.path, "wb") as handle:
                 handle.write(b"\0" * self.SIZE)
@@ -362,10 +365,10 @@ class _RunLog:
 
     def __init__(self, redactor: privacy.Redactor):
         self.filter = privacy.RedactingFilter(redactor)
-        self.handler: Optional[logging.Handler] = None
+        self.handler: logging.Handler | None = None
         self._filtered: list[logging.Handler] = []
 
-    def __enter__(self) -> "_RunLog":
+    def __enter__(self) -> _RunLog:
         for handler in logging.getLogger().handlers:
             handler.addFilter(self.filter)
             self._filtered.append(handler)
@@ -403,7 +406,7 @@ class _Batch:
     """The model and per-batch state; runs one case at a time."""
 
     def __init__(self, cfg: Config, model_dir: Path, output_dir: Path, device: torch.device, run_hash: str,
-                 ledger: Ledger, run_log: Optional[_RunLog] = None):
+                 ledger: Ledger, run_log: _RunLog | None = None):
         self.cfg = cfg
         self.model_dir = model_dir
         self.output_dir = output_dir
@@ -411,12 +414,12 @@ class _Batch:
         self.run_hash = run_hash
         self.ledger = ledger
         self.run_log = run_log
-        self.predictor: Optional[Predictor] = None
-        self.window_predictor: Optional[WindowPredictor] = None
+        self.predictor: Predictor | None = None
+        self.window_predictor: WindowPredictor | None = None
         self.model_seconds = 0.0
-        self.stopped: Optional[str] = None  # why the batch stopped early (disk full)
+        self.stopped: str | None = None  # why the batch stopped early (disk full)
         self.reserve = _Reserve(output_dir)
-        self.progress: Optional[Progress] = None  # the batch's k/N display, set by run_predict
+        self.progress: Progress | None = None  # the batch's k/N display, set by run_predict
 
     def _at(self) -> str:
         return f"{self.progress.prefix()} " if self.progress is not None else ""
@@ -439,8 +442,8 @@ class _Batch:
                  self.model_seconds, len(self.predictor.networks),
                  ", ".join(self.predictor.optimisation.get("applied", [])) or "as trained")
 
-    def run_case(self, case: case_io.Case, retry_failed: bool, source: Optional[str] = None,
-                 redact: Optional[privacy.Redactor] = None) -> str:
+    def run_case(self, case: case_io.Case, retry_failed: bool, source: str | None = None,
+                 redact: privacy.Redactor | None = None) -> str:
         """Claim, predict, publish and record one case; any error inside the case fails that case only."""
         source = case.source if source is None else source
         redact = redact or privacy.Redactor(enabled=False)
@@ -458,7 +461,7 @@ class _Batch:
         if why not in ("new", "pending"):  # a first try needs no explanation; a redo does
             log.info("%s%s: %s", self._at(), case.case_id, why)
         start = time.perf_counter()
-        staging: Optional[Path] = None
+        staging: Path | None = None
         try:
             image, read_error, read_seconds = self._read_while_loading(case)
             try:
@@ -579,9 +582,9 @@ def _measure_activations(predictor: Predictor, window_predictor: WindowPredictor
 # ---------------------------------------------------------------------------------------------
 
 def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: WindowPredictor, cfg: Config,
-                 output_dir: Path, run_hash: str, image: Optional[case_io.SourceImage] = None,
-                 load_seconds: Optional[float] = None, source: Optional[str] = None,
-                 redact: Optional[privacy.Redactor] = None) -> tuple[dict, dict, list[str], dict]:
+                 output_dir: Path, run_hash: str, image: case_io.SourceImage | None = None,
+                 load_seconds: float | None = None, source: str | None = None,
+                 redact: privacy.Redactor | None = None) -> tuple[dict, dict, list[str], dict]:
     """Segment one case and write its outputs; returns (outputs with checksums, summary, warnings, timings).
 
     ``image``: the case already read (then ``load_seconds`` is how long that took). ``source``: how
@@ -817,13 +820,13 @@ class _RunInfo:
     model_dir: Path
     output_dir: Path
     input_label: str  # the input as the report may name it (no folder names unless predict.full_paths)
-    shard: Optional[tuple[int, int]]
+    shard: tuple[int, int] | None
     device: torch.device
     started: float
     run_hash: str
 
 
-def _report(run: _RunInfo, batch: "_Batch", rows, *, mine_ids: set[str], outcomes: dict[str, str],
+def _report(run: _RunInfo, batch: _Batch, rows, *, mine_ids: set[str], outcomes: dict[str, str],
             skipped: list[str], seconds: float) -> dict:
     mine_rows = [row for row in rows if row.case_id in mine_ids]
     failed_mine = [row for row in mine_rows if row.status == "failed"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -13,7 +13,7 @@ class PreprocessConfig:
     overrides the planned one.
     """
 
-    target_spacing: Optional[list[float]] = field(default=None, metadata={
+    target_spacing: list[float] | None = field(default=None, metadata={
         "help": "Voxel spacing in mm along R, A, S after reorientation. null = planned from the data "
                 "(median; the coarse axis kept for strongly anisotropic data)."})
     anisotropy_threshold: float = field(default=3.0, metadata={

@@ -17,7 +17,7 @@ Any field the config sets explicitly replaces the planned value; ``overrides`` l
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -14,13 +14,12 @@ feet-first sources too.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from pipeline.geometry import (Grid, Volume, canonical_grid, crop_grid, regrid_spacing, resample_to_grid,
-                               world_to_index)
+from pipeline.geometry import Grid, Volume, canonical_grid, crop_grid, regrid_spacing, resample_to_grid, world_to_index
 
 AIR_HU = -1024.0
 BODY_MARGIN_MM = 10.0

@@ -15,14 +15,22 @@ import datetime as _dt
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGLosslessSV1, JPEGLSLossless, PYDICOM_IMPLEMENTATION_UID, RLELossless,
-                         generate_uid)
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputError
@@ -49,9 +57,9 @@ class SeriesWriteOptions:
 
     patient_name: str = field(default="PHANTOM^000", metadata={"help": "PatientName (0010,0010)."})
     patient_id: str = field(default="PHANTOM000", metadata={"help": "PatientID (0010,0020)."})
-    study_uid: Optional[str] = field(default=None, metadata={"help": "StudyInstanceUID; generated when empty."})
-    series_uid: Optional[str] = field(default=None, metadata={"help": "SeriesInstanceUID; generated when empty."})
-    frame_of_reference_uid: Optional[str] = field(
+    study_uid: str | None = field(default=None, metadata={"help": "StudyInstanceUID; generated when empty."})
+    series_uid: str | None = field(default=None, metadata={"help": "SeriesInstanceUID; generated when empty."})
+    frame_of_reference_uid: str | None = field(
         default=None, metadata={"help": "FrameOfReferenceUID; generated when empty."})
     series_description: str = field(default="PHANTOM CT", metadata={"help": "SeriesDescription (0008,103E)."})
     series_number: int = field(default=1, metadata={"help": "SeriesNumber (0020,0011)."})
@@ -73,7 +81,7 @@ class SeriesWriteOptions:
     sop_class_uid: str = field(default=CTImageStorage, metadata={"help": "SOPClassUID; CT Image Storage."})
     convolution_kernel: str = field(default="STANDARD", metadata={"help": "ConvolutionKernel (0018,1210)."})
     manufacturer: str = field(default="ctseg phantom", metadata={"help": "Manufacturer (0008,0070)."})
-    pixel_padding_value: Optional[int] = field(
+    pixel_padding_value: int | None = field(
         default=None, metadata={"help": "Stored value written outside the circular reconstruction field of view "
                                         "(and as PixelPaddingValue), as scanners do; None writes every voxel."})
     drop_slices: list[int] = field(default_factory=list, metadata={"help": "Slice indices k not written."})

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -308,7 +308,7 @@ def render_anatomy(anatomy: Anatomy, grid: Grid, noise_hu: float, blur_mm: float
     return Volume(image, grid.affine.copy()), Volume(label, grid.affine.copy())
 
 
-def make_phantom(seed: int, options: Optional[PhantomOptions] = None) -> Phantom:
+def make_phantom(seed: int, options: PhantomOptions | None = None) -> Phantom:
     """A CT phantom for ``seed``: same seed ⇒ same anatomy in world space whatever the grid options."""
     options = options or PhantomOptions()
     anatomy = build_anatomy(seed, options)
@@ -330,7 +330,7 @@ def label_centroid_ras(label: Volume, value: int) -> np.ndarray:
 # Export
 # ---------------------------------------------------------------------------------------------
 
-def write_phantom_export(root: Path, cases: list[Phantom], case_ids: Optional[list[str]] = None, dicom: bool = True,
+def write_phantom_export(root: Path, cases: list[Phantom], case_ids: list[str] | None = None, dicom: bool = True,
                          nifti: bool = True, rtstruct: bool = False, series_options=None) -> list[dict]:
     """Write phantoms as a hospital-style export and/or NIfTI pairs; return each case's paths.
 

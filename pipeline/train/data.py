@@ -126,8 +126,7 @@ def check_patch_fits(spec: SamplingSpec, shapes: dict[str, tuple[int, ...]]) -> 
 
 def build_augmentation(spec: SamplingSpec, options: TrainConfig):
     """MONAI dictionary transforms applied to one cropped item (keys 'image', 'label')."""
-    from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised,
-                                  RandShiftIntensityd)
+    from monai.transforms import Compose, RandAffined, RandFlipd, RandGaussianNoised, RandShiftIntensityd
 
     aug = options.augment
     transforms = []

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -47,10 +47,10 @@ class TrainConfig:
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability inside the network."})
     deep_supervision: bool = field(default=True, metadata={
         "help": "DynUNet: add loss terms on lower-resolution heads (weights halve per level)."})
-    patch_size: Optional[list[int]] = field(default=None, metadata={
+    patch_size: list[int] | None = field(default=None, metadata={
         "help": "Patch size in voxels (3 values for 3d, 2 for 2d). null = planned to fit the memory budget "
                 "(plan.json). Smaller images are padded up to it."})
-    batch_size: Optional[int] = field(default=None, metadata={
+    batch_size: int | None = field(default=None, metadata={
         "help": "Patches per optimisation step (per process under torchrun). null = planned (plan.json)."})
     foreground_ratio: float = field(default=0.5, metadata={
         "help": "Share of patches centred on a labelled voxel, the class drawn uniformly so that small organs "
@@ -76,7 +76,7 @@ class TrainConfig:
                 "1.25x the steps/s of fp32 at the same Dice, bench/README.md) and on CUDA GPUs with native bf16 "
                 "(compute capability >= 8), fp16 with a GradScaler on older GPUs (V100, T4), otherwise fp32 "
                 "(bf16 is emulated, so slower, on other CPUs). fp16 is refused on the CPU."})
-    channels_last: Optional[bool] = field(default=None, metadata={
+    channels_last: bool | None = field(default=None, metadata={
         "help": "Channels-last memory layout. null = per device: on the CPU (several times faster 3D convolutions "
                 "there), not on CUDA (InstanceNorm copies a channels-last tensor to contiguous at every layer, "
                 "pytorch/pytorch#59168). Not part of the stage hash."})
@@ -87,7 +87,7 @@ class TrainConfig:
                 "network."})
     folds: int = field(default=1, metadata={
         "help": "1 = a single train/validation split (validation_fraction); k > 1 = k-fold cross-validation."})
-    train_folds: Optional[list[int]] = field(default=None, metadata={
+    train_folds: list[int] | None = field(default=None, metadata={
         "help": "Train only these folds (0-based) in this invocation; null = all. Folds finished earlier with the "
                 "same settings are kept, so a cross-validation can run in parts; the model folder lists every "
                 "finished fold, and the stage counts as done when all folds are. Not part of the stage hash."})
@@ -97,14 +97,14 @@ class TrainConfig:
                 "on the CPU the same config gives bit-identical weights; can be slower. On CUDA a few kernels "
                 "(DiceCE's NLL loss, interpolate and MaxPool3d backward) have no deterministic version: each one "
                 "used is logged and listed in the fold's nondeterministic_ops, and repeats can differ slightly."})
-    steps_per_run: Optional[int] = field(default=None, metadata={
+    steps_per_run: int | None = field(default=None, metadata={
         "help": "Stop after this many steps in one invocation (the schedule still spans max_steps); "
                 "'ctseg train --resume' continues. For training in time slots. Not part of the stage hash."})
-    loader_workers: Optional[int] = field(default=None, metadata={
+    loader_workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes preparing patches. null = 0 on the CPU (extra workers compete with "
                 "the training threads there) and a few on CUDA (up to 8, leaving two cores per rank), with pinned "
                 "memory so that the copies to the GPU overlap the step. Not part of the stage hash."})
-    threads: Optional[int] = field(default=None, metadata={
+    threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads; null = torch's default (all cores), or under torchrun the cores divided by "
                 "the processes per node (torchrun itself sets one thread). Not part of the stage hash."})
     ddp_timeout_minutes: int = field(default=60, metadata={

@@ -47,7 +47,7 @@ class History:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, data: dict) -> "History":
+    def from_json(cls, data: dict) -> History:
         return cls(**data)
 
 
