@@ -657,33 +657,15 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     if outputs.seg_nrrd:
         paths["slicer"] = writers.write_seg_nrrd(labels, source_grid, predictor.labels, Path(f"{base}.seg.nrrd"),
                                                  outputs.compresslevel, outputs.seg_nrrd_closed_surface)
-    dicom_seg = None
-    if outputs.dicom_seg and case.is_dicom:
-        try:
-            dicom_seg = writers.write_dicom_seg(labels, source_grid, predictor.labels, case.series,
-                                                Path(f"{base}.seg.dcm"), case.case_id, _ctseg_version(),
-                                                outputs.dicom_seg_type)
-            if dicom_seg.get("written"):
-                paths["dicom_seg"] = Path(f"{base}.seg.dcm")
-            warnings.extend(f"DICOM SEG: {note}" for note in dicom_seg.get("corrected", []))
-        except CtsegError as exc:
-            warnings.append(f"DICOM SEG not written: {exc}")
-    elif outputs.dicom_seg:
-        dicom_seg = {"written": False, "reason": "input is not DICOM"}
-    rtstruct = None
-    if outputs.rtstruct and case.is_dicom:
-        try:
-            rtstruct = writers.write_case_rtstruct(labels, source_grid, predictor.labels, case.series,
-                                                   Path(f"{base}.rtstruct.dcm"), case.case_id, _ctseg_version(),
-                                                   outputs.rtstruct_holes)
-            if rtstruct.get("written"):
-                paths["rtstruct"] = Path(f"{base}.rtstruct.dcm")
-            warnings.extend(f"RTSTRUCT: {note}" for note in rtstruct.get("corrected", []))
-        except CtsegError as exc:
-            rtstruct = {"written": False, "reason": str(exc)}
-            warnings.append(f"RTSTRUCT not written: {exc}")
-    elif outputs.rtstruct:
-        rtstruct = {"written": False, "reason": "input is not DICOM"}
+    # the DICOM objects that reference the source series: each written, or not written with the reason named
+    dicom_seg = _dicom_object("DICOM SEG", outputs.dicom_seg, case, Path(f"{base}.seg.dcm"), "dicom_seg", paths,
+                              warnings, lambda path: writers.write_dicom_seg(
+                                  labels, source_grid, predictor.labels, case.series, path, case.case_id,
+                                  _ctseg_version(), outputs.dicom_seg_type))
+    rtstruct = _dicom_object("RTSTRUCT", outputs.rtstruct, case, Path(f"{base}.rtstruct.dcm"), "rtstruct", paths,
+                             warnings, lambda path: writers.write_case_rtstruct(
+                                 labels, source_grid, predictor.labels, case.series, path, case.case_id,
+                                 _ctseg_version(), outputs.rtstruct_holes))
     if need_probabilities:
         probabilities, grid = result.probabilities, prepared.grid
         if outputs.probabilities_grid == "source":
@@ -803,6 +785,28 @@ def _anonymous_info(info: dict) -> dict:
         return info
     hidden = ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid")
     return {"dicom": {k: v for k, v in dicom.items() if k not in hidden}}
+
+
+def _dicom_object(kind: str, wanted: bool, case: case_io.Case, path: Path, name: str, paths: dict[str, Path],
+                  warnings: list[str], write) -> dict | None:
+    """Write one DICOM object of a case (``write(path)`` returns its summary); a refusal is a warning, not a failure.
+
+    Returns the summary for the provenance (None when the output is off): ``written`` and, when not written, the
+    reason (not DICOM input, a tilt-corrected grid, a missing UID, ...); corrections it made are named as warnings.
+    """
+    if not wanted:
+        return None
+    if not case.is_dicom:
+        return {"written": False, "reason": "input is not DICOM"}
+    try:
+        summary = write(path)
+    except CtsegError as exc:
+        warnings.append(f"{kind} not written: {exc}")
+        return {"written": False, "reason": str(exc)}
+    if summary.get("written"):
+        paths[name] = path
+    warnings.extend(f"{kind}: {note}" for note in summary.get("corrected", []))
+    return summary
 
 
 def _ctseg_version() -> str:
