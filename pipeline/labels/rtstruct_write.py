@@ -326,24 +326,30 @@ def _image_item(image: ImageRef) -> Dataset:
     return item
 
 
+def new_file_dataset(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, charset: str,
+                     implementation: str) -> Dataset:
+    """An empty DICOM file dataset: file meta (preamble, transfer syntax, implementation) and the SOP identity."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = implementation
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.preamble = b"\x00" * 128
+    dataset.SpecificCharacterSet = charset
+    dataset.SOPClassUID = sop_class_uid
+    dataset.SOPInstanceUID = sop_instance_uid
+    return dataset
+
+
 def rtstruct_dataset(labels: np.ndarray, grid: Grid, rois: list[Roi], source: SourceSeries,
                      software_version: str = "", series_description: str = "ctseg RTSTRUCT",
                      label: str = "CTSEG", holes: str = "keyhole") -> tuple[Dataset, dict]:
     """The RTSTRUCT of ``labels`` (on ``grid``, the source series' grid) and a summary of what it holds."""
     header = source.header
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "CTSEG"
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.preamble = b"\x00" * 128
-    dataset.SpecificCharacterSet = "ISO_IR 192"
-    dataset.SOPClassUID = RTStructureSetStorage
-    dataset.SOPInstanceUID = sop_uid
+    dataset = new_file_dataset(RTStructureSetStorage, generate_uid(), ImplicitVRLittleEndian, "ISO_IR 192", "CTSEG")
     now = _dt.datetime.now()
     dataset.InstanceCreationDate = now.strftime("%Y%m%d")
     dataset.InstanceCreationTime = now.strftime("%H%M%S")
@@ -416,7 +422,7 @@ def rtstruct_dataset(labels: np.ndarray, grid: Grid, rois: list[Roi], source: So
     dataset.RTROIObservationsSequence = Sequence(observation_items)
     dataset.ApprovalStatus = "UNAPPROVED"  # a model's contours are drafts until a clinician approves them
     summary["holes"] = holes
-    summary["sop_instance_uid"] = sop_uid
+    summary["sop_instance_uid"] = str(dataset.SOPInstanceUID)
     summary["series_instance_uid"] = str(dataset.SeriesInstanceUID)
     return dataset, summary
 

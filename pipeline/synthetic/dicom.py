@@ -19,9 +19,8 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -35,7 +34,7 @@ from pydicom.uid import (
 from pipeline import atomic
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Grid, Volume, lps_to_ras
-from pipeline.labels.rtstruct_write import ds_text
+from pipeline.labels.rtstruct_write import ds_text, new_file_dataset
 from pipeline.synthetic.jpeg_lossless import encode_jpeg_lossless_sv1
 
 TRANSFER_SYNTAXES = {
@@ -249,19 +248,7 @@ def _file_name(options: SeriesWriteOptions, number: int, sop_uid: str) -> str:
 
 
 def _base_dataset(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "CTSEG_PHANTOM"
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.preamble = b"\x00" * 128
-    dataset.SpecificCharacterSet = "ISO_IR 100"
-    dataset.SOPClassUID = sop_class_uid
-    dataset.SOPInstanceUID = sop_instance_uid
-    return dataset
+    return new_file_dataset(sop_class_uid, sop_instance_uid, transfer_syntax, "ISO_IR 100", "CTSEG_PHANTOM")
 
 
 def _ct_slice_dataset(pixels: np.ndarray, k: int, geometry: _SliceGeometry, uids: _SeriesUids,
