@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_machine import machine_info  # noqa: E402
-from helpers.pacs import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, wait_until  # noqa: E402
 
 from pipeline import atomic  # noqa: E402
+
+from helpers.pacs import CTSEG_AET, ORTHANC_AET, Orthanc, free_port, wait_until  # noqa: E402
 
 
 def write_series(folder: Path, slices: int) -> list[Path]:
