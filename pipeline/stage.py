@@ -100,10 +100,10 @@ def check_output_outside_inputs(output: Path, inputs: list[Path], option: str = 
         if folder.is_file() and out != folder:
             continue  # a single input file: only writing onto the file itself would read outputs back
         if out == folder or folder in out.parents:
-            where = "is the input folder" if out == folder else "lies inside the input folder"
-            raise ConfigError(f"{option} must be outside the input folder, got {output}, which {where} {source}: "
-                              f"its outputs would be read back as inputs on the next run. Choose an output folder "
-                              f"outside the input.")
+            # named without the input's path: export folders are often named after the patient
+            got = "the input folder itself" if out == folder else f"a folder inside an input folder ({out.name})"
+            raise ConfigError(f"{option} must be outside the input folder, got {got}: its outputs would be read "
+                              f"back as inputs on the next run. Choose an output folder outside the input.")
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")

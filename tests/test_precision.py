@@ -133,19 +133,6 @@ def test_predict_in_bf16_runs_the_network_in_bf16_and_stays_close_to_fp32():
     assert np.mean(half.classes == exact.classes) > 0.95
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from pipeline.preprocess.stage import run_preprocess
-
-    from helpers.train import TINY, write_ingest_folder
-
-    root = tmp_path_factory.mktemp("precision")
-    cfg = load_config([], [f"output_root={root}", "experiment=base", *TINY])
-    write_ingest_folder(cfg.stage_dir("ingest"), n_train=3)
-    run_preprocess(cfg)
-    return root
-
-
 def test_training_runs_in_each_forced_precision_and_records_it(prepared, tmp_path):
     """Both CPU training paths, forced by configuration, on tiny patches: each trains, in its own precision
     (the losses differ, but not by much), and says so in report.json and model.json."""

@@ -224,7 +224,7 @@ def test_output_folder_equal_to_or_inside_the_input_is_refused(tmp_path: Path, m
     for out in (inputs, inputs / "results"):
         code = cli_main(["predict", "--model", str(model_dir), "--input", str(inputs), "--output", str(out)])
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and "--output must be a folder outside the input" in err
+        assert code == 2 and err.count("\n") == 1 and "--output must be outside the input folder" in err
     assert not (inputs / "results").exists() and not (inputs / LEDGER_FILE).exists()
     listing = tmp_path / "list.txt"
     listing.write_text("in\n")

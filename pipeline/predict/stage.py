@@ -46,7 +46,7 @@ import torch
 
 from pipeline import atomic, devices
 from pipeline.config import Config, stable_hash, to_dict
-from pipeline.errors import ConfigError, CtsegError, InputError
+from pipeline.errors import CtsegError, InputError
 from pipeline.geometry import Volume
 from pipeline.predict import cases as case_io
 from pipeline.predict import privacy, trust, writers
@@ -63,7 +63,7 @@ from pipeline.predict.reassemble import (
     to_source_grid,
 )
 from pipeline.progress import Progress
-from pipeline.stage import REPORT_FILE, report_header, versions
+from pipeline.stage import REPORT_FILE, check_output_outside_inputs, report_header, versions
 
 log = logging.getLogger("ctseg.predict")
 
@@ -118,14 +118,14 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     if device.type == "cuda":
         devices.configure_cuda_kernels(deterministic=False)  # every window has the model's patch size
     hide = not cfg.predict.full_paths
-    check_output_folder(output_dir, [input_path] if input_path.is_dir() else [])
+    check_output_outside_inputs(output_dir, [input_path])
     batch_redactor = privacy.input_redactor(input_path, hide)
     with _RunLog(batch_redactor) as run_log:
         try:
             discovery = case_io.discover_cases(input_path, cfg.ingest, cfg.workers)
         except InputError as exc:  # stderr and overnight logs get the message without the folder names
             raise InputError(batch_redactor(str(exc))) from (exc if not hide else None)
-        check_output_folder(output_dir, discovery.folders)  # list entries are input folders too
+        check_output_outside_inputs(output_dir, discovery.folders)  # list entries are input folders too
         redactors = {case.case_id: privacy.case_redactor(case, input_path, hide) for case in discovery.cases}
         for redactor in redactors.values():
             batch_redactor.absorb(redactor)
@@ -201,21 +201,6 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     log.info("predict: %d case(s) in this shard, %d failed; report in %s", len(mine), len(failed),
              output_dir / "report.html")
     return PredictResult(report=report, exit_code=exit_code)
-
-
-def check_output_folder(output_dir: Path, input_folders: list[Path]) -> None:
-    """Refuse an output folder that is, or is inside, an input folder (its outputs would be read as inputs)."""
-    out = Path(os.path.abspath(output_dir))
-    try:
-        out = out.resolve()
-    except OSError:
-        pass
-    for folder in input_folders:
-        inside = Path(os.path.abspath(folder)).resolve()
-        if out == inside or inside in out.parents:
-            got = "the input folder itself" if out == inside else f"a folder inside an input folder ({out.name})"
-            raise ConfigError(f"--output must be a folder outside the input, got {got}: its outputs would be read "
-                              f"as new inputs. Choose an output folder elsewhere.")
 
 
 def _write_reports(output_dir: Path, report: dict, rows, summary: dict, legend: list[tuple[str, object]]) -> None:
