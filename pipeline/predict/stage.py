@@ -165,11 +165,13 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
                     progress.update()
                     if batch.stopped:
                         break
-            rows = ledger.rows([case.case_id for case in discovery.cases])
             mine_ids = {case.case_id for case in mine}
+            # the live claims first, then the rows: an owner writes its final row before it drops its claim, so a
+            # case that finishes in between is seen done, never as unfinished and unowned
+            busy = ledger.running_elsewhere()
+            rows = ledger.rows([case.case_id for case in discovery.cases])
             failed = [row.case_id for row in rows if row.case_id in mine_ids and row.status == "failed"]
             # a case of this shard left unfinished by a dead owner (a stale claim not taken over) is no success
-            busy = ledger.running_elsewhere()
             stuck = [] if batch.stopped else [
                 row.case_id for row in rows if row.case_id in mine_ids and row.status in ("pending", "running")
                 and row.case_id not in busy]
