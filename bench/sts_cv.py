@@ -65,8 +65,11 @@ def main() -> int:
     cv_root = cfg.experiment_dir / "cv"
 
     rows, per_fold, predict_seconds = [], [], 0.0
+    trained = {int(f["fold"]) for f in json.loads((train_dir / "model" / "model.json").read_text())["folds"]}
     for split in splits:
         fold = int(split["fold"])
+        if fold not in trained:  # a partial cross-validation (train.train_folds): score the folds it has
+            continue
         fold_cfg = load_config([str(CONFIG)], [*args.overrides, f"predict.folds=[{fold}]",
                                                "predict.outputs.dicom_seg=false"])
         listing = cv_root / f"fold_{fold}_cases.txt"

@@ -29,7 +29,8 @@ def test_unknown_key_names_file_and_valid_choices(tmp_path):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("train.max_steps=abc", "must be an integer"),
+    ("train.folds=abc", "must be an integer"),
+    ("train.max_steps=abc", "must be int or one of .auto."),
     ("train.mode=4d", "must be one of '3d', '2d'"),
     ("preprocess.crop_to_body=maybe", "must be true or false"),
     ("preprocess.target_spacing=3", "must be a list"),

@@ -55,9 +55,17 @@ class TrainConfig:
     foreground_ratio: float = field(default=0.5, metadata={
         "help": "Share of patches centred on a labelled voxel, the class drawn uniformly so that small organs "
                 "are seen as often as large ones (the rest are centred anywhere in the cropped volume)."})
-    max_steps: int = field(default=400, metadata={"help": "Optimisation steps in total, per fold."})
-    val_every: int = field(default=100, metadata={
-        "help": "Validate (sliding window over whole validation volumes) and save checkpoint_last every N steps."})
+    max_steps: int | Literal["auto"] = field(default="auto", metadata={
+        "help": "Optimisation steps per fold. auto = as many as fit train.time_budget_minutes on this machine: a "
+                "short warm-up measures the step rate of the planned network, patch and batch (and one validation), "
+                "and the count is fixed in step_plan.json and model.json, so that a rerun trains the same number "
+                "(pipeline/train/budget.py)."})
+    time_budget_minutes: float = field(default=60.0, metadata={
+        "help": "With max_steps auto: training minutes PER FOLD, validations included, the warm-up not (a 5-fold "
+                "cross-validation takes about 5x this). On a GPU the same budget gives many more steps."})
+    val_every: int | Literal["auto"] = field(default="auto", metadata={
+        "help": "Validate (sliding window over whole validation volumes) and save checkpoint_last every N steps; "
+                "auto = 10 validations per fold."})
     checkpoint_minutes: float = field(default=10.0, metadata={
         "help": "Also save checkpoint_last.pt every this many minutes of training (besides every validation), so "
                 "that a crash or a killed job loses at most this much; 0 = only at validations. Not part of the "

@@ -30,7 +30,19 @@ from pipeline.models.folder import write_model_json
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
+from pipeline.train.budget import (
+    UNTIMED_STEPS,
+    WARMUP_MAX_STEPS,
+    check_budget_options,
+    measure_rate,
+    plan_steps,
+    read_step_plan,
+    resolved_options,
+    warmup_seconds,
+    write_step_plan,
+)
 from pipeline.train.loop import FoldJob, FoldTrainer
+from pipeline.train.options import TrainConfig
 from pipeline.train.runtime import Runtime, barrier, broadcast_object, setup_runtime, teardown_runtime
 from pipeline.train.splits import make_splits
 
@@ -43,6 +55,8 @@ RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "co
 
 def train_hash(cfg: Config) -> str:
     options = {k: v for k, v in to_dict(cfg.train).items() if k not in RUNTIME_ONLY}
+    if cfg.train.max_steps != "auto":
+        options.pop("time_budget_minutes")  # used only to plan max_steps: auto
     return section_hash(options, {"seed": cfg.seed}, upstream_hash(cfg.stage_dir("preprocess"), "preprocess"))
 
 
@@ -91,6 +105,36 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
 
     arrays: dict[str, tuple] = {}
     prepared: dict = {}
+
+    def fold_job(fold: int, fold_options: TrainConfig) -> FoldJob:
+        split = splits[fold]
+        for case_id in split["train"] + split["val"]:
+            if case_id not in arrays:
+                image, label, _ = load_cached_case(pre_dir, by_id[case_id])
+                check_finite(case_id, image)
+                arrays[case_id] = (image, label)
+        for case_id in split["train"]:
+            if case_id not in prepared:
+                prepared[case_id] = prepare_case(case_id, *arrays[case_id], sampling,
+                                                 derived_seed(cfg.seed, "centres", case_id),
+                                                 len(plan["class_values"]))
+        return FoldJob(fold=fold, folder=out / f"fold_{fold}", options=fold_options, seed=cfg.seed,
+                       stage_hash=stage_hash, network_spec=spec, sampling=sampling, batch_size=batch_size,
+                       class_names=class_names, train_cases=[prepared[c] for c in split["train"]],
+                       val_cases=[(c, *arrays[c]) for c in split["val"]], resume=resume)
+
+    step_plan = None
+    if options.max_steps == "auto":
+        step_plan = broadcast_object(runtime, read_step_plan(out, stage_hash) if runtime.is_main else None)
+        if step_plan is None:
+            step_plan = measure_step_plan(options, fold_job(folds[0] if folds else 0, options), runtime, stage_hash)
+            if runtime.is_main:
+                write_step_plan(out, step_plan)
+        else:
+            log.info("train: reusing the step plan of an earlier run (%s): %d steps per fold",
+                     out / "step_plan.json", step_plan["max_steps"])
+    options = resolved_options(options, step_plan)
+
     results = []
     for fold in range(len(splits)):
         name = f"fold_{fold}"
@@ -103,20 +147,7 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
         if fold not in folds:
             continue
         split = splits[fold]
-        for case_id in split["train"] + split["val"]:
-            if case_id not in arrays:
-                image, label, _ = load_cached_case(pre_dir, by_id[case_id])
-                check_finite(case_id, image)
-                arrays[case_id] = (image, label)
-        for case_id in split["train"]:
-            if case_id not in prepared:
-                prepared[case_id] = prepare_case(case_id, *arrays[case_id], sampling,
-                                                 derived_seed(cfg.seed, "centres", case_id),
-                                                 len(plan["class_values"]))
-        job = FoldJob(fold=fold, folder=out / name, options=options, seed=cfg.seed, stage_hash=stage_hash,
-                      network_spec=spec, sampling=sampling, batch_size=batch_size, class_names=class_names,
-                      train_cases=[prepared[c] for c in split["train"]],
-                      val_cases=[(c, *arrays[c]) for c in split["val"]], resume=resume)
+        job = fold_job(fold, options)
         result = FoldTrainer(job, runtime).run()
         results.append(result)
         if run and result["complete"]:
@@ -143,18 +174,42 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
                     "exact_repeats": options.deterministic and runtime.device.type == "cpu"},
         "sampling": {"mode": sampling.mode, "patch_size": sampling.patch_size, "batch_size": batch_size,
                      "context_slices": sampling.context_slices},
-        "network": spec, "folds": results, "cross_validation": cross_validation(finished, class_names),
+        "network": spec, "max_steps": options.max_steps, "val_every": options.val_every, "step_plan": step_plan,
+        "folds": results, "cross_validation": cross_validation(finished, class_names),
         "complete": complete, "folds_done": sorted(r["fold"] for r in finished), "folds_total": len(splits),
     })
     if finished and len(finished) == len(results):  # no fold is waiting for --resume
         model_dir = write_model_folder(out, spec, sampling, plan, finished, cfg, stage_hash,
-                                       precision={"used": runtime.precision, "reason": runtime.precision_reason})
+                                       precision={"used": runtime.precision, "reason": runtime.precision_reason},
+                                       steps={"max_steps": options.max_steps, "step_plan": step_plan})
         run.extra["model"] = str(model_dir)
     if not complete:
         log.info("train: %d of %d folds done; train the others with train.train_folds (or run again)",
                  len(finished), len(splits))
     report = run.finish(complete=complete)
     return report
+
+
+def measure_step_plan(options: TrainConfig, job: FoldJob, runtime: Runtime, stage_hash: str) -> dict:
+    """max_steps auto: time a few steps and one validation of ``job``'s fold on a throwaway network, then plan."""
+    import dataclasses
+
+    from pipeline.train.data import PatchDataset
+
+    warm = dataclasses.replace(options, max_steps=UNTIMED_STEPS + WARMUP_MAX_STEPS, val_every=10 ** 9)
+    job = dataclasses.replace(job, options=warm, resume=False)
+    trainer = FoldTrainer(job, runtime)
+    dataset = PatchDataset(job.train_cases, job.sampling, warm, job.seed, job.fold, runtime.rank)
+    log.info("train: max_steps auto: measuring the step rate on %s (about %.0f s)", runtime.device,
+             warmup_seconds(options) + 5)
+    measured = broadcast_object(runtime, measure_rate(trainer, dataset, job.batch_size, runtime, job.val_cases,
+                                                      warmup_seconds(options)))
+    del trainer
+    step_plan = plan_steps(options, measured, stage_hash, str(runtime.device))
+    log.info("train: planned %d steps per fold (validation every %d) for %.4g min per fold: %.2f steps/s, "
+             "%.1f s per validation", step_plan["max_steps"], step_plan["val_every"], options.time_budget_minutes,
+             step_plan["steps_per_second"], step_plan["validation_seconds"])
+    return step_plan
 
 
 def check_finite(case_id: str, image: np.ndarray) -> None:
@@ -189,10 +244,9 @@ def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -
     if len(patch) != dims or any(int(p) < 1 for p in patch):
         raise ConfigError(f"train.patch_size must be {dims} positive sizes in {options.mode} mode, got {patch}.")
     batch_size = options.batch_size if options.batch_size is not None else int(planned["batch_size"])
-    for key, value in (("batch_size", batch_size), ("max_steps", options.max_steps),
-                       ("val_every", options.val_every)):
-        if value < 1:
-            raise ConfigError(f"train.{key} must be at least 1, got {value}.")
+    if batch_size < 1:
+        raise ConfigError(f"train.batch_size must be at least 1, got {batch_size}.")
+    check_budget_options(options)
     shapes = {entry["id"]: cached_shape(pre_dir, entry) for entry in entries}
     if options.patch_size is None:
         # the plan sizes the patch from shapes estimated before resampling; an image can come out a voxel
@@ -228,7 +282,8 @@ def cross_validation(results: list[dict], class_names: list[str]) -> dict:
 
 
 def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict, results: list[dict],
-                       cfg: Config, stage_hash: str, precision: dict | None = None) -> Path:
+                       cfg: Config, stage_hash: str, precision: dict | None = None,
+                       steps: dict | None = None) -> Path:
     """model/: each fold's best weights and model.json (written last: its presence means complete)."""
     model_dir = out / "model"
     if model_dir.exists():
@@ -253,7 +308,8 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
                    for lbl in plan["labels"]],
         "class_values": plan["class_values"],
         "folds": folds,
-        "training": {"max_steps": cfg.train.max_steps, "seed": cfg.seed, "stage_hash": stage_hash,
+        "training": {"max_steps": (steps or {}).get("max_steps", cfg.train.max_steps),
+                     "step_plan": (steps or {}).get("step_plan"), "seed": cfg.seed, "stage_hash": stage_hash,
                      "precision": precision,
                      "created": _dt.datetime.now().isoformat(timespec="seconds")},
     })
