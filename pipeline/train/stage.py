@@ -29,7 +29,6 @@ from pipeline.models import network_spec
 from pipeline.models.folder import write_model_json
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
-from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
 from pipeline.train.budget import (
     UNTIMED_STEPS,
     WARMUP_MAX_STEPS,
@@ -41,6 +40,7 @@ from pipeline.train.budget import (
     warmup_seconds,
     write_step_plan,
 )
+from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
 from pipeline.train.loop import FoldJob, FoldTrainer
 from pipeline.train.options import TrainConfig
 from pipeline.train.runtime import Runtime, barrier, broadcast_object, setup_runtime, teardown_runtime
