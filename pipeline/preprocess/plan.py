@@ -10,7 +10,9 @@ of the body box, and a sample of HU values inside the labels. The plan derives f
   the labels followed by a z-score with the foreground mean and standard deviation.
 - ``configurations``: for ``3d`` and ``2d``, a patch size and batch size whose estimated training
   memory fits ``memory_budget_mb`` (patch starts at the median cropped image size, the axis with
-  the largest physical extent shrinks first; batch then fills the budget, at least 2).
+  the largest physical extent shrinks first; batch then fills the budget, at least 2). Each also holds a
+  ``cpu`` patch and batch, capped at ``cpu_max_patch_voxels`` and a batch of 2 (8 in 2d): training on the
+  CPU uses them, because there the step time, not the memory, limits what a time budget can train.
 
 Any field the config sets explicitly replaces the planned value; ``overrides`` lists them.
 """
@@ -139,6 +141,12 @@ def make_plan(fingerprint: dict, cfg: Config) -> dict:
                                 options.max_patch_voxels, options.max_batch_size, out_channels, dataset_voxels)
     patch2, batch2 = plan_patch(median_shape[:2], target_spacing[:2], channels, options.memory_budget_mb,
                                 options.max_patch_voxels, 4 * options.max_batch_size, out_channels, dataset_voxels)
+    # the CPU's own plan: compute, not memory, limits a CPU, so its patch is capped harder (train picks it there)
+    cpu_voxels = min(options.max_patch_voxels, options.cpu_max_patch_voxels)
+    cpu3, cpu_batch3 = plan_patch(median_shape, target_spacing, channels, options.memory_budget_mb, cpu_voxels, 2,
+                                  out_channels, dataset_voxels)
+    cpu2, cpu_batch2 = plan_patch(median_shape[:2], target_spacing[:2], channels, options.memory_budget_mb,
+                                  cpu_voxels, 8, out_channels, dataset_voxels)
     plan = {
         "format": PLAN_FORMAT,
         "target_spacing": target_spacing,
@@ -150,9 +158,11 @@ def make_plan(fingerprint: dict, cfg: Config) -> dict:
         "class_values": [0] + [int(lbl["value"]) for lbl in labels],
         "configurations": {
             "3d": {"patch_size": patch3, "batch_size": batch3,
-                   "estimated_memory_mb": round(estimate_training_mb(patch3, batch3, channels, out_channels))},
+                   "estimated_memory_mb": round(estimate_training_mb(patch3, batch3, channels, out_channels)),
+                   "cpu": {"patch_size": cpu3, "batch_size": cpu_batch3}},
             "2d": {"patch_size": patch2, "batch_size": batch2,
-                   "estimated_memory_mb": round(estimate_training_mb(patch2, batch2, channels, out_channels))},
+                   "estimated_memory_mb": round(estimate_training_mb(patch2, batch2, channels, out_channels)),
+                   "cpu": {"patch_size": cpu2, "batch_size": cpu_batch2}},
         },
         "planned": {"target_spacing": planned_spacing, "anisotropic": anisotropic,
                     "median_shape": [float(s) for s in median_shape], "memory_budget_mb": options.memory_budget_mb,

@@ -84,7 +84,7 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
         return {"stage": "train", "status": "up_to_date", "folder": str(out)}
 
     plan, entries = read_index(pre_dir)
-    sampling, batch_size, spec = resolve_setup(cfg, plan, pre_dir, entries)
+    sampling, batch_size, spec = resolve_setup(cfg, plan, pre_dir, entries, runtime.device.type)
     by_id = {e["id"]: e for e in entries}
     splits = make_splits(list(by_id), options.folds, options.validation_fraction, cfg.seed)
     folds = options.train_folds if options.train_folds is not None else list(range(len(splits)))
@@ -230,8 +230,12 @@ def check_resumable(out: Path, n_folds: int, run) -> None:
                           f"fold_<k>/checkpoint_last.pt). Start the training with a plain 'ctseg train'.")
 
 
-def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -> tuple[SamplingSpec, int, dict]:
-    """Sampling (mode, patch, context), batch size and network spec; config errors before any training."""
+def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict],
+                  device_type: str = "cuda") -> tuple[SamplingSpec, int, dict]:
+    """Sampling (mode, patch, context), batch size and network spec; config errors before any training.
+
+    Patch and batch left null come from the preprocess plan: its CPU configuration when training on the CPU.
+    """
     options = cfg.train
     dims = 2 if options.mode == "2d" else 3
     if options.mode == "3d" and options.context_slices:
@@ -240,6 +244,8 @@ def resolve_setup(cfg: Config, plan: dict, pre_dir: Path, entries: list[dict]) -
     if options.context_slices < 0:
         raise ConfigError(f"train.context_slices must be 0 or more, got {options.context_slices}.")
     planned = plan["configurations"][options.mode]
+    if device_type == "cpu" and "cpu" in planned:  # plans before the CPU configuration have one for all devices
+        planned = planned["cpu"]
     patch = list(options.patch_size) if options.patch_size is not None else list(planned["patch_size"])
     if len(patch) != dims or any(int(p) < 1 for p in patch):
         raise ConfigError(f"train.patch_size must be {dims} positive sizes in {options.mode} mode, got {patch}.")
