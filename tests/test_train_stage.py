@@ -15,6 +15,7 @@ from pipeline.models import load_model_folder
 from pipeline.models.folder import read_postprocessing
 from pipeline.models.inference import dice_per_class, predict_probabilities
 from pipeline.preprocess.cache import load_cached_case, read_index
+from pipeline.train.postprocessing import decide_for_trained_model
 from pipeline.train.stage import run_train
 
 from helpers.train import _experiment
@@ -60,6 +61,10 @@ def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(pr
         assert entry["dice_with"] >= entry["dice_without"] and entry["smallest_training_component_ml"] > 0
         assert (entry["rule"] is None) == (entry["dice_with"] == entry["dice_without"])
     assert report["postprocessing"]["classes"]["liver"]["dice_without"] == decision["classes"]["liver"]["dice_without"]
+    # a model folder trained before the decision existed gets the same one afterwards
+    (out / "model" / "postprocessing.json").unlink()
+    again = decide_for_trained_model(cfg)
+    assert again["classes"] == decision["classes"] and read_postprocessing(out / "model")["cases"] == 1
     # the model folder remembers its training data: every preprocessed case, per label and per input
     remembered = training_fingerprint.read(out / "model")
     assert remembered["cases"] == 5 and set(remembered["labels"]) == {"liver", "spleen", "kidney"}

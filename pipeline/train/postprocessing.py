@@ -89,3 +89,30 @@ def summary(decision: dict | None) -> dict | None:
             "mean_foreground_dice_with": decision["mean_foreground_dice_with"],
             "classes": {name: {k: entry[k] for k in ("rule", "dice_without", "dice_with", "cases", "reason")}
                         for name, entry in decision["classes"].items()}}
+
+
+def decide_for_trained_model(cfg: Config) -> dict:
+    """Decide and write ``postprocessing.json`` for a finished training of ``cfg`` whose model folder has none
+    (trained before ctseg decided postprocessing); the train stage itself does this when its last fold finishes."""
+    import json
+
+    from pipeline.errors import ConfigError
+    from pipeline.models.folder import read_model_spec, write_postprocessing
+    from pipeline.train.runtime import setup_runtime, teardown_runtime
+
+    out = cfg.stage_dir("train")
+    report = json.loads((out / "report.json").read_text(encoding="utf-8")) if (out / "report.json").is_file() else {}
+    if not report.get("complete"):
+        raise ConfigError(f"postprocessing is decided on a finished training, got {out} with folds still to train "
+                          f"(or no report.json). Finish it with 'ctseg train' first.")
+    spec = read_model_spec(out / "model")
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))["folds"]
+    sampling = SamplingSpec(spec["mode"], [int(p) for p in spec["patch_size"]], int(spec.get("context_slices", 0)))
+    runtime = setup_runtime(cfg.train)
+    try:
+        decision = cv_postprocessing(cfg, runtime, splits, sampling, int(report["sampling"]["batch_size"]),
+                                     spec["network"])
+    finally:
+        teardown_runtime(runtime)
+    write_postprocessing(out / "model", decision)
+    return decision
