@@ -10,7 +10,6 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.errors import InputError
-from pipeline.geometry import Grid, affine_from_parts
 from pipeline.models.folder import POSTPROCESSING_FILE, read_model_spec, read_postprocessing, write_postprocessing
 from pipeline.postprocessing import Rule, apply_rules, class_components, decide, label_components, smallest_component_ml
 from pipeline.predict.cases import Case
