@@ -8,9 +8,11 @@
    files left by interrupted writes of cases no live process is working on.
 3. Loads the model once, then for each case it may claim: reads it, prepares it onto the model
    grid, runs sliding-window inference (:mod:`pipeline.predict.inference`), takes the argmax and
-   maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), optionally cleans it per
-   label, checks it against the model's training data and scores its confidence
-   (:mod:`pipeline.predict.trust`), and writes every output atomically
+   maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), applies the clean-up the
+   model folder decided on its cross-validation (``postprocessing.json``, :mod:`pipeline.postprocessing`;
+   ``predict.postprocess.model_decision``) and the configured one per label, checks it against the
+   model's training data and scores its confidence (:mod:`pipeline.predict.trust`), and writes every
+   output atomically
    (:mod:`pipeline.predict.writers`). The outputs' SHA-256 go into the ledger. A case that fails
    (unreadable, not CT, out of memory, any error) is recorded as failed with its message and the
    batch moves on.
