@@ -147,7 +147,8 @@ def smallest_component_ml(labels: Iterable[np.ndarray], values: list[int], voxel
             _, sizes = label_components(label == value)
             if len(sizes):
                 ml = float(sizes.min()) * voxel_ml
-                smallest[value] = ml if smallest[value] is None else min(smallest[value], ml)
+                known = smallest[value]
+                smallest[value] = ml if known is None else min(known, ml)
     return smallest
 
 
