@@ -84,7 +84,8 @@ def summary(decision: dict | None) -> dict | None:
     """What the train report keeps of the decision (the figures, without the per-case table)."""
     if decision is None:
         return None
-    return {"source": decision["source"], "cases": decision["cases"], "seconds": decision.get("seconds"),
+    return {"decided": True, "source": decision["source"], "cases": decision["cases"],
+            "seconds": decision.get("seconds"),
             "mean_foreground_dice_without": decision["mean_foreground_dice_without"],
             "mean_foreground_dice_with": decision["mean_foreground_dice_with"],
             "classes": {name: {k: entry[k] for k in ("rule", "dice_without", "dice_with", "cases", "reason")}
