@@ -11,6 +11,13 @@ that fold k held out, through the normal predict stage (labels back on the sourc
 the evaluate stage scores them against the ingested RTSTRUCT masks. Every patient is thus scored
 exactly once, by a network that never saw it. The training's own validation Dice (on the model
 grid, one validation at the last step, so no checkpoint was picked with it) is reported beside it.
+
+Postprocessing: predict applies the model folder's decided clean-up (``postprocessing.json``, decided by the
+train stage on these same held-out predictions) by default; the figures are given with it (``source_grid``) and
+without it (``source_grid_without_postprocessing``, a second predict run with
+``predict.postprocess.model_decision=none``, done only when the decision keeps a rule for some class: otherwise
+the labels are the same). The "with" figure is in-sample for the decision (chosen on these cases), as nnU-Net's
+cross-validation figure after postprocessing is.
 """
 from __future__ import annotations
 
@@ -36,6 +43,17 @@ def stage_seconds(folder: Path) -> float | None:
     if not report.is_file():
         return None
     return json.loads(report.read_text()).get("seconds")
+
+
+def dice_summary(rows: list[dict]) -> dict:
+    """Mean, median, extremes, the worst three cases and the median HD95 of evaluate's metric rows."""
+    dice = [float(r["dice"]) for r in rows]
+    hd95 = [float(r["hd95_mm"]) for r in rows if r["hd95_mm"] not in ("", "nan", "inf")]
+    worst = sorted(rows, key=lambda r: float(r["dice"]))[:3]
+    return {"cases": len(dice), "mean_dice": round(statistics.mean(dice), 4),
+            "median_dice": round(statistics.median(dice), 4), "min_dice": round(min(dice), 4),
+            "max_dice": round(max(dice), 4), "worst_3": {r["case_id"]: round(float(r["dice"]), 4) for r in worst},
+            "median_hd95_mm": round(statistics.median(hd95), 2) if hd95 else None}
 
 
 def main() -> int:
@@ -64,29 +82,43 @@ def main() -> int:
     references = cfg.stage_dir("ingest") / "labelsTr"
     cv_root = cfg.experiment_dir / "cv"
 
-    rows, per_fold, predict_seconds = [], [], 0.0
+    from pipeline.models.folder import read_postprocessing
+
+    decision = read_postprocessing(train_dir / "model")
+    if decision is None and train_report.get("complete"):  # a model trained before ctseg decided postprocessing
+        from pipeline.train.postprocessing import decide_for_trained_model
+
+        decision = decide_for_trained_model(cfg)
+    any_rule = bool(decision) and any(entry.get("rule") for entry in decision["classes"].values())
+
+    def predict_and_score(fold: int, listing: Path, name: str, extra: list[str]) -> list[dict]:
+        """Predict the fold's held-out cases with its own network into cv/<name>, evaluate; the metric rows."""
+        fold_cfg = load_config([str(CONFIG)], [*args.overrides, f"predict.folds=[{fold}]",
+                                               "predict.outputs.dicom_seg=false", *extra])
+        result = api.predict(fold_cfg, model_dir=train_dir / "model", input_path=listing, output=cv_root / name)
+        if result.exit_code != 0:
+            print(f"fold {fold}: some held-out cases failed to predict; see {cv_root / name}/report.html",
+                  file=sys.stderr)
+        api.evaluate(fold_cfg, pred_dir=cv_root / name, ref_dir=references, output=cv_root / f"{name}_evaluate")
+        with open(cv_root / f"{name}_evaluate" / "metrics.csv", newline="") as handle:
+            return [dict(row, fold=fold) for row in csv.DictReader(handle)]
+
+    rows, rows_without, per_fold, predict_seconds = [], [], [], 0.0
     trained = {int(f["fold"]) for f in json.loads((train_dir / "model" / "model.json").read_text())["folds"]}
     for split in splits:
         fold = int(split["fold"])
         if fold not in trained:  # a partial cross-validation (train.train_folds): score the folds it has
             continue
-        fold_cfg = load_config([str(CONFIG)], [*args.overrides, f"predict.folds=[{fold}]",
-                                               "predict.outputs.dicom_seg=false"])
         listing = cv_root / f"fold_{fold}_cases.txt"
         listing.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_text(listing, "".join(f"{(images / f'{case}_0000.nii.gz').resolve()}\n"
                                            for case in split["val"]))
         start = time.perf_counter()
-        result = api.predict(fold_cfg, model_dir=train_dir / "model", input_path=listing,
-                             output=cv_root / f"fold_{fold}")
+        fold_rows = predict_and_score(fold, listing, f"fold_{fold}", [])
+        if any_rule:
+            rows_without.extend(predict_and_score(fold, listing, f"fold_{fold}_without_postprocessing",
+                                                  ["predict.postprocess.model_decision=none"]))
         predict_seconds += time.perf_counter() - start
-        if result.exit_code != 0:
-            print(f"fold {fold}: some held-out cases failed to predict; see {cv_root / f'fold_{fold}'}/report.html",
-                  file=sys.stderr)
-        api.evaluate(fold_cfg, pred_dir=cv_root / f"fold_{fold}", ref_dir=references,
-                     output=cv_root / f"fold_{fold}_evaluate")
-        with open(cv_root / f"fold_{fold}_evaluate" / "metrics.csv", newline="") as handle:
-            fold_rows = [dict(row, fold=fold) for row in csv.DictReader(handle)]
         trusted = {c["id"]: c.get("trust") or {} for c in json.loads(
             (cv_root / f"fold_{fold}" / "report.json").read_text())["cases"]}
         for row in fold_rows:
@@ -97,8 +129,8 @@ def main() -> int:
         per_fold.append({"fold": fold, "cases": len(fold_rows),
                          "mean_dice": round(statistics.mean(float(r["dice"]) for r in fold_rows), 4)})
 
-    dice = [float(r["dice"]) for r in rows]
-    hd95 = [float(r["hd95_mm"]) for r in rows if r["hd95_mm"] not in ("", "nan", "inf")]
+    if not any_rule:
+        rows_without = rows  # no rule kept (or no decision): the labels are the very same
     cross_validation = train_report.get("cross_validation", {})
     scored = [(float(r["confidence"]), float(r["dice"])) for r in rows if r.get("confidence") is not None]
     from scipy.stats import spearmanr
@@ -123,9 +155,8 @@ def main() -> int:
         "config": str(CONFIG.relative_to(REPO)),
         "patients": len(rows),
         "source_grid": {
-            "mean_dice": round(statistics.mean(dice), 4), "median_dice": round(statistics.median(dice), 4),
-            "min_dice": round(min(dice), 4), "max_dice": round(max(dice), 4),
-            "median_hd95_mm": round(statistics.median(hd95), 2) if hd95 else None,
+            **dice_summary(rows),
+            "postprocessing": "the model folder's decided clean-up (predict's default)",
             "per_fold": per_fold,
             "per_case": [{"case": r["case_id"], "fold": r["fold"], "dice": round(float(r["dice"]), 4),
                           "volume_ref_ml": round(float(r["volume_ref_ml"]), 1),
@@ -134,6 +165,15 @@ def main() -> int:
                           "trust_flags": r.get("trust_flags")}
                          for r in rows],
         },
+        "source_grid_without_postprocessing": {
+            **dice_summary(rows_without),
+            "note": "predict.postprocess.model_decision=none" if any_rule else
+            "the same labels as source_grid: the decision kept no rule (or the model folder has none)",
+            "per_case": {r["case_id"]: round(float(r["dice"]), 4) for r in rows_without}},
+        "postprocessing_decision": None if decision is None else {
+            "source": decision["source"], "cases": decision["cases"], "grid": decision.get("grid"),
+            "classes": {name: {k: entry.get(k) for k in ("rule", "dice_without", "dice_with", "reason")}
+                        for name, entry in decision["classes"].items()}},
         "model_grid_validation": {"mean_dice": cross_validation.get("mean_dice"),
                                   "cases": cross_validation.get("cases"),
                                   "note": "the training's own validation at its last step (val_every = max_steps)"},
@@ -147,6 +187,8 @@ def main() -> int:
     atomic.write_json(args.output, result)
     print(json.dumps({k: result[k] for k in ("patients", "training_minutes_all_folds")} |
                      {"source_grid_mean_dice": result["source_grid"]["mean_dice"],
+                      "source_grid_mean_dice_without_postprocessing":
+                          result["source_grid_without_postprocessing"]["mean_dice"],
                       "model_grid_mean_dice": cross_validation.get("mean_dice"), "trust": trust_summary}, indent=1))
     return 0
 

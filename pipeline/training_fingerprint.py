@@ -90,18 +90,15 @@ def component_sizes(labels: np.ndarray, values: list[int]) -> dict[int, np.ndarr
     """Voxel count of every connected component (26-connectivity) of each label value (empty when absent)."""
     from scipy import ndimage
 
-    structure = np.ones((3, 3, 3), dtype=bool)
+    from pipeline.postprocessing import label_components
+
     top = max(values, default=0)
     boxes = ndimage.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64),
                                  max_label=top)
     sizes = {}
     for value in values:
         box = boxes[value - 1] if 0 < value <= len(boxes) else None
-        if box is None:
-            sizes[value] = np.zeros(0, dtype=np.int64)
-            continue
-        components, count = ndimage.label(labels[box] == value, structure=structure)
-        sizes[value] = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        sizes[value] = np.zeros(0, dtype=np.int64) if box is None else label_components(labels[box] == value)[1]
     return sizes
 
 

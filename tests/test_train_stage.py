@@ -12,8 +12,10 @@ from pipeline import training_fingerprint
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models import load_model_folder
+from pipeline.models.folder import read_postprocessing
 from pipeline.models.inference import dice_per_class, predict_probabilities
 from pipeline.preprocess.cache import load_cached_case, read_index
+from pipeline.train.postprocessing import decide_for_trained_model
 from pipeline.train.stage import run_train
 
 from helpers.train import _experiment
@@ -47,8 +49,22 @@ def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(pr
                                                                                              "kidney"]
     assert spec["plan"]["target_spacing"] == [5.0, 5.0, 5.0]
     assert set(spec["folds"][0]["val_dice"]) == {"liver", "spleen", "kidney"}
-    assert sorted(p.name for p in (out / "model").rglob("*") if p.is_file()) == ["model.json", "model_best.pt",
-                                                                                 "training_fingerprint.json"]
+    assert sorted(p.name for p in (out / "model").rglob("*") if p.is_file()) == [
+        "model.json", "model_best.pt", "postprocessing.json", "training_fingerprint.json"]
+    # the clean-up decided on the single validation split, said so, with the figures of the training's validation
+    decision = read_postprocessing(out / "model", spec)
+    assert decision["cases"] == 1 and decision["folds"] == [0] and "single validation split" in decision["source"]
+    for name in ("liver", "spleen", "kidney"):
+        entry = decision["classes"][name]
+        assert entry["cases"] == 1 and entry["dice_without"] == pytest.approx(
+            report["cross_validation"]["mean_dice"][name], abs=1e-4)  # the same best network, the same window
+        assert entry["dice_with"] >= entry["dice_without"] and entry["smallest_training_component_ml"] > 0
+        assert (entry["rule"] is None) == (entry["dice_with"] == entry["dice_without"])
+    assert report["postprocessing"]["classes"]["liver"]["dice_without"] == decision["classes"]["liver"]["dice_without"]
+    # a model folder trained before the decision existed gets the same one afterwards
+    (out / "model" / "postprocessing.json").unlink()
+    again = decide_for_trained_model(cfg)
+    assert again["classes"] == decision["classes"] and read_postprocessing(out / "model")["cases"] == 1
     # the model folder remembers its training data: every preprocessed case, per label and per input
     remembered = training_fingerprint.read(out / "model")
     assert remembered["cases"] == 5 and set(remembered["labels"]) == {"liver", "spleen", "kidney"}
@@ -140,12 +156,22 @@ def test_folds_can_be_trained_in_parts(prepared, tmp_path):
     report = run_train(cfg)
     assert report["folds_done"] == [1] and not report["complete"]
     assert [f["fold"] for f in load_model_folder(cfg.stage_dir("train") / "model").spec["folds"]] == [1]
+    # no decision while a fold is missing: the model folder predicts without one (and says so)
+    assert read_postprocessing(cfg.stage_dir("train") / "model") is None
+    assert report["postprocessing"]["decided"] is False and "1 of 2" in report["postprocessing"]["reason"]
     cfg = _experiment(prepared, tmp_path, "parts2", "train.folds=2", "train.max_steps=2", "train.val_every=2")
     shutil.rmtree(cfg.stage_dir("train"), ignore_errors=True)
     shutil.copytree(tmp_path / "parts" / "train", cfg.stage_dir("train"))
     report = run_train(cfg)
     assert report["complete"] and report["folds_done"] == [0, 1]
     assert report["counts"]["resumed"] == 1  # fold 1 was not trained again
+    # decided when the last fold finished: on every case, each by the fold that held it out
+    decision = read_postprocessing(cfg.stage_dir("train") / "model")
+    assert decision["folds"] == [0, 1] and decision["cases"] == 5 and "2-fold cross-validation" in decision["source"]
+    assert sorted(decision["case_dice"]) == sorted(report["cross_validation"]["case_dice"])
+    for name, entry in decision["classes"].items():
+        assert entry["cases"] == 5
+        assert entry["dice_without"] == pytest.approx(report["cross_validation"]["mean_dice"][name], abs=1e-4)
 
 
 def test_learning_reduces_the_loss_and_finds_the_organs(prepared, tmp_path):

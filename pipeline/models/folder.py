@@ -6,6 +6,12 @@ values, colours and coded concepts, and one weights file per fold, each a plain 
 (:mod:`pipeline.training_fingerprint`) describes the training data. ``model.json`` is written last, so its presence
 means the folder is complete.
 
+``postprocessing.json`` (format ``ctseg-postprocessing/1``, :func:`write_postprocessing` / :func:`read_postprocessing`)
+holds the clean-up decided from the cross-validation when every fold was finished (:mod:`pipeline.postprocessing`):
+per class the rule kept (or none), the mean Dice with and without it and the case count. Training writes it before
+``model.json``; a folder without it (trained before ctseg decided postprocessing, or with folds still to train)
+loads and predicts without a decided clean-up, and predict's provenance says so.
+
 ``model.json`` is validated strictly (:func:`validate_spec`): an unknown key, a wrong type or an invalid value is
 refused with one line naming the key and the valid choices. :mod:`pipeline.models.loader` builds the networks.
 """
@@ -30,6 +36,8 @@ OPTIONAL_KEYS = ("context_slices", "class_values", "training")
 NETWORK_KEYS = ("name", "spatial_dims", "in_channels", "out_channels", "kwargs")
 LABEL_KEYS = ("name", "value", "color", *CODE_KEYS)
 FOLD_KEYS = ("fold", "checkpoint", "val_dice", "best_step")
+POSTPROCESSING_FORMAT = "ctseg-postprocessing/1"
+POSTPROCESSING_FILE = "postprocessing.json"
 
 
 
@@ -208,3 +216,47 @@ def validate_spec(spec: dict, where: Path) -> None:
 def fold_numbers(spec: dict) -> list[int]:
     """The fold number of each network listed in a model spec, in order."""
     return [int(f.get("fold", i)) for i, f in enumerate(spec.get("folds", []))]
+
+
+def write_postprocessing(folder: Path, decision: dict) -> Path:
+    """Write ``postprocessing.json`` (the format key first), atomically."""
+    path = Path(folder) / POSTPROCESSING_FILE
+    atomic.write_json(path, {"format": POSTPROCESSING_FORMAT, **{k: v for k, v in decision.items() if k != "format"}})
+    return path
+
+
+def read_postprocessing(folder: Path, spec: dict | None = None) -> dict | None:
+    """The model folder's postprocessing decision, or None when it has none (see module docstring).
+
+    A file that is there but unreadable, of another format, or naming a class the model does not have (``spec``)
+    is refused: predicting with a half-understood clean-up would be silently wrong.
+    """
+    path = Path(folder) / POSTPROCESSING_FILE
+    if not path.is_file():
+        return None
+    how = "Re-run 'ctseg train' with this version, or delete the file to predict without the decided clean-up."
+    try:
+        decision = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} must be readable JSON, got {type(exc).__name__}: {exc}. {how}") from exc
+    if not isinstance(decision, dict) or decision.get("format") != POSTPROCESSING_FORMAT:
+        got = decision.get("format") if isinstance(decision, dict) else type(decision).__name__
+        raise InputError(f"{path} must have format {POSTPROCESSING_FORMAT!r}, got {got!r}. {how}")
+    classes = decision.get("classes")
+    if not isinstance(classes, dict):
+        raise InputError(f"{path}: classes must be a mapping of label name to decision, got {classes!r}. {how}")
+    known = [label["name"] for label in spec["labels"]] if spec else None
+    for name, entry in classes.items():
+        if known is not None and name not in known:
+            raise InputError(f"{path}: classes must name labels of the model ({', '.join(known)}), got {name!r}. "
+                             f"{how}")
+        rule = entry.get("rule") if isinstance(entry, dict) else entry
+        if rule is None:
+            continue
+        largest, ml = (rule.get("keep_largest_component"), rule.get("min_component_ml")) \
+            if isinstance(rule, dict) else (None, None)
+        if not isinstance(rule, dict) or set(rule) - {"keep_largest_component", "min_component_ml"} \
+                or not isinstance(largest, bool) or not (ml is None or (_is_number(ml) and ml > 0)):
+            raise InputError(f"{path}: classes.{name}.rule must be null or {{keep_largest_component: true/false, "
+                             f"min_component_ml: a positive number or null}}, got {rule!r}. {how}")
+    return decision

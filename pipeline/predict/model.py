@@ -57,6 +57,7 @@ class Predictor:
     device: torch.device
     optimisation: dict = field(default_factory=dict)
     training_fingerprint: dict | None = None   # training_fingerprint.json, when the model folder has one
+    postprocessing: dict | None = None   # postprocessing.json (the decided clean-up), when it has one
 
     @property
     def mode(self) -> str:
@@ -120,7 +121,7 @@ def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
 
     A model whose estimated memory exceeds :func:`network_budget_bytes` is refused before it is built.
     """
-    from pipeline.models.folder import MODEL_FILE, class_values
+    from pipeline.models.folder import MODEL_FILE, class_values, read_postprocessing
     from pipeline.models.loader import load_model_folder
 
     model_dir = Path(model_dir)
@@ -147,7 +148,8 @@ def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
 
     return Predictor(folder=model_dir, spec=spec, spec_sha256=sha256_file(model_dir / MODEL_FILE),
                      networks=networks, class_values=values, labels=labels, device=device, optimisation=report,
-                     training_fingerprint=training_fingerprint.read(model_dir))
+                     training_fingerprint=training_fingerprint.read(model_dir),
+                     postprocessing=read_postprocessing(model_dir, spec))
 
 
 def _labels(spec: dict, values: list[int]) -> list[LabelInfo]:

@@ -32,6 +32,14 @@ class MemoryOptions:
 class PostprocessOptions:
     """Per-class clean-up of the label map on the source grid, by label name ('*' = every label)."""
 
+    model_decision: Literal["auto", "none"] = field(default="auto", metadata={
+        "help": "auto: apply the clean-up the model folder's postprocessing.json decided from the cross-validation "
+                "(per class: keep the largest connected component, or remove components under N mL, only where "
+                "that raised the class's mean validation Dice, as nnU-Net does); applied on the source grid with "
+                "its voxel volume, and what was done is named in each case's provenance and the report. A label "
+                "named in keep_largest_component or min_component_ml below gets those settings instead of the "
+                "decision. A model folder without postprocessing.json gets no decided clean-up (said in "
+                "provenance). none: only the settings below."})
     keep_largest_component: list[str] = field(default_factory=list, metadata={
         "help": "Labels of which only the largest connected component (26-connectivity) is kept, e.g. [liver]."})
     min_component_ml: list[str] = field(default_factory=list, metadata={

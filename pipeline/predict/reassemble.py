@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.geometry import Grid, axis_aligned_permutation, index_mapping, resample_to_grid, voxel_volume_ml
+from pipeline.postprocessing import Rule, apply_rules
 from pipeline.preprocess.transform import labels_to_source
 
 
@@ -203,42 +204,34 @@ def check_label_names(options, known: list[str]) -> None:
                           f"{unknown}. Fix the names in the config.")
 
 
+def configured_rules(options, label_infos) -> dict[int, Rule]:
+    """The component rules ``predict.postprocess`` gives each label (by value; labels without one left out)."""
+    rules = {}
+    for info in label_infos:
+        rule = Rule(_applies(options.keep_largest_component, info.name), min_component_ml(options, info.name))
+        if not rule.empty:
+            rules[info.value] = rule
+    return rules
+
+
 def postprocess(labels: np.ndarray, grid: Grid, label_infos, options) -> list[str]:
     """Clean ``labels`` in place as configured per label name; returns one note per change."""
     from scipy import ndimage
 
     if not (options.keep_largest_component or options.min_component_ml or options.fill_holes) or not labels.any():
         return []
-    notes = []
     voxel_ml = voxel_volume_ml(grid)
-    boxes = ndimage.find_objects(labels)
-    structure = np.ones((3, 3, 3), dtype=bool)
-    for info in label_infos:
-        if info.value - 1 >= len(boxes) or boxes[info.value - 1] is None:
-            continue
-        box = boxes[info.value - 1]
-        region = labels[box]          # a view: edits land in ``labels``
-        mask = region == info.value
-        threshold = min_component_ml(options, info.name)
-        keep_largest = _applies(options.keep_largest_component, info.name)
-        if threshold is not None or keep_largest:
-            components, count = ndimage.label(mask, structure=structure)
-            if count > 1 or threshold is not None:
-                sizes = np.bincount(components.ravel())[1:]
-                keep = np.ones(count, dtype=bool)
-                if threshold is not None:
-                    keep &= sizes * voxel_ml >= threshold
-                if keep_largest and count > 1:
-                    keep &= np.arange(count) == int(np.argmax(sizes))
-                removed = ~keep
-                if removed.any():
-                    drop = np.isin(components, np.flatnonzero(removed) + 1)
-                    region[drop] = 0
-                    mask &= ~drop
-                    notes.append(f"{info.name}: removed {int(removed.sum())} of {count} connected components "
-                                 f"({float(sizes[removed].sum() * voxel_ml):.2f} mL)")
-        if _applies(options.fill_holes, info.name) and mask.any():
-            holes = ndimage.binary_fill_holes(mask) & (region == 0)
+    records = apply_rules(labels, voxel_ml, configured_rules(options, label_infos),
+                          {info.value: info.name for info in label_infos})
+    notes = [record["note"] for record in records if record["removed"]]
+    if options.fill_holes:
+        boxes = ndimage.find_objects(labels)
+        for info in label_infos:
+            if not _applies(options.fill_holes, info.name) or info.value - 1 >= len(boxes) \
+                    or boxes[info.value - 1] is None:
+                continue
+            region = labels[boxes[info.value - 1]]  # a view: edits land in ``labels``
+            holes = ndimage.binary_fill_holes(region == info.value) & (region == 0)
             if holes.any():
                 region[holes] = info.value
                 notes.append(f"{info.name}: filled {float(holes.sum() * voxel_ml):.2f} mL of holes")

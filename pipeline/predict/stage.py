@@ -8,9 +8,11 @@
    files left by interrupted writes of cases no live process is working on.
 3. Loads the model once, then for each case it may claim: reads it, prepares it onto the model
    grid, runs sliding-window inference (:mod:`pipeline.predict.inference`), takes the argmax and
-   maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), optionally cleans it per
-   label, checks it against the model's training data and scores its confidence
-   (:mod:`pipeline.predict.trust`), and writes every output atomically
+   maps it back onto the source grid (:mod:`pipeline.predict.reassemble`), applies the clean-up the
+   model folder decided on its cross-validation (``postprocessing.json``, :mod:`pipeline.postprocessing`;
+   ``predict.postprocess.model_decision``) and the configured one per label, checks it against the
+   model's training data and scores its confidence (:mod:`pipeline.predict.trust`), and writes every
+   output atomically
    (:mod:`pipeline.predict.writers`). The outputs' SHA-256 go into the ledger. A case that fails
    (unreadable, not CT, out of memory, any error) is recorded as failed with its message and the
    batch moves on.
@@ -47,7 +49,8 @@ import torch
 from pipeline import atomic, devices
 from pipeline.config import Config, stable_hash, to_dict
 from pipeline.errors import CtsegError, InputError
-from pipeline.geometry import Volume
+from pipeline.geometry import Volume, voxel_volume_ml
+from pipeline.postprocessing import apply_rules, decided_rules
 from pipeline.predict import cases as case_io
 from pipeline.predict import privacy, trust, writers
 from pipeline.predict import report as reporting
@@ -57,6 +60,7 @@ from pipeline.predict.model import Predictor, load_predictor, resolve_device
 from pipeline.predict.reassemble import (
     check_label_names,
     classes_to_values,
+    configured_rules,
     postprocess,
     probabilities_to_source,
     refined_to_source,
@@ -96,9 +100,42 @@ def options_folds(spec: dict, cfg: Config) -> list[int]:
     return every if cfg.predict.folds is None else [f for f in every if f in set(cfg.predict.folds)]
 
 
-def settings_hash(model_json_sha256: str, cfg: Config) -> str:
+def settings_hash(model_json_sha256: str, cfg: Config, postprocessing_sha256: str | None = None) -> str:
+    """What the written labels depend on; ``postprocessing_sha256``: the decided clean-up applied, if any."""
     predict = {k: v for k, v in to_dict(cfg.predict).items() if k not in _NOT_IN_HASH}
-    return stable_hash({"model": model_json_sha256, "predict": predict})
+    decided = {"postprocessing": postprocessing_sha256} if postprocessing_sha256 else {}
+    return stable_hash({"model": model_json_sha256, "predict": predict, **decided})
+
+
+def decided_postprocessing(predictor: Predictor, options) -> tuple[dict, dict]:
+    """The model folder's decided clean-up as this batch applies it: (rules by label value, what provenance says).
+
+    ``predict.postprocess.model_decision: auto`` applies ``postprocessing.json``; a label that the config gives
+    its own component settings (keep_largest_component, min_component_ml) keeps those instead.
+    """
+    setting = options.postprocess.model_decision
+    decision = predictor.postprocessing
+    info: dict = {"model_decision": setting}
+    if setting == "none":
+        return {}, {**info, "decided": False, "reason": "predict.postprocess.model_decision is none"}
+    if decision is None:
+        return {}, {**info, "decided": False,
+                    "reason": "the model folder has no postprocessing.json (trained before ctseg decided its "
+                              "postprocessing, or with cross-validation folds still to train): no decided clean-up"}
+    configured = configured_rules(options.postprocess, predictor.labels)
+    value_of = {label.name: label.value for label in predictor.labels}
+    rules, overridden = {}, []
+    for name, rule in decided_rules(decision).items():
+        if value_of[name] in configured:
+            overridden.append(name)
+        else:
+            rules[value_of[name]] = rule
+    return rules, {**info, "decided": True, "source": decision.get("source"), "cases": decision.get("cases"),
+                   "created": decision.get("created"),
+                   "rules": {name: entry.get("rule") for name, entry in decision["classes"].items()},
+                   "dice": {name: {"without": entry.get("dice_without"), "with": entry.get("dice_with")}
+                            for name, entry in decision["classes"].items()},
+                   "overridden_by_config": overridden}
 
 
 def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path,
@@ -154,7 +191,7 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
                 log.info("predict: removed %d partial file(s) left by an interrupted run", removed)
             mine = case_io.select_shard(discovery.cases, shard, cfg.predict.shard_by)
             ledger.register([(case.case_id, sources[case.case_id]) for case in discovery.cases])
-            run_hash = settings_hash(sha256_file(model_dir / MODEL_FILE), cfg)
+            run_hash = settings_hash(sha256_file(model_dir / MODEL_FILE), cfg, _decision_sha256(model_dir, cfg))
             batch = _Batch(cfg, model_dir, output_dir, device, run_hash, ledger, run_log)
             outcomes = {}
             with Progress(len(mine), "predict", unit="case") as progress:
@@ -203,6 +240,17 @@ def run_predict(cfg: Config, model_dir: Path, input_path: Path, output_dir: Path
     log.info("predict: %d case(s) in this shard, %d failed; report in %s", len(mine), len(failed),
              output_dir / "report.html")
     return PredictResult(report=report, exit_code=exit_code)
+
+
+def _decision_sha256(model_dir: Path, cfg: Config) -> str | None:
+    """SHA-256 of the postprocessing.json this batch applies (checked now: a bad one stops the batch at once)."""
+    from pipeline.models.folder import POSTPROCESSING_FILE, read_model_spec, read_postprocessing
+
+    if cfg.predict.postprocess.model_decision != "auto":
+        return None
+    if read_postprocessing(model_dir, read_model_spec(model_dir)) is None:
+        return None
+    return sha256_file(model_dir / POSTPROCESSING_FILE)
 
 
 def _write_reports(output_dir: Path, report: dict, rows, summary: dict, legend: list[tuple[str, object]]) -> None:
@@ -624,7 +672,11 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     if transposed:
         labels = labels.T  # back to the source's [i, j, k] axes (a view; NIfTI writes it without a copy)
     lap("reassemble")
-    notes = postprocess(labels, source_grid, predictor.labels, options.postprocess)
+    rules, decided = decided_postprocessing(predictor, options)
+    decided["applied"] = apply_rules(labels, voxel_volume_ml(source_grid), rules,
+                                     {info.value: info.name for info in predictor.labels})
+    notes = [record["note"] for record in decided["applied"]]
+    notes += postprocess(labels, source_grid, predictor.labels, options.postprocess)
     lap("postprocess")
     volumes, label_warnings = reporting.label_statistics(labels, source_grid, predictor.labels, options.report)
     warnings = redact.all(list(image.warnings) + fit_warnings + label_warnings)
@@ -691,6 +743,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         "inference": result.stats,
         "timings_s": timings,
         "postprocess": notes,
+        "postprocessing": decided,
         "dicom_seg": dicom_seg,
         "rtstruct": rtstruct,
         "warnings": warnings,
@@ -699,10 +752,18 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     }
     paths["provenance"] = writers.write_provenance(Path(f"{base}.provenance.json"), provenance)
     checksums = {name: {"path": path.name, "sha256": sha256_file(path)} for name, path in paths.items()}
-    summary = {"volumes": volumes, "postprocess": notes, "memory_plan": result.plan.mode,
+    summary = {"volumes": volumes, "postprocess": notes, "postprocessing": _applied_summary(decided),
+               "memory_plan": result.plan.mode,
                "windows": result.stats["windows"], "reassembly": reassembly["method"],
                "trust": assessment.to_json() if assessment else None}
     return checksums, summary, warnings, timings
+
+
+def _applied_summary(decided: dict) -> dict:
+    """What the ledger and report.json keep of a case's decided clean-up."""
+    return {"decided": decided.get("decided"), "model_decision": decided.get("model_decision"),
+            "applied": [{k: record[k] for k in ("label", "components", "removed", "removed_ml", "note")}
+                        for record in decided.get("applied", [])]}
 
 
 def check_model_fit(volume: Volume, case: case_io.Case, predictor: Predictor, options) -> list[str]:
@@ -828,6 +889,8 @@ def _report(run: _RunInfo, batch: _Batch, rows, *, mine_ids: set[str], outcomes:
         "precision": batch.window_predictor.precision.to_json() if batch.window_predictor else None,
         "model": {"folder": str(run.model_dir), "mode": run.spec.get("mode"),
                   "network": run.spec["network"].get("name"), "folds": options_folds(run.spec, run.cfg),
+                  "postprocessing": decided_postprocessing(batch.predictor, run.cfg.predict)[1]
+                  if batch.predictor else None,
                   "load_seconds": batch.model_seconds,
                   "inference_rewrites": batch.predictor.optimisation if batch.predictor else None},
         "input": run.input_label,
@@ -857,6 +920,8 @@ def _case_entries(rows) -> list[dict]:
              "shard": row.shard, "timings": row.timings, **({"traceback": row.traceback} if row.traceback else {}),
              "outputs": {name: entry["path"] for name, entry in row.outputs.items()},
              "volumes_ml": {name: v.get("volume_ml") for name, v in row.summary.get("volumes", {}).items()},
+             "postprocess": row.summary.get("postprocess"),
+             "postprocessing": row.summary.get("postprocessing"),
              "trust": trust.case_trust(row) or None}
             for row in rows]
 

@@ -6,8 +6,10 @@ Output folder (``<experiment>/train``)::
     fold_<k>/checkpoint_last.pt  full training state (resume); checkpoint_best.pt at the best validation
     fold_<k>/model_best.pt       the best weights alone (state_dict)
     fold_<k>/tensorboard/        TensorBoard scalars; fold_<k>/progress.png: loss and Dice curves
-    model/                       model.json + fold_<k>/model_best.pt: everything prediction needs, and
-                                 training_fingerprint.json: what the training data looked like
+    model/                       model.json + fold_<k>/model_best.pt: everything prediction needs,
+                                 training_fingerprint.json: what the training data looked like, and
+                                 postprocessing.json: the clean-up decided on the cross-validation
+                                 (pipeline.train.postprocessing; once every fold is finished)
 
 Under ``torchrun`` every rank trains (DDP, rank-sharded patches) and only rank 0 writes files; the
 ranks must see the same preprocess and train folders (one machine, or a shared file system).
@@ -26,7 +28,7 @@ from pipeline.config import Config, section_hash, to_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.labels.codes import codes_json
 from pipeline.models import network_spec
-from pipeline.models.folder import write_model_json
+from pipeline.models.folder import write_model_json, write_postprocessing
 from pipeline.preprocess.cache import cached_shape, load_cached_case, read_index
 from pipeline.stage import StageRun, reset_folder, upstream_hash
 from pipeline.train.budget import (
@@ -43,6 +45,8 @@ from pipeline.train.budget import (
 from pipeline.train.data import SamplingSpec, build_augmentation, check_patch_fits, derived_seed, prepare_case
 from pipeline.train.loop import FoldJob, FoldTrainer
 from pipeline.train.options import TrainConfig
+from pipeline.train.postprocessing import cv_postprocessing
+from pipeline.train.postprocessing import summary as cv_summary
 from pipeline.train.runtime import Runtime, barrier, broadcast_object, setup_runtime, teardown_runtime
 from pipeline.train.splits import make_splits
 
@@ -179,10 +183,14 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
         "complete": complete, "folds_done": sorted(r["fold"] for r in finished), "folds_total": len(splits),
     })
     if finished and len(finished) == len(results):  # no fold is waiting for --resume
+        decision = decide_postprocessing(cfg, runtime, splits, sampling, batch_size, spec, complete)
         model_dir = write_model_folder(out, spec, sampling, plan, finished, cfg, stage_hash,
                                        precision={"used": runtime.precision, "reason": runtime.precision_reason},
-                                       steps={"max_steps": options.max_steps, "step_plan": step_plan})
+                                       steps={"max_steps": options.max_steps, "step_plan": step_plan},
+                                       postprocessing=decision)
         run.extra["model"] = str(model_dir)
+        run.extra["postprocessing"] = cv_summary(decision) or {
+            "decided": False, "reason": f"decided when every fold is finished ({len(finished)} of {len(splits)})"}
     if not complete:
         log.info("train: %d of %d folds done; train the others with train.train_folds (or run again)",
                  len(finished), len(splits))
@@ -287,10 +295,19 @@ def cross_validation(results: list[dict], class_names: list[str]) -> dict:
             "case_dice": cases}
 
 
+def decide_postprocessing(cfg: Config, runtime: Runtime, splits: list[dict], sampling: SamplingSpec,
+                          batch_size: int, spec: dict, complete: bool) -> dict | None:
+    """The postprocessing decision (pipeline.train.postprocessing) once every fold is finished, else None."""
+    if not complete:
+        return None
+    return cv_postprocessing(cfg, runtime, splits, sampling, batch_size, spec)
+
+
 def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict, results: list[dict],
                        cfg: Config, stage_hash: str, precision: dict | None = None,
-                       steps: dict | None = None) -> Path:
-    """model/: each fold's best weights and model.json (written last: its presence means complete)."""
+                       steps: dict | None = None, postprocessing: dict | None = None) -> Path:
+    """model/: each fold's best weights, postprocessing.json when decided, and model.json (written last: its
+    presence means complete)."""
     model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -304,6 +321,8 @@ def write_model_folder(out: Path, spec: dict, sampling: SamplingSpec, plan: dict
                       "best_step": result["best_step"]})
     training_fingerprint.write_for_training(model_dir, cfg.stage_dir("preprocess"), cfg.stage_dir("ingest"),
                                             plan["labels"], cfg.preprocess.body_threshold_hu)
+    if postprocessing is not None:
+        write_postprocessing(model_dir, postprocessing)
     write_model_json(model_dir, {
         "network": spec,
         "mode": sampling.mode,

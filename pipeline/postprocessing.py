@@ -1,0 +1,215 @@
+"""Connected-component clean-up of label maps: the one component labelling, per-class rules, and their choice by CV.
+
+One function labels connected components (:func:`label_components`, 26-connectivity, as everywhere in ctseg);
+training fingerprints, trust flags, configured and decided clean-up all count components with it.
+
+A :class:`Rule` is what may be done to one class: keep only its largest component, and/or remove its components
+smaller than ``min_component_ml``. Thresholds are physical volumes (mL), so a rule chosen on the model grid
+applies unchanged on any other grid: :func:`apply_rules` counts each component's volume with the voxel volume of
+the grid it is given. Predict applies rules on the source grid after reassembly, so what a rule guarantees (one
+component, no island below N mL) holds in the written file.
+
+:func:`decide` chooses the rules from cross-validation predictions as nnU-Net's ``determine_postprocessing`` does:
+a rule is kept for a class only if it raises that class's mean Dice over the validation cases (strictly; ties and
+losses keep the prediction as it is). nnU-Net also tries "largest component of all foreground together", kept only
+when the foreground mean rises and no class's Dice drops; ctseg's rules act per class and set only that class's
+voxels to background, so no other class's Dice can change and that check holds by construction. Besides nnU-Net's
+largest component, removing components under N mL is tried for a few N: fractions (:data:`THRESHOLD_FRACTIONS`)
+of the smallest component any training label of the class has. A case where the class is absent from both the
+reference and the prediction scores Dice 1 (so every mean is over the same cases, with and without a rule).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+THRESHOLD_FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # of the smallest training component of the class
+IMPROVEMENT = 1e-9  # a rule must raise the mean Dice by more than float rounding
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected components of a boolean mask: (component number per voxel, 0 outside; voxels per component)."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(np.asarray(mask, dtype=bool), structure=STRUCTURE)
+    return components, np.bincount(components.ravel(), minlength=count + 1)[1:]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The clean-up of one class (both parts may be set: small components go, then only the largest stays)."""
+
+    keep_largest_component: bool = False
+    min_component_ml: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.keep_largest_component and self.min_component_ml is None
+
+    def keep(self, sizes: np.ndarray, voxel_ml: float) -> np.ndarray:
+        """Which of the components (voxel counts ``sizes``) the rule keeps."""
+        keep = np.ones(len(sizes), dtype=bool)
+        if self.min_component_ml is not None:
+            keep &= sizes * voxel_ml >= self.min_component_ml
+        if self.keep_largest_component and len(sizes) > 1:
+            keep &= np.arange(len(sizes)) == int(np.argmax(sizes))
+        return keep
+
+    def describe(self) -> str:
+        parts = (["keep the largest component"] if self.keep_largest_component else []) + (
+            [f"remove components under {self.min_component_ml:.4g} mL"] if self.min_component_ml is not None else [])
+        return " and ".join(parts) or "none"
+
+    def to_json(self) -> dict:
+        return {"keep_largest_component": self.keep_largest_component, "min_component_ml": self.min_component_ml}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Rule:
+        ml = data.get("min_component_ml")
+        return cls(bool(data.get("keep_largest_component", False)), None if ml is None else float(ml))
+
+
+def apply_rules(labels: np.ndarray, voxel_ml: float, rules: dict[int, Rule], names: dict[int, str]) -> list[dict]:
+    """Apply ``rules`` (by label value) to ``labels`` in place; one record per class that had components.
+
+    ``voxel_ml``: the voxel volume of the grid ``labels`` lies on. Each record names the class, the rule, the
+    components found and removed, the removed volume and a one-line note for provenance and the report.
+    """
+    from scipy import ndimage
+
+    active = {value: rule for value, rule in rules.items() if not rule.empty}
+    if not active or not labels.any():
+        return []
+    boxes = ndimage.find_objects(labels, max_label=max(active))
+    records = []
+    for value, rule in sorted(active.items()):
+        box = boxes[value - 1] if 0 < value <= len(boxes) else None
+        if box is None:
+            continue
+        region = labels[box]  # a view: edits land in ``labels``
+        components, sizes = label_components(region == value)
+        keep = rule.keep(sizes, voxel_ml)
+        removed = ~keep
+        if removed.any():
+            region[np.isin(components, np.flatnonzero(removed) + 1)] = 0
+        removed_ml = float(sizes[removed].sum() * voxel_ml)
+        name = names.get(value, str(value))
+        if removed.any():
+            note = (f"{name}: removed {int(removed.sum())} of {len(sizes)} connected components ({removed_ml:.2f} mL; "
+                    f"rule: {rule.describe()})")
+        else:
+            note = f"{name}: {len(sizes)} connected component(s), none removed (rule: {rule.describe()})"
+        records.append({"label": name, "rule": rule.to_json(), "components": int(len(sizes)),
+                        "removed": int(removed.sum()), "removed_ml": round(removed_ml, 4),
+                        "kept_ml": round(float(sizes[keep].sum() * voxel_ml), 4), "note": note})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision from cross-validation predictions
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ClassComponents:
+    """One case's prediction of one class, as the decision needs it: its components and their overlaps."""
+
+    sizes: np.ndarray      # voxels of each predicted component
+    overlaps: np.ndarray   # reference voxels of the class inside each component
+    reference: int         # reference voxels of the class
+
+    def dice(self, rule: Rule, voxel_ml: float) -> float:
+        keep = rule.keep(self.sizes, voxel_ml) if len(self.sizes) else np.zeros(0, dtype=bool)
+        predicted = int(self.sizes[keep].sum())
+        if predicted + self.reference == 0:
+            return 1.0  # absent from both: right (see module docstring)
+        return 2.0 * int(self.overlaps[keep].sum()) / (predicted + self.reference)
+
+
+def class_components(prediction: np.ndarray, reference: np.ndarray, values: list[int]) -> dict[int, ClassComponents]:
+    """Per class value, the components of ``prediction`` and their overlap with ``reference`` (same grid)."""
+    found = {}
+    for value in values:
+        truth = reference == value
+        components, sizes = label_components(prediction == value)
+        overlaps = np.bincount(components[truth], minlength=len(sizes) + 1)[1:]
+        found[value] = ClassComponents(sizes, overlaps, int(truth.sum()))
+    return found
+
+
+def smallest_component_ml(labels: Iterable[np.ndarray], values: list[int], voxel_ml: float) -> dict[int, float | None]:
+    """Per class value, the volume (mL) of the smallest connected component in any of the label maps."""
+    smallest: dict[int, float | None] = {value: None for value in values}
+    for label in labels:
+        for value in values:
+            _, sizes = label_components(label == value)
+            if len(sizes):
+                ml = float(sizes.min()) * voxel_ml
+                known = smallest[value]
+                smallest[value] = ml if known is None else min(known, ml)
+    return smallest
+
+
+def candidate_rules(smallest_ml: float | None) -> list[Rule]:
+    """The rules tried for one class: removal under fractions of its smallest training component, then LCC."""
+    thresholds = sorted({round(f * smallest_ml, 6) for f in THRESHOLD_FRACTIONS}) if smallest_ml else []
+    return [Rule(min_component_ml=t) for t in thresholds if t > 0] + [Rule(keep_largest_component=True)]
+
+
+def decide(cases: dict[str, dict[int, ClassComponents]], classes: dict[int, str], voxel_ml: float,
+           smallest_ml: dict[int, float | None]) -> dict:
+    """The rule per class that raises its mean Dice over ``cases`` the most, or none (see module docstring).
+
+    ``cases``: per case id, :func:`class_components` of its CV prediction; ``classes``: name per value.
+    Returns the figures and decisions that :func:`pipeline.models.folder.write_postprocessing` stores.
+    """
+    decided = {}
+    for value, name in classes.items():
+        scored = [c[value] for c in cases.values() if value in c]
+        baseline = float(np.mean([c.dice(Rule(), voxel_ml) for c in scored])) if scored else float("nan")
+        tried = []
+        best, best_dice = None, baseline
+        for rule in candidate_rules(smallest_ml.get(value)):
+            mean = float(np.mean([c.dice(rule, voxel_ml) for c in scored])) if scored else float("nan")
+            tried.append({**rule.to_json(), "mean_dice": round(mean, 6)})
+            if scored and mean > best_dice + IMPROVEMENT:
+                best, best_dice = rule, mean
+        split = sum(int(len(c.sizes) > 1) for c in scored)
+        if best is None:
+            reason = (f"no rule raised the mean Dice ({baseline:.4f} over {len(scored)} cases; {split} with more than "
+                      f"one predicted component)" if scored else "no validation case")
+        else:
+            reason = f"{best.describe()}: mean Dice {baseline:.4f} -> {best_dice:.4f} over {len(scored)} cases"
+        decided[name] = {
+            "value": int(value), "cases": len(scored), "cases_with_several_components": split,
+            "rule": best.to_json() if best is not None else None,
+            "dice_without": round(baseline, 6) if scored else None,
+            "dice_with": round(best_dice, 6) if scored else None,
+            "smallest_training_component_ml": None if smallest_ml.get(value) is None
+            else round(float(smallest_ml[value]), 6),
+            "candidates": tried, "reason": reason,
+        }
+    case_dice = {}
+    for case_id, per_class in cases.items():
+        case_dice[case_id] = {}
+        for value, name in classes.items():
+            if value not in per_class:
+                continue
+            rule = Rule.from_json(decided[name]["rule"]) if decided[name]["rule"] else Rule()
+            case_dice[case_id][name] = {"without": round(per_class[value].dice(Rule(), voxel_ml), 6),
+                                        "with": round(per_class[value].dice(rule, voxel_ml), 6)}
+    means = [(d["dice_without"], d["dice_with"]) for d in decided.values() if d["dice_without"] is not None]
+    return {"classes": decided, "cases": len(cases), "voxel_ml": voxel_ml,
+            "mean_foreground_dice_without": round(float(np.mean([m[0] for m in means])), 6) if means else None,
+            "mean_foreground_dice_with": round(float(np.mean([m[1] for m in means])), 6) if means else None,
+            "case_dice": case_dice}
+
+
+def decided_rules(decision: dict | None) -> dict[str, Rule]:
+    """The rules a stored decision applies, by class name (classes with no rule left out)."""
+    if not decision:
+        return {}
+    return {name: Rule.from_json(entry["rule"]) for name, entry in decision.get("classes", {}).items()
+            if entry.get("rule")}
