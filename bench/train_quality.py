@@ -148,8 +148,8 @@ def run_ours(root: Path, args, tutorial_net: bool) -> dict:
     measured = measure_rate(FoldTrainer(warm_job, runtime), PatchDataset(cases, sampling, warm_options, cfg.seed, 0, 0),
                             batch_size, runtime, [], warmup_seconds(cfg.train))
     # validations are off the clock here, so the schedule spans the cap's training time alone (--quick: at least
-    # 3 minutes' worth, so that the planner's 20-step minimum holds on a slow machine)
-    schedule = dataclasses.replace(cfg.train, val_every=10 ** 9, time_budget_minutes=max(args.cap_minutes, 3.0))
+    # 10 minutes' worth, so that the planner's 20-step minimum holds on a slow machine)
+    schedule = dataclasses.replace(cfg.train, val_every=10 ** 9, time_budget_minutes=max(args.cap_minutes, 10.0))
     step_plan = plan_steps(schedule, {**measured, "validation_seconds": 0.0}, "bench", str(runtime.device))
     options = resolved_options(cfg.train, step_plan)
     job = dataclasses.replace(job, options=options)
