@@ -68,7 +68,7 @@ def peak_rss_bytes() -> int:
 
 MODEL_CACHE = REPO / "bench" / "results" / "predict_model"
 TRAINING = {"cases": 6, "phantom_shape": 256, "phantom_slices": 150, "inplane_mm": 1.5, "slice_mm": 2.0,
-            "steps": 160, "patch_size": [48, 48, 48], "batch_size": 2, "val_every": 80, "learning_rate": 0.003,
+            "steps": 2400, "patch_size": [64, 64, 64], "batch_size": 2, "val_every": 400, "learning_rate": 0.003,
             "seed": 0, "precision": "auto"}
 
 
