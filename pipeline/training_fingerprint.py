@@ -106,7 +106,10 @@ def component_sizes(labels: np.ndarray, values: list[int]) -> dict[int, np.ndarr
             sizes[value] = np.zeros(0, dtype=np.int64)
             continue
         components, count = ndimage.label(labels[box] == value, structure=structure)
-        sizes[value] = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        # count the component voxels only: bincount of the whole box first casts it to int64, a fresh array
+        # of 8 bytes per voxel (150 MB for a liver's box in a 512x512x300 CT, 1-2 s on a VM that faults
+        # pages in slowly); the counts are the same
+        sizes[value] = np.bincount(components[components > 0], minlength=count + 1)[1:]
     return sizes
 
 
