@@ -36,7 +36,7 @@ def run(tree: Path, work: Path, variant: str, repeat: int) -> dict:
 
 def main() -> None:
     from bench_machine import machine_info
-    from predict import prepare_inputs
+    from predict import prepare_inputs, trained_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, required=True, help="the other source tree (e.g. a git archive of main)")
@@ -49,7 +49,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     for old in args.workdir.glob("ours*_r*"):  # an earlier run's outputs: the ledger would skip the case
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    inputs = prepare_inputs(args.workdir, args.shape, args.slices)
+    inputs = prepare_inputs(args.workdir, trained_model(), args.shape, args.slices)
     load_before = os.getloadavg()
     runs: dict = {variant: {"base": [], "new": []} for variant in ("ours", "ours_all")}
     for repeat in range(args.repeats):

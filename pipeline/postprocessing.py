@@ -34,8 +34,17 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """26-connected components of a boolean mask: (component number per voxel, 0 outside; voxels per component)."""
     from scipy import ndimage
 
-    components, count = ndimage.label(np.asarray(mask, dtype=bool), structure=STRUCTURE)
-    return components, np.bincount(components.ravel(), minlength=count + 1)[1:]
+    mask = np.asarray(mask, dtype=bool)
+    if mask.flags.f_contiguous and not mask.flags.c_contiguous:
+        # components do not depend on the axis order (26-connectivity is symmetric), and scipy's label runs
+        # several times faster on C order: a 512x512x300 NIfTI label map (Fortran order, as predict holds it)
+        # took 4.9 s, its transposed view 1.1 s, with the same sizes
+        components, sizes = label_components(mask.T)
+        return components.T, sizes
+    components, count = ndimage.label(mask, structure=STRUCTURE)
+    # count the component voxels only: a bincount of the whole box first casts it to int64, a fresh array of
+    # 8 bytes per voxel (150 MB for a liver's box in a 512x512x300 CT, 1-2 s on a VM that faults pages in slowly)
+    return components, np.bincount(components[components > 0], minlength=count + 1)[1:]
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,25 @@ def test_an_extra_component_is_flagged_but_not_a_speck(fingerprint, held_out):
     assert flags == [] and measured["spleen"]["components"] == 2 and measured["spleen"]["components_counted"] == 1
 
 
+def test_component_sizes_do_not_depend_on_the_arrays_memory_order():
+    # predict holds the source-grid labels in Fortran order (NIfTI's); component_sizes then works on the
+    # transposed C-ordered view for speed, which must give the same components as a C-ordered copy
+    rng = np.random.default_rng(3)
+    labels = np.zeros((23, 17, 11), dtype=np.uint8)
+    labels[rng.random(labels.shape) < 0.15] = 1  # many small, irregular components
+    labels[2:9, 3:12, 1:5] = 2
+    labels[14:20, 1:4, 6:10] = 2  # two components of label 2
+    labels[20, 15, 9] = 3  # one voxel
+    fortran = np.asfortranarray(labels)
+    assert fortran.flags.f_contiguous and not fortran.flags.c_contiguous
+    expected = tfp.component_sizes(np.ascontiguousarray(labels), [1, 2, 3, 4])
+    got = tfp.component_sizes(fortran, [1, 2, 3, 4])
+    assert set(got) == {1, 2, 3, 4}
+    assert len(expected[1]) > 5 and len(expected[2]) == 2 and expected[3].tolist() == [1] and expected[4].size == 0
+    for value in expected:
+        assert sorted(got[value].tolist()) == sorted(expected[value].tolist())
+
+
 def test_an_input_with_another_hu_distribution_is_unfamiliar(fingerprint, held_out):
     array = held_out.image.array.astype(np.float32)
     body = array > THRESHOLD
