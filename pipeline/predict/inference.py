@@ -22,6 +22,11 @@ On a CUDA device the windows always run on the GPU; the buffer lives there when 
 ``gpu_fraction`` of the free GPU memory (free on the device plus what PyTorch has cached but not
 in use), otherwise on the CPU (MONAI's ``sw_device`` / ``device``
 split). On the CPU the buffer must fit ``budget_gb`` (default half the available RAM).
+
+This is the project's only sliding window: training validation (:mod:`pipeline.train.loop`) runs
+:func:`sliding_window_predict` too, on the network being trained, in the training precision and
+layout, and scores its labels, so validation Dice is the Dice that ``ctseg predict`` would get on
+the model grid.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import torch
 
 from pipeline import devices
 from pipeline.errors import ConfigError
-from pipeline.precision import resolve_precision
+from pipeline.precision import Precision, resolve_precision
 
 log = logging.getLogger("ctseg.predict")
 
@@ -200,13 +205,16 @@ def _cpu_plan(choices, need, estimates, options, reason_prefix: str) -> MemoryPl
 class WindowPredictor:
     """Maps a batch of windows ``[B, C, x, y, z]`` to mean class probabilities ``[B, K, x, y, z]``."""
 
-    def __init__(self, predictor, precision: str = "auto", tta: bool = False, tta_axes=("AP", "SI")):
+    def __init__(self, predictor, precision: str | Precision = "auto", tta: bool = False, tta_axes=("AP", "SI")):
+        """``precision``: a ``predict.precision`` value (resolved here) or an already resolved :class:`Precision`
+        (training validation passes the training run's)."""
         self.networks = predictor.networks
         self.device = predictor.device
         self.two_d = predictor.mode == "2d"
         self.context = predictor.context_slices
         self.channels_last = predictor.optimisation.get("layout") == "channels_last"
-        self.precision = resolve_precision(precision, self.device, "predict")
+        self.precision = (precision if isinstance(precision, Precision)
+                          else resolve_precision(precision, self.device, "predict"))
         self.autocast = self.precision.dtype
         unknown = [a for a in tta_axes if a not in AXIS_NAMES]
         if unknown:
