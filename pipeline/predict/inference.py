@@ -30,6 +30,7 @@ the model grid.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -84,10 +85,19 @@ def window_grid(shape, roi, overlap: float) -> WindowGrid:
 
 
 def importance_map(roi, device: torch.device) -> torch.Tensor:
-    """MONAI's Gaussian importance map (sigma_scale 0.125) for a window of size ``roi``."""
+    """MONAI's Gaussian importance map (sigma_scale 0.125) for a window of size ``roi``; read-only (cached).
+
+    Cached per window size and device: training validates every ``val_every`` steps with the same window,
+    and MONAI's Gaussian filtering costs about as much as a small network pass.
+    """
+    return _importance_map(tuple(int(r) for r in roi), str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _importance_map(roi: tuple[int, ...], device: str) -> torch.Tensor:
     from monai.data.utils import compute_importance_map
 
-    return compute_importance_map(tuple(roi), mode="gaussian", sigma_scale=0.125, device=device,
+    return compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=torch.device(device),
                                   dtype=torch.float32)
 
 
