@@ -50,6 +50,88 @@ def test_probabilities_equal_monai_gaussian_sliding_window():
     assert ours.stats["windows"] == len(window_grid((40, 30, 27), (16, 16, 16), 0.5).starts)
 
 
+
+def _validation_window(net, mode, patch, context=0, precision="fp32", channels_last=False, overlap=0.25):
+    """Training validation's window (pipeline.train.loop.ValidationWindow) as a fold's trainer builds it."""
+    from pipeline.train.data import SamplingSpec
+    from pipeline.train.loop import FoldJob, ValidationWindow
+    from pipeline.train.options import TrainConfig
+    from pipeline.train.runtime import Runtime
+
+    options = TrainConfig()
+    options.precision, options.val_overlap = precision, overlap
+    dims = 3 if mode == "3d" else 2
+    spec = {"name": "tiny", "spatial_dims": dims, "in_channels": 2 * context + 1, "out_channels": 3}
+    job = FoldJob(fold=0, folder=Path("fold_0"), options=options, seed=0, stage_hash="0" * 64, network_spec=spec,
+                  sampling=SamplingSpec(mode, list(patch), context), batch_size=3, class_names=["a", "b"],
+                  train_cases=[], val_cases=[], resume=False)
+    runtime = Runtime(device=torch.device("cpu"), autocast_dtype=None if precision == "fp32" else torch.bfloat16,
+                      use_grad_scaler=False, channels_last=channels_last, precision_reason="pinned by the test")
+    return ValidationWindow.for_job(net.eval(), job, runtime, channels_last=channels_last)
+
+
+def _asymmetric_phantom() -> np.ndarray:
+    """The train tests' synthetic abdomen (organs off-centre, i axis flipped) at 6 mm, z-scored."""
+    from helpers.train import synthetic_case
+
+    image, _ = synthetic_case(1, spacing=(6.0, 6.0, 6.0), flip_i=True)  # (37, 28, 20)
+    hu = image.array.astype(np.float32)
+    return (hu - hu.mean()) / hu.std()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_validation_equals_monai_gaussian_sliding_window_in_3d(channels_last):
+    """Validation Dice is unchanged by the merge: its probabilities are MONAI's (what validation ran before)."""
+    from monai.inferers import sliding_window_inference
+
+    net = TinyNet(seed=3)
+    array = _asymmetric_phantom()
+    window = _validation_window(net, "3d", (16, 16, 24), channels_last=channels_last)  # k (20) padded to 24
+    ours = sliding_window_predict(array, window.predictor, window.options, need_probabilities=True,
+                                  window_predictor=window.window)
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(array)[None, None], (16, 16, 24), 3, net, overlap=0.25,
+                                          mode="gaussian")[0]
+        theirs = torch.softmax(logits, 0).numpy()
+    np.testing.assert_allclose(ours.probabilities, theirs, atol=2e-5)
+    labels = window.labels(array)
+    np.testing.assert_array_equal(labels, theirs.argmax(0))
+    assert window.window.precision.name == "fp32" and window.window.channels_last == channels_last
+    assert len(np.unique(labels)) == 3  # the comparison covers every class
+
+
+def test_training_validation_equals_monai_gaussian_sliding_window_slice_by_slice_in_two_and_a_half_d():
+    from monai.inferers import sliding_window_inference
+
+    net = TinyNet(in_channels=3, dims=2, seed=8)
+    array = _asymmetric_phantom()
+    window = _validation_window(net, "2d", (16, 16), context=1)
+    ours = sliding_window_predict(array, window.predictor, window.options, need_probabilities=True,
+                                  window_predictor=window.window)
+    # the former validation: slice k with k-1 and k+1 as channels (edge slices repeated), a 2D window per slice
+    padded = np.concatenate([array[:, :, :1], array, array[:, :, -1:]], axis=2)
+    stacks = np.stack([padded[:, :, k:k + 3] for k in range(array.shape[2])])  # [k, i, j, 3]
+    with torch.inference_mode():
+        batch = torch.from_numpy(stacks).permute(0, 3, 1, 2).contiguous()
+        logits = sliding_window_inference(batch, (16, 16), 3, net, overlap=0.25, mode="gaussian")
+        theirs = torch.softmax(logits, 1).permute(1, 2, 3, 0).numpy()
+    np.testing.assert_allclose(ours.probabilities, theirs, atol=2e-5)
+    labels = window.labels(array)
+    np.testing.assert_array_equal(labels, theirs.argmax(0))
+    assert len(np.unique(labels)) == 3
+
+
+def test_training_validation_runs_in_the_training_precision():
+    """bf16 training validates in bf16 (the precision it passes), fp32 in plain fp32; the labels nearly agree."""
+    net = TinyNet(seed=3)
+    array = _asymmetric_phantom()
+    fp32 = _validation_window(net, "3d", (16, 16, 16))
+    bf16 = _validation_window(net, "3d", (16, 16, 16), precision="bf16")
+    assert fp32.window.autocast is None and bf16.window.autocast == torch.bfloat16
+    assert bf16.window.precision.stage == "train" and bf16.window.precision.reason == "pinned by the test"
+    assert np.mean(bf16.labels(array) == fp32.labels(array)) > 0.98
+
+
 def test_streaming_gives_the_same_labels_as_full_with_less_memory():
     predictor = _predictor([TinyNet(seed=1)], (12, 12, 12))
     array = np.random.default_rng(1).random((30, 26, 70)).astype(np.float32)

@@ -11,13 +11,16 @@ import torch
 from pipeline import training_fingerprint
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from pipeline.evaluate.metrics import dice_per_class
 from pipeline.models import load_model_folder
 from pipeline.models.folder import read_postprocessing
-from pipeline.models.inference import dice_per_class, predict_probabilities
+from pipeline.predict.inference import sliding_window_predict
+from pipeline.predict.model import load_predictor
 from pipeline.preprocess.cache import load_cached_case, read_index
 from pipeline.train.postprocessing import decide_for_trained_model
 from pipeline.train.stage import run_train
 
+from helpers.predict import _options
 from helpers.train import _experiment
 
 
@@ -77,9 +80,10 @@ def test_training_writes_checkpoints_curves_and_a_self_contained_model_folder(pr
 
     plan, entries = read_index(cfg.stage_dir("preprocess"))
     image, _, _ = load_cached_case(cfg.stage_dir("preprocess"), entries[0])
-    probs = predict_probabilities(bundle.networks, image, "3d", spec["patch_size"])
-    assert tuple(probs.shape) == (4, *image.shape)
-    torch.testing.assert_close(probs.sum(0), torch.ones(image.shape))
+    probs = sliding_window_predict(image, load_predictor(out / "model", torch.device("cpu")), _options(),
+                                   need_probabilities=True).probabilities
+    assert probs.shape == (4, *image.shape)
+    np.testing.assert_allclose(probs.sum(0), np.ones(image.shape), atol=1e-5)
 
     assert run_train(cfg)["status"] == "up_to_date"
 
@@ -146,8 +150,9 @@ def test_two_and_a_half_d_with_two_folds_and_a_deep_supervision_network(prepared
     assert bundle.spec["network"]["in_channels"] == 3 and len(bundle.networks) == 2
     assert bundle.spec["network"]["kwargs"]["deep_supervision"] is True
     image = np.random.default_rng(0).random((30, 20, 7), dtype=np.float32)
-    probs = predict_probabilities(bundle.networks, image, "2d", [32, 32], context_slices=1)
-    assert tuple(probs.shape) == (4, 30, 20, 7)
+    probs = sliding_window_predict(image, load_predictor(cfg.stage_dir("train") / "model", torch.device("cpu")),
+                                   _options(), need_probabilities=True).probabilities
+    assert probs.shape == (4, 30, 20, 7)
 
 
 def test_folds_can_be_trained_in_parts(prepared, tmp_path):

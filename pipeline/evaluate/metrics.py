@@ -171,6 +171,25 @@ def overlap_metrics(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequen
     return values
 
 
+def dice_per_class(prediction: np.ndarray, reference: np.ndarray, n_classes: int) -> list[float]:
+    """Dice of channel indices 1..K-1 between two class-index maps, for training validation; NaN where both are empty.
+
+    Unlike :func:`overlap_metrics` (an absent class scores 1 there), a class absent from both maps is NaN, so
+    that validation's per-class mean (``nanmean`` over the cases) counts only the cases that hold the class.
+    """
+    prediction = np.asarray(prediction).ravel()
+    reference = np.asarray(reference).ravel()
+    if prediction.shape != reference.shape:
+        raise ValueError(f"prediction and reference must have the same number of voxels, got {prediction.size} "
+                         f"and {reference.size}")
+    scores = []
+    for cls in range(1, n_classes):
+        p, r = prediction == cls, reference == cls
+        denominator = int(np.count_nonzero(p)) + int(np.count_nonzero(r))
+        scores.append(math.nan if denominator == 0 else 2.0 * int(np.count_nonzero(p & r)) / denominator)
+    return scores
+
+
 def surface_metrics(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float],
                     options: MetricOptions, diagonal_mm: float) -> dict:
     """hd95_mm and surface_dice of two boolean masks (empty masks as in the module docstring).

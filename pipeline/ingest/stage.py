@@ -541,7 +541,9 @@ def relabel_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSour
         rows = read_case_inventory(out, case.id) or [] if previous.get("structures") else []
         for row in rows:
             row.label, row.note = "", row.problem or ("" if dataset is not None else NOT_MAPPED)
-        label, left_out, warnings = None, None, []
+        label: np.ndarray | None = None
+        left_out: str | None = None
+        warnings: list[str] = []
         if rows and dataset is not None:
             label, left_out, warnings = label_from_structures(rows, lambda i: load_mask(out, rows[i], grid),
                                                               grid.shape, dataset)

@@ -64,7 +64,7 @@ def map_names_to_values(names: list[str], specs: list[LabelSpec], strict: bool =
                                   f"(value {other.value}) and '{spec.name}' (value {spec.value}). Remove one synonym.")
             keys[key] = spec
     matched: dict[int, list[str]] = {id(spec): [] for spec in specs}
-    unmatched = []
+    unmatched: list[str] = []
     for name in names:
         spec = keys.get(normalise_name(name))
         if spec is None:

@@ -22,9 +22,15 @@ On a CUDA device the windows always run on the GPU; the buffer lives there when 
 ``gpu_fraction`` of the free GPU memory (free on the device plus what PyTorch has cached but not
 in use), otherwise on the CPU (MONAI's ``sw_device`` / ``device``
 split). On the CPU the buffer must fit ``budget_gb`` (default half the available RAM).
+
+This is the project's only sliding window: training validation (:mod:`pipeline.train.loop`) runs
+:func:`sliding_window_predict` too, on the network being trained, in the training precision and
+layout, and scores its labels, so validation Dice is the Dice that ``ctseg predict`` would get on
+the model grid.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -37,7 +43,7 @@ import torch
 
 from pipeline import devices
 from pipeline.errors import ConfigError
-from pipeline.precision import resolve_precision
+from pipeline.precision import Precision, resolve_precision
 
 log = logging.getLogger("ctseg.predict")
 
@@ -79,10 +85,19 @@ def window_grid(shape, roi, overlap: float) -> WindowGrid:
 
 
 def importance_map(roi, device: torch.device) -> torch.Tensor:
-    """MONAI's Gaussian importance map (sigma_scale 0.125) for a window of size ``roi``."""
+    """MONAI's Gaussian importance map (sigma_scale 0.125) for a window of size ``roi``; read-only (cached).
+
+    Cached per window size and device: training validates every ``val_every`` steps with the same window,
+    and MONAI's Gaussian filtering costs about as much as a small network pass.
+    """
+    return _importance_map(tuple(int(r) for r in roi), str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _importance_map(roi: tuple[int, ...], device: str) -> torch.Tensor:
     from monai.data.utils import compute_importance_map
 
-    return compute_importance_map(tuple(roi), mode="gaussian", sigma_scale=0.125, device=device,
+    return compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=torch.device(device),
                                   dtype=torch.float32)
 
 
@@ -200,13 +215,16 @@ def _cpu_plan(choices, need, estimates, options, reason_prefix: str) -> MemoryPl
 class WindowPredictor:
     """Maps a batch of windows ``[B, C, x, y, z]`` to mean class probabilities ``[B, K, x, y, z]``."""
 
-    def __init__(self, predictor, precision: str = "auto", tta: bool = False, tta_axes=("AP", "SI")):
+    def __init__(self, predictor, precision: str | Precision = "auto", tta: bool = False, tta_axes=("AP", "SI")):
+        """``precision``: a ``predict.precision`` value (resolved here) or an already resolved :class:`Precision`
+        (training validation passes the training run's)."""
         self.networks = predictor.networks
         self.device = predictor.device
         self.two_d = predictor.mode == "2d"
         self.context = predictor.context_slices
         self.channels_last = predictor.optimisation.get("layout") == "channels_last"
-        self.precision = resolve_precision(precision, self.device, "predict")
+        self.precision = (precision if isinstance(precision, Precision)
+                          else resolve_precision(precision, self.device, "predict"))
         self.autocast = self.precision.dtype
         unknown = [a for a in tta_axes if a not in AXIS_NAMES]
         if unknown:

@@ -136,7 +136,8 @@ def load_predictor(model_dir: Path, device: torch.device, optimize: bool = True,
     if str(spec.get("mode", "3d")) not in ("3d", "2d"):
         raise InputError(f"{model_dir / MODEL_FILE}: mode must be '3d' or '2d', got {spec.get('mode')!r}.")
     labels = _labels(spec, values)
-    networks, report = [], {}
+    networks: list[nn.Module] = []
+    report: dict = {}
     for network in bundle.networks:
         network = network.to(device).eval()
         for parameter in network.parameters():

@@ -353,7 +353,8 @@ def write_case_rtstruct(labels: np.ndarray, grid: Grid, label_infos, series, pat
             raise CaseError(case_id, f"an RTSTRUCT must reference the source's {keyword}, got a source image without "
                                      f"it. Use the .seg.nrrd or NIfTI output for this export.")
     sop_class = str(header.SOPClassUID)
-    images, image_of_slice = [], {}
+    images: list[ImageRef] = []
+    image_of_slice: dict[int, ImageRef] = {}
     for slice_ref, k in order:
         image = ImageRef(sop_class, str(slice_ref.sop_instance_uid))
         images.append(image)

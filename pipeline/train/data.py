@@ -126,10 +126,10 @@ def check_patch_fits(spec: SamplingSpec, shapes: dict[str, tuple[int, ...]]) -> 
 
 def build_augmentation(spec: SamplingSpec, options: TrainConfig):
     """MONAI dictionary transforms applied to one cropped item (keys 'image', 'label')."""
-    from monai.transforms import Compose, RandAffined, RandFlipd, RandGaussianNoised, RandShiftIntensityd
+    from monai.transforms import Compose, MapTransform, RandAffined, RandFlipd, RandGaussianNoised, RandShiftIntensityd
 
     aug = options.augment
-    transforms = []
+    transforms: list[MapTransform] = []
     if not aug.enabled:
         return Compose(transforms)
     dims = spec.spatial_dims

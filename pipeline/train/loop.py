@@ -24,8 +24,12 @@ import torch
 
 from pipeline import atomic
 from pipeline.errors import ConfigError, CtsegError, InputError
+from pipeline.evaluate.metrics import dice_per_class
 from pipeline.models import build_network
-from pipeline.models.inference import dice_per_class, predict_probabilities
+from pipeline.precision import Precision
+from pipeline.predict.inference import WindowPredictor, sliding_window_predict
+from pipeline.predict.model import Predictor
+from pipeline.predict.options import PredictConfig
 from pipeline.train.data import CaseArrays, PatchDataset, SamplingSpec, batches, derived_seed
 from pipeline.train.options import TrainConfig
 from pipeline.train.progress import History, Scalars, mean_dice, plot_progress
@@ -150,6 +154,37 @@ class LossLog:
         return list(zip(steps, values))
 
 
+@dataclass
+class ValidationWindow:
+    """The predict stage's sliding window (:mod:`pipeline.predict.inference`) over the network being trained.
+
+    Same window placement, Gaussian blending, 2D/2.5D slices and memory plan as ``ctseg predict``, in the
+    training run's precision and memory layout, without test-time augmentation.
+    """
+
+    predictor: Predictor
+    window: WindowPredictor
+    options: PredictConfig
+
+    @classmethod
+    def for_job(cls, network: torch.nn.Module, job: FoldJob, runtime: Runtime, channels_last: bool) -> ValidationWindow:
+        spec = {"mode": job.sampling.mode, "patch_size": list(job.sampling.patch_size),
+                "context_slices": job.sampling.context_slices, "network": job.network_spec}
+        num_classes = len(job.class_names) + 1
+        predictor = Predictor(folder=job.folder, spec=spec, spec_sha256=job.stage_hash, networks=[network],
+                              class_values=list(range(num_classes)), labels=[], device=runtime.device,
+                              optimisation={"layout": "channels_last"} if channels_last else {})
+        precision = Precision(requested=job.options.precision, name=runtime.precision,
+                              device_type=runtime.device.type, stage="train", reason=runtime.precision_reason)
+        options = PredictConfig(overlap=job.options.val_overlap, batch_size=job.batch_size,
+                                batch_size_2d=job.batch_size, tta=False)
+        return cls(predictor, WindowPredictor(predictor, precision), options)
+
+    def labels(self, image: np.ndarray) -> np.ndarray:
+        """Channel index of the winning class for every voxel of ``image`` (model grid, network input scale)."""
+        return sliding_window_predict(image, self.predictor, self.options, window_predictor=self.window).classes
+
+
 class FoldTrainer:
     """Trains one fold on this process (one rank under torchrun)."""
 
@@ -219,13 +254,10 @@ class FoldTrainer:
         mine = job.val_cases[runtime.rank::runtime.world_size] if runtime.distributed else job.val_cases
         self.validated_here = [case_id for case_id, _, _ in mine]
         per_case = {}
-        for case_id, image, label in mine:
-            probs = predict_probabilities([self.network], image, job.sampling.mode, job.sampling.patch_size,
-                                          job.sampling.context_slices, overlap=job.options.val_overlap,
-                                          sw_batch_size=job.batch_size, device=runtime.device,
-                                          autocast_dtype=runtime.autocast_dtype,
+        window = ValidationWindow.for_job(self.network, job, runtime,
                                           channels_last=self.memory_format != torch.contiguous_format)
-            per_case[case_id] = dice_per_class(probs.argmax(0), label, len(job.class_names) + 1)
+        for case_id, image, label in mine:
+            per_case[case_id] = dice_per_class(window.labels(image), label, len(job.class_names) + 1)
         self.network.train()
         if runtime.distributed:
             shares: list = [None] * runtime.world_size

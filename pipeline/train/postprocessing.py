@@ -21,9 +21,9 @@ import torch
 from pipeline import postprocessing
 from pipeline.config import Config
 from pipeline.models import build_network
-from pipeline.models.inference import predict_probabilities
 from pipeline.preprocess.cache import load_cached_case, read_index
 from pipeline.train.data import SamplingSpec
+from pipeline.train.loop import FoldJob, ValidationWindow
 from pipeline.train.runtime import Runtime
 
 log = logging.getLogger("ctseg")
@@ -45,14 +45,17 @@ def cv_postprocessing(cfg: Config, runtime: Runtime, splits: list[dict], samplin
         network = build_network(spec)
         network.load_state_dict(torch.load(out / f"fold_{fold}" / "model_best.pt", map_location="cpu",
                                            weights_only=True))
-        network = network.to(runtime.device).eval()
+        memory_format = torch.channels_last_3d if sampling.spatial_dims == 3 else torch.channels_last
+        network = network.to(runtime.device, memory_format=memory_format if channels_last else
+                             torch.contiguous_format).eval()
+        # the validation's own sliding window (the predict stage's), in training's precision and layout
+        job = FoldJob(fold=fold, folder=out / f"fold_{fold}", options=cfg.train, seed=cfg.seed, stage_hash="cv",
+                      network_spec=spec, sampling=sampling, batch_size=batch_size, class_names=list(names.values()),
+                      train_cases=[], val_cases=[], resume=False)
+        window = ValidationWindow.for_job(network, job, runtime, channels_last)
         for case_id in split["val"]:
             image, label, _ = load_cached_case(pre_dir, by_id[case_id])
-            probabilities = predict_probabilities([network], image, sampling.mode, sampling.patch_size,
-                                                  sampling.context_slices, overlap=cfg.train.val_overlap,
-                                                  sw_batch_size=batch_size, device=runtime.device,
-                                                  autocast_dtype=runtime.autocast_dtype, channels_last=channels_last)
-            prediction = probabilities.argmax(0).numpy()
+            prediction = window.labels(image)
             cases[case_id] = postprocessing.class_components(prediction, label, list(names))
         del network
     training_labels = (load_cached_case(pre_dir, entry)[1] for entry in entries)  # one at a time
