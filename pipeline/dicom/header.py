@@ -224,11 +224,12 @@ def _read_dataset(handle) -> pydicom.Dataset:
 # ---------------------------------------------------------------------------------------------
 # Fast path. pydicom's reader parses every element (and every item of an undefined-length sequence
 # it was not asked for) through Python objects: about 1 ms a file, most of an export scan. The common
-# case (a 'DICM' file whose data set is Implicit or Explicit VR Little Endian, none of the requested
-# sequences present) is read here straight from the bytes into the same RawDataElements pydicom would
-# give, positioned at the pixel data as ``stop_before_pixels`` leaves it. Anything else (big endian,
-# deflate, no preamble, a requested sequence, a VR that is not a standard one, an element or item
-# that runs past the end of the file, a structure this walker does not know) returns None and the
+# case (a 'DICM' file whose data set is Implicit or Explicit VR Little Endian) is read here straight
+# from the bytes into the same RawDataElements pydicom would give (a requested sequence as a raw
+# defined-length SQ that pydicom parses when it is read; unrequested ones are skipped without being
+# parsed), positioned at the pixel data as ``stop_before_pixels`` leaves it. Anything else (big endian,
+# deflate, no preamble, a VR that is not a standard one, an element or item that runs past the end
+# of the file, a structure this walker does not know) returns None and the
 # file is read by pydicom as before, so damaged files meet exactly the checks they met before.
 # ---------------------------------------------------------------------------------------------
 
@@ -373,7 +374,18 @@ def _fast_elements(window: _Window, position: int, implicit: bool) -> tuple[dict
                 (length,) = struct.unpack_from("<H", head, 6)
                 value_at = position + 8
         if tag in _FAST_SEQUENCE_TAGS:
-            raise _NotFast  # sequences that are read are parsed by pydicom
+            # a requested sequence: its bytes (without the delimiter of an undefined length) become a raw
+            # defined-length SQ element that pydicom parses when it is read, as it parses any raw SQ
+            if length == _UNDEFINED:
+                if not (implicit or vr == "SQ"):
+                    raise _NotFast
+                end = _skip_undefined_sequence(window, value_at, implicit)
+                value, length = window.bytes(value_at, end - 8 - value_at), end - 8 - value_at
+            else:
+                end, value = value_at + length, window.bytes(value_at, length)
+            elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), "SQ", length, value, value_at, implicit, True)
+            position = end
+            continue
         if length == _UNDEFINED:
             if not (implicit or vr in ("SQ", "UN")):
                 raise _NotFast
