@@ -35,6 +35,7 @@ dcm2niix gets ``-f %j`` (files named by SeriesInstanceUID) so that no output ove
   alone.
 
     python bench/ingest.py --whole-export --output bench/results/ingest_export.json [--patients 50] [--repeats 3]
+        [--base TREE]   # also an earlier source tree, interleaved: before/after as a ratio
 """
 from __future__ import annotations
 
@@ -180,13 +181,14 @@ REPO = Path(__file__).resolve().parents[1]
 STS_CT = SHARED_DATA / "sts_ct"
 
 
-def run_ours_process(export: Path, output: Path, dataset: Path | None) -> dict:
+def run_ours_process(export: Path, output: Path, dataset: Path | None, repo: Path = REPO) -> dict:
+    """``ctseg ingest`` of the tree ``repo`` (this one, or ``--base``'s) as a whole process."""
     command = [sys.executable, "-m", "pipeline", "ingest", str(export), "--output", str(output)]
     if dataset is not None:
-        command += ["--set", f"dataset={dataset}"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+        command += ["--set", f"dataset={repo / dataset.relative_to(REPO)}"]
+    env = dict(os.environ, PYTHONPATH=str(repo))
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"ctseg ingest exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
@@ -235,14 +237,20 @@ def write_synthetic_export(root: Path, patients: int) -> None:
         write_rtstruct(Volume(labels, affine), files, root / patient / "rs" / "RS.dcm", {1: "BODY", 2: "TUMOUR"})
 
 
-def bench_export(name: str, export: Path, dataset: Path | None, repeats: int, scratch: Path) -> dict:
+def bench_export(name: str, export: Path, dataset: Path | None, repeats: int, scratch: Path,
+                 base: Path | None = None) -> dict:
     runs: dict[str, list[dict]] = {"ours": [], "dcm2niix": []}
+    if base is not None:
+        runs["base"] = []
+    tools = list(runs)
     for repeat in range(repeats):
-        for tool in (("ours", "dcm2niix") if repeat % 2 == 0 else ("dcm2niix", "ours")):  # alternated
+        for tool in (tools if repeat % 2 == 0 else tools[::-1]):  # alternated
             out = scratch / f"{name}-{tool}-{repeat}"
             out.mkdir(parents=True)
-            runs[tool].append(run_ours_process(export, out, dataset) if tool == "ours"
-                              else run_dcm2niix_process(export, out))
+            if tool == "dcm2niix":
+                runs[tool].append(run_dcm2niix_process(export, out))
+            else:
+                runs[tool].append(run_ours_process(export, out, dataset, base if tool == "base" else REPO))
             shutil.rmtree(out, ignore_errors=True)
     result: dict = {"name": name, "files": sum(1 for p in export.rglob("*") if p.is_file())}
     for tool, tool_runs in runs.items():
@@ -251,6 +259,10 @@ def bench_export(name: str, export: Path, dataset: Path | None, repeats: int, sc
                         "runs_s": [round(s, 3) for s in seconds], "nifti_files": tool_runs[0]["volumes"]}
     result["ratio_ours_to_dcm2niix_median"] = round(result["ours"]["median_s"] / result["dcm2niix"]["median_s"], 3)
     result["ratio_ours_to_dcm2niix_min"] = round(result["ours"]["min_s"] / result["dcm2niix"]["min_s"], 3)
+    if base is not None:
+        result["base_tree"] = str(base)
+        result["ratio_ours_to_base_median"] = round(result["ours"]["median_s"] / result["base"]["median_s"], 3)
+        result["ratio_base_to_dcm2niix_median"] = round(result["base"]["median_s"] / result["dcm2niix"]["median_s"], 3)
     print(f"{name}: ours {result['ours']['median_s']} s, dcm2niix {result['dcm2niix']['median_s']} s, "
           f"ratio {result['ratio_ours_to_dcm2niix_median']}", flush=True)
     return result
@@ -269,12 +281,14 @@ def whole_export(args) -> dict:
             rs = sorted(STS_CT.glob("*/CT/mask/*.dcm"))
             dataset = REPO / "datasets" / "sts_ct" / "dataset.yaml"
             if "sts_ct" in args.exports:
-                report["exports"].append(bench_export("sts_ct", STS_CT, dataset, repeats, scratch / "runs"))
+                report["exports"].append(bench_export("sts_ct", STS_CT, dataset, repeats, scratch / "runs", args.base))
             if "sts_ct_views" in args.exports:
                 view = link_view(ct + rs, scratch / "sts_ct_ct_rtstruct", STS_CT)
-                report["exports"].append(bench_export("sts_ct_ct_rtstruct", view, dataset, repeats, scratch / "runs"))
+                report["exports"].append(bench_export("sts_ct_ct_rtstruct", view, dataset, repeats, scratch / "runs",
+                                                           args.base))
                 view = link_view(ct, scratch / "sts_ct_images", STS_CT)
-                report["exports"].append(bench_export("sts_ct_images", view, None, repeats, scratch / "runs"))
+                report["exports"].append(bench_export("sts_ct_images", view, None, repeats, scratch / "runs",
+                                                           args.base))
         else:
             report["sts_ct"] = f"skipped: {STS_CT} not found"
         if "synthetic" in args.exports:
@@ -283,9 +297,10 @@ def whole_export(args) -> dict:
             write_synthetic_export(synthetic, args.patients)
             report["synthetic_write_s"] = round(time.perf_counter() - start, 2)
             name = f"synthetic_{args.patients}"
-            report["exports"].append(bench_export(name, synthetic, None, repeats, scratch / "runs"))
+            report["exports"].append(bench_export(name, synthetic, None, repeats, scratch / "runs", args.base))
             view = link_view(sorted(synthetic.glob("*/ct/*")), scratch / "synthetic_images", synthetic)
-            report["exports"].append(bench_export(f"{name}_images", view, None, repeats, scratch / "runs"))
+            report["exports"].append(bench_export(f"{name}_images", view, None, repeats, scratch / "runs",
+                                                   args.base))
     report["machine"] = machine_info(report.pop("load_average_before"))
     return report
 
@@ -299,6 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("--whole-export", action="store_true",
                         help="whole exports as whole processes (sts_ct and a synthetic CT+RTSTRUCT export)")
     parser.add_argument("--patients", type=int, default=50, help="patients in the synthetic whole export")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="whole-export mode: also time ctseg from this source tree (e.g. `git archive` of an "
+                             "earlier commit), interleaved with ours and dcm2niix, for a before/after ratio")
     parser.add_argument("--exports", nargs="+", default=["sts_ct", "sts_ct_views", "synthetic"],
                         choices=["sts_ct", "sts_ct_views", "synthetic"], help="which whole exports to time")
     args = parser.parse_args(argv)

@@ -200,7 +200,7 @@ def decide(cases: dict[str, dict[int, ClassComponents]], classes: dict[int, str]
             else round(float(smallest_ml[value]), 6),
             "candidates": tried, "reason": reason,
         }
-    case_dice = {}
+    case_dice: dict[str, dict] = {}
     for case_id, per_class in cases.items():
         case_dice[case_id] = {}
         for value, name in classes.items():

@@ -462,7 +462,18 @@ def ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSourc
 
     ``read_image``: a stand-in for :func:`_read_image` with its signature (the prefetched result);
     ``parsed``: RTSTRUCTs already parsed, by path (see :func:`pipeline.labels.structures.read_structures`).
+
+    The case's files (image, label, masks, inventory, provenance) are one :func:`pipeline.atomic.batch`:
+    fsync'd together and renamed when the case succeeds, before its case record (the done marker) is
+    written; a failed case changes no final name.
     """
+    with atomic.batch():
+        return _ingest_case(cfg, dataset, case, out, record, privacy, read_image, parsed)
+
+
+def _ingest_case(cfg: Config, dataset: DatasetDescription | None, case: CaseSource, out: Path, record,
+                 privacy: PathPrivacy | None, read_image: Callable | None,
+                 parsed: dict[Path, Callable] | None) -> tuple[dict, list[Structure]]:
     from pipeline.labels.structures import read_structures, write_case_structures
 
     privacy = privacy or PathPrivacy([], True)
