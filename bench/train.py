@@ -190,7 +190,7 @@ def run_ours(root: Path, args, channels_last: bool | None, precision: str, compi
         f"train.channels_last={'null' if channels_last is None else 'true' if channels_last else 'false'}",
         f"train.precision={precision}", f"train.device={bench_device(args.device).type}",
         "train.foreground_ratio=0.5", f"train.loader_workers={args.workers}",
-        f"train.compile={'true' if compile_network else 'false'}"])
+        f"train.compile={'true' if compile_network else 'false'}", "train.max_steps=1000"])
     start = time.perf_counter()
     run_preprocess(cfg)
     pre_dir = cfg.stage_dir("preprocess")

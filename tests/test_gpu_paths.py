@@ -234,7 +234,7 @@ def _tiny_trainer(tmp_path, *overrides):
     from pipeline.train.loop import FoldJob, FoldTrainer
     from pipeline.train.runtime import setup_runtime
 
-    cfg = load_config([], ["train.device=cpu", "train.precision=fp32", *overrides])
+    cfg = load_config([], ["train.device=cpu", "train.precision=fp32", "train.max_steps=10", *overrides])
     runtime = setup_runtime(cfg.train)
     spec = network_spec("UNet", 3, 1, 3, [4, 8], [16, 16, 16], norm="instance")
     job = FoldJob(fold=0, folder=tmp_path, options=cfg.train, seed=0, stage_hash="t", network_spec=spec,

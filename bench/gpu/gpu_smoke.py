@@ -56,6 +56,7 @@ def _options(**train):
     from pipeline.config import Config
 
     cfg = Config()
+    cfg.train.max_steps = 1000  # a fixed schedule: these checks time steps, they do not plan a budget
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg.train

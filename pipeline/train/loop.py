@@ -30,6 +30,7 @@ from pipeline.precision import Precision
 from pipeline.predict.inference import WindowPredictor, sliding_window_predict
 from pipeline.predict.model import Predictor
 from pipeline.predict.options import PredictConfig
+from pipeline.train.budget import resolved_options
 from pipeline.train.data import CaseArrays, PatchDataset, SamplingSpec, batches, derived_seed
 from pipeline.train.options import TrainConfig
 from pipeline.train.progress import History, Scalars, mean_dice, plot_progress
@@ -191,7 +192,10 @@ class FoldTrainer:
     def __init__(self, job: FoldJob, runtime: Runtime):
         self.job = job
         self.runtime = runtime
-        options = job.options
+        if job.options.max_steps == "auto":
+            raise ValueError("FoldJob options need max_steps as a number, got 'auto': plan it first "
+                             "(pipeline.train.budget, as the train stage does)")
+        job.options = options = resolved_options(job.options, None)  # val_every auto: 10 validations
         seed_everything(derived_seed(job.seed, "init", job.fold), options.deterministic)
         self.dims = job.sampling.spatial_dims
         self.memory_format = runtime.memory_format(self.dims)
