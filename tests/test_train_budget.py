@@ -34,6 +34,7 @@ def test_auto_needs_a_positive_budget(prepared, tmp_path):
         run_train(cfg)
 
 
+@pytest.mark.slow  # about 30 s: two trainings that fill a 24-second budget
 def test_planned_steps_fit_the_budget_and_are_reused_on_rerun(prepared, tmp_path):
     # 0.4 min = 24 s per fold on this machine; the timed warm-up is 5 % of it (1.2 s) after 2 untimed steps
     settings = ("train.max_steps=auto", "train.time_budget_minutes=0.4", "train.val_every=auto")
