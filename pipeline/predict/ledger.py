@@ -516,6 +516,18 @@ class SharedLedger(Ledger):
         taken, claim_why = self._take_claim(case_id, retry_failed)
         if not taken:
             return False, claim_why
+        # read again now that the claim is ours: another host may have finished the case (row done, claim
+        # dropped) between the first read and the claim; without this it was done twice (seen once in CI)
+        latest = self.get(case_id)
+        changed = latest is not None and (current is None or (latest.status, latest.updated) !=
+                                          (current.status, current.updated))
+        if changed and latest is not None and latest.status != "running":
+            still, why = self.needs_doing(latest, settings_hash, retry_failed)
+            if not still:
+                self._drop_claim(case_id)
+                return False, why
+        if changed:
+            current = latest
         with self._transaction() as db:
             self._mark_running(db, case_id, source, settings_hash, (current.attempts if current else 0) + 1)
         return True, claim_why or why
