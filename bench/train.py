@@ -74,14 +74,15 @@ def peak_rss_mb() -> float:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def write_dataset(root: Path, cases: int) -> list[dict]:
-    """Phantom CTs and labels as NIfTI plus an ingest manifest (what 'ctseg ingest' would write)."""
+def write_dataset(root: Path, cases: int, phantom_options=None) -> list[dict]:
+    """Phantom CTs and labels as NIfTI plus an ingest manifest (what 'ctseg ingest' would write), and the
+    tutorial's file list (``files.json``); ``phantom_options`` (PhantomOptions) default to this benchmark's."""
     from pipeline import atomic
     from pipeline.geometry import Volume
     from pipeline.ingest.manifest import write_manifest
     from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
 
-    options = PhantomOptions(**PHANTOM)
+    options = phantom_options or PhantomOptions(**PHANTOM)
     from pipeline.volume_io import save_nifti
 
     files = []

@@ -46,32 +46,14 @@ TRAIN_CASES, VAL_CASES = 8, 3
 
 
 def write_phantoms(root: Path, cases: int) -> None:
-    """The demo's phantoms (its generator and sizes) as NIfTI, an ingest manifest and the tutorial's file lists."""
-    from pipeline import atomic
+    """The demo's phantoms (its generator and sizes), written as bench/train.py writes its own."""
+    from train import write_dataset
+
     from pipeline.demo_options import DemoConfig
-    from pipeline.geometry import Volume
-    from pipeline.ingest.manifest import write_manifest
-    from pipeline.synthetic.phantoms import LABEL_NAMES, PhantomOptions, make_phantom
-    from pipeline.volume_io import save_nifti
+    from pipeline.synthetic.phantoms import PhantomOptions
 
     demo = DemoConfig()
-    options = PhantomOptions(shape=demo.in_plane_size, slices=demo.slices)
-    files, entries = [], []
-    for index in range(cases):
-        case_id = f"phantom_{index:03d}"
-        phantom = make_phantom(seed=index, options=options)
-        image = root / "ingest" / "imagesTr" / f"{case_id}_0000.nii.gz"
-        label = root / "ingest" / "labelsTr" / f"{case_id}.nii.gz"
-        save_nifti(Volume(phantom.image.array, phantom.image.affine), image)
-        save_nifti(Volume(phantom.label.array, phantom.label.affine), label)
-        files.append({"image": str(image), "label": str(label)})
-        entries.append({"id": case_id, "role": "train", "image": str(image.relative_to(root / "ingest")),
-                        "label": str(label.relative_to(root / "ingest")), "provenance": None})
-    labels = [{"name": name, "value": value, "color": [255, 0, 0], "synonyms": []}
-              for value, name in LABEL_NAMES.items()]
-    write_manifest(root / "ingest", labels, None, entries)
-    atomic.write_json(root / "ingest" / "done.json", {"stage": "ingest", "hash": f"bench-quality-{cases}"})
-    atomic.write_json(root / "files.json", files)
+    write_dataset(root, cases, PhantomOptions(shape=demo.in_plane_size, slices=demo.slices))
 
 
 class Clock:
