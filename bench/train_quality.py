@@ -170,24 +170,15 @@ def run_tutorial(root: Path, args) -> dict:
     from monai.transforms import (
         AsDiscrete,
         Compose,
-        CropForegroundd,
-        EnsureChannelFirstd,
-        LoadImaged,
-        Orientationd,
         RandCropByPosNegLabeld,
-        ScaleIntensityRanged,
-        Spacingd,
         SpatialPadd,
     )
+    from train import tutorial_preprocessing
 
     torch.manual_seed(0)
     files = json.loads((root / "files.json").read_text())
     train_files, val_files = files[:TRAIN_CASES], files[TRAIN_CASES:TRAIN_CASES + VAL_CASES]
-    common = [LoadImaged(keys=["image", "label"]), EnsureChannelFirstd(keys=["image", "label"]),
-              ScaleIntensityRanged(keys=["image"], a_min=-57, a_max=164, b_min=0.0, b_max=1.0, clip=True),
-              CropForegroundd(keys=["image", "label"], source_key="image"),
-              Orientationd(keys=["image", "label"], axcodes="RAS"),
-              Spacingd(keys=["image", "label"], pixdim=(1.5, 1.5, 2.0), mode=("bilinear", "nearest"))]
+    common = tutorial_preprocessing()
     train_transforms = Compose([*common, SpatialPadd(keys=["image", "label"], spatial_size=(96, 96, 96)),
                                 RandCropByPosNegLabeld(keys=["image", "label"], label_key="label",
                                                        spatial_size=(96, 96, 96), pos=1, neg=1, num_samples=4,
