@@ -235,14 +235,21 @@ def resample_to_grid(array: np.ndarray, src: Grid, dst: Grid, order: int = 0, fi
         # clamping and fill are decided on the full axis, so shift coordinates but keep out-of-volume ones out
         coords[d] = np.where((coords[d] >= -0.5) & (coords[d] <= n - 0.5),
                              np.clip(coords[d] - low, 0, box[d].stop - low - 1), -1.0e9)
-    # C order first: np.take along an axis of a Fortran-ordered array (nibabel's default) is ~100x slower
-    result = np.ascontiguousarray(array[tuple(box)], dtype=np.float32)
-    for axis in range(3):
-        result = _linear_along_axis(result, axis, coords[axis], fill)
-    return np.ascontiguousarray(result.transpose(inverse)).astype(out_dtype, copy=False)
+    # Pass by pass in the source's memory order, slowest axis first: the first pass copies whole contiguous
+    # slabs straight from the stored type (int16 CT), so only the reduced array is ever float32. Converting
+    # the whole box to float32 first (a 512x512x300 CT: 315 MB of fresh memory) and gathering along the
+    # fastest axis of a Fortran-ordered array (nibabel's default) were the slow parts.
+    order = sorted(range(3), key=lambda d: -abs(array.strides[d]))
+    result = array[tuple(box)].transpose(order)
+    for view_axis, d in enumerate(order):
+        result = _linear_along_axis(result, view_axis, coords[d], fill)
+    # result axes are source axes ``order``; back to source order, then to the destination's
+    to_source = np.argsort(order)
+    return np.ascontiguousarray(result.transpose(to_source).transpose(inverse)).astype(out_dtype, copy=False)
 
 
 def _linear_along_axis(array: np.ndarray, axis: int, coords: np.ndarray, fill: float) -> np.ndarray:
+    """One separable linear pass along ``axis``; returns a C-ordered float32 array (any input type)."""
     n = array.shape[axis]
     lower = np.floor(coords).astype(np.int64)
     weight = (coords - lower).astype(np.float32)
@@ -253,8 +260,14 @@ def _linear_along_axis(array: np.ndarray, axis: int, coords: np.ndarray, fill: f
     shape = [1, 1, 1]
     shape[axis] = len(coords)
     w = weight.reshape(shape)
-    result = np.take(array, lo, axis=axis) * (1 - w)
-    result += np.take(array, hi, axis=axis) * w
+    if array.flags.c_contiguous:
+        low_values, high_values = np.take(array, lo, axis=axis), np.take(array, hi, axis=axis)
+    else:  # a strided view (a crop): index it directly, np.take would first copy all of it
+        index = (slice(None),) * axis
+        low_values, high_values = array[index + (lo,)], array[index + (hi,)]
+    result = np.array(low_values, dtype=np.float32, order="C")
+    result *= 1 - w
+    result += high_values * w
     if not inside.all():
         result[(slice(None),) * axis + (~inside,)] = fill
     return result

@@ -62,7 +62,9 @@ def load_volume(path: str | Path) -> Volume:
 def _load_nifti(path: Path) -> Volume:
     import nibabel as nib
 
-    image: Any = nib.load(str(path))  # a Nifti1Image or Nifti2Image (nibabel types it as its base class)
+    image: Any = _gunzipped_nifti(path) if _isal_zlib is not None else None
+    if image is None:
+        image = nib.load(str(path))  # a Nifti1Image or Nifti2Image (nibabel types it as its base class)
     array = np.asanyarray(image.dataobj)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -70,6 +72,23 @@ def _load_nifti(path: Path) -> Volume:
         raise InputError(f"{path} must hold a 3D volume, got shape {array.shape}. "
                          f"Split 4D series into one 3D file per time point or channel.")
     return Volume(np.asarray(array), np.asarray(image.affine, dtype=np.float64))
+
+
+def _gunzipped_nifti(path: Path):
+    """A ``.nii.gz`` decompressed in one piece with ISA-L (2-3x faster than the zlib stream nibabel reads
+    through), then parsed by nibabel from memory; None for anything else (plain .nii, or a header that is
+    neither NIfTI-1 nor NIfTI-2), which nibabel then loads itself."""
+    import nibabel as nib
+    from isal import igzip
+
+    if not path.name.lower().endswith(".gz"):
+        return None
+    data = igzip.decompress(path.read_bytes())
+    sizeof_hdr = {int.from_bytes(data[:4], order) for order in ("little", "big")}
+    for image_class, size in ((nib.Nifti1Image, 348), (nib.Nifti2Image, 540)):
+        if size in sizeof_hdr:
+            return image_class.from_bytes(data)
+    return None
 
 
 def _load_itk(path: Path) -> Volume:

@@ -263,3 +263,48 @@ def test_window_count_matches_overlap():
     grid = window_grid((186, 148, 150), (96, 96, 96), 0.5)
     assert len(grid.starts) == 27
     assert math.prod(len({s[d] for s in grid.starts}) for d in range(3)) == 27
+
+
+ZSCORE = {"mode": "percentile_zscore", "low": -71.0, "high": 236.6, "mean": 36.6, "std": 74.4}
+
+
+@pytest.mark.parametrize("intensity,air", [({"mode": "window", "low": -200.0, "high": 300.0}, 0.0),
+                                           (ZSCORE, (-71.0 - 36.6) / 74.4)])
+def test_a_volume_smaller_than_the_window_is_padded_with_air_not_with_zero(intensity, air):
+    """Training pads small cases with their minimum (air); predict and validation pad with the plan's air value
+    too. Under percentile_zscore 0 is the foreground mean (soft tissue): padding with it changed border labels."""
+    from pipeline.preprocess.transform import air_input_value
+
+    assert air_input_value(intensity) == pytest.approx(air, abs=1e-6)
+    predictor = _predictor([TinyNet(seed=4)], (16, 16, 16))
+    predictor.spec["plan"] = {"intensity": intensity}
+    assert predictor.pad_value == pytest.approx(air, abs=1e-6)
+    rng = np.random.default_rng(1)
+    array = (air + rng.random((11, 16, 9))).astype(np.float32)  # padded to 16 along i and k
+    padded = np.full((16, 16, 16), air, dtype=np.float32)
+    padded[2:13, :, 3:12] = array  # where the window grid puts it: (16 - 11) // 2, (16 - 9) // 2
+    ours = sliding_window_predict(array, predictor, _options(), need_probabilities=True)
+    explicit = sliding_window_predict(padded, predictor, _options(), need_probabilities=True)
+    np.testing.assert_allclose(ours.probabilities, explicit.probabilities[:, 2:13, :, 3:12], atol=1e-6)
+    if air != 0.0:  # and zero padding would have given other probabilities at the borders
+        predictor.spec["plan"] = {}
+        zero = sliding_window_predict(array, predictor, _options(), need_probabilities=True)
+        assert np.abs(zero.probabilities - ours.probabilities).max() > 1e-3
+
+
+def test_training_validation_pads_with_the_plans_air_value():
+    from pipeline.train.data import SamplingSpec
+    from pipeline.train.loop import FoldJob, ValidationWindow
+    from pipeline.train.options import TrainConfig
+    from pipeline.train.runtime import Runtime
+
+    options = TrainConfig()
+    options.precision = "fp32"
+    spec = {"name": "tiny", "spatial_dims": 3, "in_channels": 1, "out_channels": 3}
+    job = FoldJob(fold=0, folder=Path("fold_0"), options=options, seed=0, stage_hash="0" * 64, network_spec=spec,
+                  sampling=SamplingSpec("3d", [16, 16, 16], 0), batch_size=2, class_names=["a", "b"],
+                  train_cases=[], val_cases=[], resume=False, intensity=ZSCORE)
+    runtime = Runtime(device=torch.device("cpu"), autocast_dtype=None, use_grad_scaler=False, channels_last=False,
+                      precision_reason="pinned by the test")
+    window = ValidationWindow.for_job(TinyNet().eval(), job, runtime, channels_last=False)
+    assert window.predictor.pad_value == pytest.approx((-71.0 - 36.6) / 74.4, abs=1e-6)

@@ -372,7 +372,7 @@ def sliding_window_predict(array: np.ndarray, predictor, cfg, need_probabilities
     for p, s, b in zip(reversed(grid.padded_shape), reversed(shape), reversed(grid.pad_before)):
         pad.extend([b, p - s - b])
     if any(pad):
-        image = torch.nn.functional.pad(image, pad, mode="constant", value=0.0)
+        image = torch.nn.functional.pad(image, pad, mode="constant", value=predictor.pad_value)
     image = image.to(compute)
     weights = importance_map(roi, compute)
     xp, yp, zp = grid.padded_shape

@@ -68,6 +68,13 @@ class Predictor:
         return self.spec["plan"]
 
     @property
+    def pad_value(self) -> float:
+        """Network-input value that pads a volume smaller than the window: air under the plan's intensity."""
+        from pipeline.preprocess.transform import air_input_value
+
+        return air_input_value(self.spec.get("plan", {}).get("intensity"))
+
+    @property
     def patch_size(self) -> tuple[int, ...]:
         return tuple(int(p) for p in self.spec["patch_size"])
 

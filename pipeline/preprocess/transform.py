@@ -76,6 +76,18 @@ def scale_intensity(hu: np.ndarray, intensity: dict) -> np.ndarray:
     return np.asarray(scaled, dtype=np.float32)
 
 
+def air_input_value(intensity: dict | None) -> float:
+    """The network-input value of air under a plan's intensity mapping: what the sliding window pads with.
+
+    Training pads a case smaller than the patch with its minimum, which is this value for any CT that holds
+    air; padding with 0 instead would be soft tissue under ``percentile_zscore`` (0 = the foreground mean).
+    None (no intensity known, e.g. a test network) keeps 0.
+    """
+    if not intensity:
+        return 0.0
+    return float(scale_intensity(np.full((1, 1, 1), AIR_HU, dtype=np.float32), intensity).reshape(-1)[0])
+
+
 def prepare_image(volume: Volume, plan: dict, crop_align: Sequence[int] = (1, 1, 1)) -> Prepared:
     """Resample (linear) onto the model grid, crop to the body and scale intensities.
 

@@ -58,6 +58,7 @@ class FoldJob:
     train_cases: list[CaseArrays]
     val_cases: list[tuple[str, np.ndarray, np.ndarray]]  # (id, image, label) unpadded
     resume: bool
+    intensity: dict | None = None  # the plan's intensity mapping: validation pads with air as predict does
 
 
 def lr_factor(step: int, options: TrainConfig) -> float:
@@ -170,7 +171,8 @@ class ValidationWindow:
     @classmethod
     def for_job(cls, network: torch.nn.Module, job: FoldJob, runtime: Runtime, channels_last: bool) -> ValidationWindow:
         spec = {"mode": job.sampling.mode, "patch_size": list(job.sampling.patch_size),
-                "context_slices": job.sampling.context_slices, "network": job.network_spec}
+                "context_slices": job.sampling.context_slices, "network": job.network_spec,
+                "plan": {"intensity": job.intensity} if job.intensity else {}}
         num_classes = len(job.class_names) + 1
         predictor = Predictor(folder=job.folder, spec=spec, spec_sha256=job.stage_hash, networks=[network],
                               class_values=list(range(num_classes)), labels=[], device=runtime.device,

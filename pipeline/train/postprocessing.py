@@ -51,7 +51,7 @@ def cv_postprocessing(cfg: Config, runtime: Runtime, splits: list[dict], samplin
         # the validation's own sliding window (the predict stage's), in training's precision and layout
         job = FoldJob(fold=fold, folder=out / f"fold_{fold}", options=cfg.train, seed=cfg.seed, stage_hash="cv",
                       network_spec=spec, sampling=sampling, batch_size=batch_size, class_names=list(names.values()),
-                      train_cases=[], val_cases=[], resume=False)
+                      train_cases=[], val_cases=[], resume=False, intensity=plan.get("intensity"))
         window = ValidationWindow.for_job(network, job, runtime, channels_last)
         for case_id in split["val"]:
             image, label, _ = load_cached_case(pre_dir, by_id[case_id])

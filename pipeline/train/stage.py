@@ -125,7 +125,8 @@ def _run(cfg: Config, stage_hash: str, runtime: Runtime, force: bool, resume: bo
         return FoldJob(fold=fold, folder=out / f"fold_{fold}", options=fold_options, seed=cfg.seed,
                        stage_hash=stage_hash, network_spec=spec, sampling=sampling, batch_size=batch_size,
                        class_names=class_names, train_cases=[prepared[c] for c in split["train"]],
-                       val_cases=[(c, *arrays[c]) for c in split["val"]], resume=resume)
+                       val_cases=[(c, *arrays[c]) for c in split["val"]], resume=resume,
+                       intensity=plan.get("intensity"))
 
     step_plan = None
     if options.max_steps == "auto":
