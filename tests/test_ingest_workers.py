@@ -169,3 +169,22 @@ def test_choose_workers():
 
     with pytest.raises(ConfigError, match="ingest.workers must be 0"):
         choose_workers(-1, [gib], gib)
+
+
+def _same_scan(root: Path) -> None:
+    from pipeline.dicom.scan import PROCESS_SCAN_MIN_FILES, scan_export
+
+    threads = scan_export(root, workers=2)
+    processes = scan_export(root, workers=2, processes=3)
+    assert sum(len(s.files) for s in threads.series) + len(threads.skipped) >= PROCESS_SCAN_MIN_FILES
+    assert processes == threads  # every series, slice, skipped file and reason, in the same order
+    return threads
+
+
+def test_scan_in_processes_equals_the_scan_in_threads(export):
+    assert _same_scan(export).skipped  # the truncated slice among them
+
+
+@pytest.mark.shared_data
+def test_scan_of_the_sarcoma_export_in_processes_equals_the_scan_in_threads(shared_data):
+    _same_scan(shared_data / "sts_ct")

@@ -57,7 +57,7 @@ from pipeline.dataset import DatasetCase, DatasetDescription, load_dataset
 from pipeline.errors import CaseError, ConfigError, CtsegError, InputError
 from pipeline.geometry import Grid, Volume
 from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest, write_manifest
-from pipeline.ingest.workers import CASE_BYTES_PER_VOXEL, CaseProcesses, choose_workers
+from pipeline.ingest.workers import CASE_BYTES_PER_VOXEL, CaseProcesses, choose_workers, usable_cores
 from pipeline.labels.structures import LabelObject, Structure
 from pipeline.progress import Progress
 from pipeline.stage import StageRun, check_output_outside_inputs, read_done, safe_name
@@ -363,7 +363,7 @@ def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> 
     from pipeline.dicom.select import select_series, write_series_table
 
     log.info("ingest: scanning %s", root)
-    scan = scan_export(root, workers=cfg.workers)
+    scan = scan_export(root, workers=cfg.workers, processes=cfg.ingest.workers or usable_cores())
     for skipped in scan.skipped:
         log.info("ingest: skipped %s (%s)", privacy.describe(skipped.path), privacy.redact(skipped.reason))
     _write_private_table(out, "skipped_files.csv", ["path", "reason"],

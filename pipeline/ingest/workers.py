@@ -99,8 +99,17 @@ class _Capture(logging.Handler):
         _captured.append((record.name, record.levelno, text))
 
 
-def _worker_start(parent: int) -> None:
-    """In each forked worker: it dies with the main process, and its log records are captured for it.
+def fork_pool(processes: int, capture_logs: bool = False) -> ProcessPoolExecutor:
+    """A pool of ``processes`` workers forked from this process (at its first submit) that die with it.
+
+    ``capture_logs``: a worker's log records are kept for :func:`_run_in_worker` to return, not printed.
+    """
+    return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_worker_start, initargs=(os.getpid(), capture_logs))
+
+
+def _worker_start(parent: int, capture_logs: bool) -> None:
+    """In each forked worker: it dies with the main process, and (``capture_logs``) its log records are captured.
 
     A worker that outlived a killed main process would go on writing its case's files while a rerun
     writes them too; with the parent-death signal it is killed with it (its unfinished files are
@@ -109,6 +118,8 @@ def _worker_start(parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # the main process died before the signal was set up
         os._exit(1)
+    if not capture_logs:
+        return
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -185,8 +196,7 @@ class CaseProcesses:
 
     @staticmethod
     def _pool(processes: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_worker_start, initargs=(os.getpid(),))
+        return fork_pool(processes, capture_logs=True)
 
     def result(self, index: int) -> Any:
         """What ``work(index)`` returned; its exception raised here; its log records emitted here first."""
