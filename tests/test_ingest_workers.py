@@ -188,3 +188,42 @@ def test_scan_in_processes_equals_the_scan_in_threads(export):
 @pytest.mark.shared_data
 def test_scan_of_the_sarcoma_export_in_processes_equals_the_scan_in_threads(shared_data):
     _same_scan(shared_data / "sts_ct")
+
+
+def _double_or_fail(index: int) -> int:
+    from pipeline.errors import CaseError
+
+    if index == 3:
+        raise CaseError("c3", "refused for a reason")
+    if index == 4:
+        raise ValueError("a bug")
+    if index >= 5:
+        import time
+
+        time.sleep(120)
+    return 2 * index
+
+
+def test_case_processes_return_results_and_raise_failures_in_the_main_process():
+    from pipeline.ingest.workers import CaseProcesses, WorkerRefusal, WorkerTraceback
+
+    with CaseProcesses(_double_or_fail, [0, 1, 2, 3, 4], 2, str) as processes:
+        assert [processes.result(i) for i in (2, 0, 1)] == [4, 0, 2]
+        with pytest.raises(WorkerRefusal, match="^case c3: refused for a reason$"):
+            processes.result(3)
+        with pytest.raises(ValueError, match="a bug") as error:
+            processes.result(4)
+        assert isinstance(error.value.__cause__, WorkerTraceback) and "_double_or_fail" in str(error.value.__cause__)
+
+
+def test_aborting_stops_the_workers_mid_case():
+    import time
+
+    from pipeline.ingest.workers import CaseProcesses
+
+    processes = CaseProcesses(_double_or_fail, [5, 6], 2, str)
+    workers = list(processes.pool._processes.values())
+    time.sleep(0.5)
+    start = time.monotonic()
+    processes.close(abort=True)
+    assert time.monotonic() - start < 30 and not any(w.is_alive() for w in workers)

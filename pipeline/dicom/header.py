@@ -459,7 +459,8 @@ def _check_complete(dataset, position: int, size: int) -> None:
     """pydicom skips unrequested elements by seeking, silently past the end of a cut file."""
     if position > size:
         raise SkipFile("truncated: the file ends inside its header")
-    for element in dataset.elements():
+    elements = getattr(dataset, "_dict", None)  # pydicom's own store; every element, in any order
+    for element in (elements.values() if type(elements) is dict else dataset.elements()):
         if isinstance(element, RawDataElement) and element.value is not None \
                 and element.length != 0xFFFFFFFF and len(element.value) < element.length:
             raise SkipFile("truncated: the file ends inside its header")
@@ -798,7 +799,7 @@ def _value(dataset, keyword: str) -> Any:
     raw = element.value
     if raw is None:
         return None
-    vr = element.VR or _dictionary_vr(element.tag)
+    vr = element.VR or _dictionary_vr(int(element.tag))
     if vr == "SQ":
         return dataset.get(keyword)
     if " or " in vr:  # e.g. PixelPaddingValue 'US or SS': signed when the pixels are
@@ -814,7 +815,9 @@ def _value(dataset, keyword: str) -> Any:
     return raw.decode("latin-1").strip(" \x00")
 
 
-def _dictionary_vr(tag) -> str:
+@functools.lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    """The dictionary VR of ``tag`` (cached: pydicom's lookup is a large share of an implicit-VR header read)."""
     try:
         return dictionary_VR(tag)
     except KeyError:

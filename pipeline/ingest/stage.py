@@ -23,6 +23,11 @@ Isolation: any failure inside one case fails that case only (:class:`pipeline.st
 the stage completes with the others, lists the failed ones in ``done.json`` and retries them on a
 rerun. ``ctseg ingest`` exits 3 when some cases failed (as predict), 1 when none could be ingested.
 
+Parallel: the export scan reads headers in forked processes, and cases are ingested in worker processes
+(``ingest.workers``, one per core by default within the memory budget; :mod:`pipeline.ingest.workers`). This
+process keeps the case records, manifest, report and inventory, written in case order; the outputs are the
+same bytes as with ``ingest.workers: 1`` (one case at a time here, the next case's image read ahead).
+
 Ingest needs no dataset description: without one the images, the inventory and the masks are
 written, and no label maps. With one (``--set dataset=...``) each case's structures are mapped to
 its labels (:func:`pipeline.labels.names.map_structures`); a case whose required label is missing,
@@ -433,6 +438,7 @@ class CaseRunner:
         self.processes: CaseProcesses | None = None
         self.ahead: ImagePrefetch | None = None
         if workers > 1:
+            _import_case_modules()  # once here rather than in every worker
             self.processes = CaseProcesses(self._work, todo, workers, lambda index: cases[index].id)
         else:
             self.ahead = ImagePrefetch(cfg, privacy)
@@ -442,7 +448,7 @@ class CaseRunner:
 
     def __exit__(self, *exc) -> None:
         if self.processes is not None:
-            self.processes.close()
+            self.processes.close(abort=exc[0] is not None)
         if self.ahead is not None:
             self.ahead.__exit__(*exc)
 
@@ -472,6 +478,17 @@ class CaseRunner:
         else:
             entry, rows = ingest_case(self.cfg, self.dataset, case, self.out, record, self.privacy)
         return entry, rows, record.outputs, record.warnings, record.extra
+
+
+def _import_case_modules() -> None:
+    """Import what ingesting a case imports on first use, before the worker processes are forked."""
+    import nibabel  # noqa: F401
+
+    import pipeline.dicom.assemble  # noqa: F401
+    import pipeline.dicom.plausibility  # noqa: F401
+    import pipeline.labels.names  # noqa: F401
+    import pipeline.labels.rtstruct  # noqa: F401
+    import pipeline.labels.structures  # noqa: F401
 
 
 class ImagePrefetch:

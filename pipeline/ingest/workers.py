@@ -182,14 +182,21 @@ class CaseProcesses:
     def __enter__(self) -> CaseProcesses:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abort=exc_type is not None)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Shut the workers down; ``abort`` (Ctrl-C, an error in the main process): stop them mid-case.
+
+        A case stopped mid-way leaves only ``.partial-`` files (removed by the next run) and no case record.
+        """
         for future in self.futures.values():
             future.cancel()
         self.futures = {}
         if self.pool is not None:
+            if abort:
+                for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+                    process.terminate()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
         _WORK.pop(self.key, None)
