@@ -6,6 +6,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pipeline.dicom import header as header_module
+from pipeline.dicom.header import read_header
 from pipeline.errors import InputError
 from pipeline.labels import rtstruct
 from pipeline.synthetic.dicom import write_ct_series, write_rtstruct
@@ -78,6 +80,12 @@ def test_phantom_rtstruct_in_each_encoding(tmp_path, monkeypatch, phantom_rtstru
     if name:
         assert ours[0].name == name
     assert ours[-1].color == (255, 0, 7)
+    # the scan's header of it: the references read from the raw bytes equal pydicom's reading of them
+    header = read_header(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(header_module, "_frame_references", lambda _dataset: None)
+        assert read_header(path) == header
+    assert len(header.referenced_sop_uids) == 8 and header.referenced_series_uids
 
 
 def test_damaged_rtstruct_goes_to_pydicom_and_is_refused_the_same_way(tmp_path, monkeypatch, phantom_rtstruct):

@@ -98,9 +98,8 @@ def _read_structure_set_pydicom(rtstruct_path: Path):
 
 # ---------------------------------------------------------------------------------------------
 # Fast path. pydicom builds a Dataset for every contour item (about 20 ms for a 500 kB structure set,
-# most of an RTSTRUCT's cost); here the file's bytes are walked once (pipeline.dicom.header's walker
-# primitives) and each contour's ContourGeometricType and ContourData bytes are taken as they lie. Only the
-# few small elements (ROI numbers, names, colours, types) go through pydicom's own value conversion, with
+# most of an RTSTRUCT's cost); here the file's bytes are walked once (pipeline.dicom.header.walk_dataset)
+# and each contour's ContourGeometricType and ContourData bytes are taken as they lie. Only the few small elements (ROI numbers, names, colours, types) go through pydicom's own value conversion, with
 # the file's character set, in small Datasets; ReferencedFrameOfReferenceSequence (which the export scan
 # reads) and every other element are skipped unparsed. Anything the walker does not know (no preamble, big
 # endian, deflate, a non-standard VR, an element that runs past the end of the file) returns None, and
@@ -120,20 +119,6 @@ _TOP = {_SPECIFIC_CHARACTER_SET: None, _SOP_CLASS_UID: None, _MODALITY: None,
         _OBSERVATIONS_SEQUENCE: _OBSERVATION_ITEM}
 
 
-class _Bytes:
-    """The whole file in memory, with the ``bytes``/``size`` interface of pipeline.dicom.header's window."""
-
-    def __init__(self, data: bytes):
-        self.data, self.size = data, len(data)
-
-    def bytes(self, position: int, count: int) -> bytes:
-        from pipeline.dicom.header import _NotFast
-
-        if position < 0 or position + count > self.size:
-            raise _NotFast
-        return self.data[position:position + count]
-
-
 def _read_structure_set_fast(rtstruct_path: Path):
     """What :func:`_read_structure_set_pydicom` returns, read straight from the bytes; None when it cannot."""
     import struct
@@ -141,18 +126,18 @@ def _read_structure_set_fast(rtstruct_path: Path):
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    from pipeline.dicom.header import _fast_meta, _NotFast
+    from pipeline.dicom.header import BytesWindow, NotFast, fast_meta, walk_dataset
 
     try:
         with open(rtstruct_path, "rb") as handle:
             data = handle.read()
     except OSError:
         return None  # pydicom gives the error message
-    window = _Bytes(data)
+    window = BytesWindow(data)
     try:
         if window.size < 132 or window.bytes(128, 4) != b"DICM":
             return None
-        meta, position = _fast_meta(window, 132)
+        meta, position = fast_meta(window, 132)
         syntax = meta.get(0x00020010, "")
         if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
             return None
@@ -160,8 +145,8 @@ def _read_structure_set_fast(rtstruct_path: Path):
         first = window.bytes(position, 6) if position + 6 <= window.size else b""
         if implicit and len(first) == 6 and 0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B:
             return None  # looks explicit: pydicom would switch to explicit VR here
-        found, _ = _walk_dataset(window, position, None, implicit, _TOP)
-    except (_NotFast, struct.error, UnicodeDecodeError):
+        found, _ = walk_dataset(window, position, None, implicit, _TOP)
+    except (NotFast, struct.error, UnicodeDecodeError):
         return None
     top = Dataset({tag: value for tag, value in found.items() if not isinstance(value, list)})
     encoding = top._character_set  # what pydicom decodes the names with, as for any item of this file
@@ -187,97 +172,6 @@ def _read_structure_set_fast(rtstruct_path: Path):
                     for roi in found.get(_ROI_CONTOUR_SEQUENCE, [])]
     observations = [item(i) for i in found.get(_OBSERVATIONS_SEQUENCE, [])]
     return top, roi_contours, observations
-
-
-def _walk_dataset(window: _Bytes, position: int, end: int | None, implicit: bool, spec: dict,
-                  top: bool = True) -> tuple[dict, int]:
-    """The elements of ``spec`` in the data set (``top``) or item starting at ``position``, and where it ends.
-
-    ``end``: the end of a defined-length item; None for the top level (ends at the pixel data or the end of the
-    file) or an undefined-length item (ends at its item delimiter).
-    """
-    import struct
-
-    from pydicom.dataelem import RawDataElement, empty_value_for_VR
-    from pydicom.tag import BaseTag
-
-    from pipeline.dicom.header import (_ITEM_DELIMITER, _LONG_VRS, _PIXEL_TAGS, _STANDARD_VRS, _UNDEFINED, _NotFast,
-                                       _skip_undefined_sequence)
-
-    found: dict = {}
-    while True:
-        if end is not None and position >= end:
-            if position != end:
-                raise _NotFast
-            return found, position
-        if top and position >= window.size:
-            return found, position
-        head = window.bytes(position, 8)
-        group, element = struct.unpack_from("<HH", head)
-        tag = group << 16 | element
-        if tag == _ITEM_DELIMITER and not top and end is None:
-            return found, position + 8
-        if top and tag in _PIXEL_TAGS:
-            return found, position
-        if group in (0xFFFE, 0x0002):
-            raise _NotFast
-        if implicit:
-            vr = None
-            (length,) = struct.unpack_from("<I", head, 4)
-            value_at = position + 8
-        else:
-            code = head[4:6]
-            if code not in _STANDARD_VRS:
-                raise _NotFast
-            vr = code.decode("ascii")
-            if code in _LONG_VRS:
-                (length,) = struct.unpack("<I", window.bytes(position + 8, 4))
-                value_at = position + 12
-            else:
-                (length,) = struct.unpack_from("<H", head, 6)
-                value_at = position + 8
-        wanted = spec.get(tag, False)
-        if isinstance(wanted, dict):  # a sequence read item by item
-            if not (implicit or vr == "SQ"):
-                raise _NotFast
-            found[tag], position = _walk_items(window, value_at, length, implicit, wanted)
-            continue
-        if length == _UNDEFINED:
-            if not (implicit or vr in ("SQ", "UN")):
-                raise _NotFast
-            position = _skip_undefined_sequence(window, value_at, implicit if vr != "UN" else True)
-            continue
-        if wanted is None:
-            value = window.bytes(value_at, length) if length else empty_value_for_VR(vr, raw=True)
-            found[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_at, implicit, True)
-        elif value_at + length > window.size:
-            raise _NotFast
-        position = value_at + length
-
-
-def _walk_items(window: _Bytes, position: int, length: int, implicit: bool, spec: dict) -> tuple[list[dict], int]:
-    """The items of a sequence whose value starts at ``position``, each read with ``spec``; and where it ends."""
-    import struct
-
-    from pipeline.dicom.header import _ITEM, _SEQUENCE_DELIMITER, _UNDEFINED, _NotFast
-
-    end = None if length == _UNDEFINED else position + length
-    items = []
-    while True:
-        if end is not None and position >= end:
-            if position != end:
-                raise _NotFast
-            return items, position
-        tag_group, tag_element, item_length = struct.unpack("<HHI", window.bytes(position, 8))
-        tag = tag_group << 16 | tag_element
-        position += 8
-        if tag == _SEQUENCE_DELIMITER and end is None:
-            return items, position
-        if tag != _ITEM:
-            raise _NotFast
-        item_end = None if item_length == _UNDEFINED else position + item_length
-        found, position = _walk_dataset(window, position, item_end, implicit, spec, top=False)
-        items.append(found)
 
 
 def _display_color(roi_contour) -> tuple[int, int, int] | None:
