@@ -171,6 +171,14 @@ def test_choose_workers():
         choose_workers(-1, [gib], gib)
 
 
+def test_a_negative_workers_setting_is_refused_before_anything_is_read(export, tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ingest.workers must be 0"):
+        _ingest(export, tmp_path / "ingest", -1)
+    assert not (tmp_path / "ingest").exists()
+
+
 def _same_scan(root: Path) -> None:
     from pipeline.dicom.scan import PROCESS_SCAN_MIN_FILES, scan_export
 

@@ -62,7 +62,8 @@ from pipeline.dataset import DatasetCase, DatasetDescription, load_dataset
 from pipeline.errors import CaseError, ConfigError, CtsegError, InputError
 from pipeline.geometry import Grid, Volume
 from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest, write_manifest
-from pipeline.ingest.workers import CASE_BYTES_PER_VOXEL, CaseProcesses, choose_workers, usable_cores
+from pipeline.ingest.workers import (CASE_BYTES_PER_VOXEL, CaseProcesses, check_workers_setting, choose_workers,
+                                     usable_cores)
 from pipeline.labels.structures import LabelObject, Structure
 from pipeline.progress import Progress
 from pipeline.stage import StageRun, check_output_outside_inputs, read_done, safe_name
@@ -141,6 +142,7 @@ class PathPrivacy:
 
 def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = None, force: bool = False) -> dict:
     """Ingest the dataset of ``cfg`` (or the export ``source``) into ``output`` (default: the experiment)."""
+    check_workers_setting(cfg.ingest.workers)
     dataset = load_dataset(cfg.dataset) if cfg.dataset else None
     if source is None and dataset is None:
         raise ConfigError("ingest needs an input: give an export folder (ctseg ingest EXPORT --output DIR) or a "

@@ -51,16 +51,20 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_workers_setting(setting: int) -> None:
+    if not isinstance(setting, int) or setting < 0:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"ingest.workers must be 0 (automatic) or a number of processes >= 1, got {setting}. "
+                          f"Set --set ingest.workers=0.")
+
+
 def choose_workers(setting: int, case_bytes: list[float], budget_bytes: float) -> int:
     """How many cases to ingest at once: ``setting`` when ≥ 1; for 0 one per core, as many as fit the budget.
 
     ``case_bytes``: the estimated peak memory of each case to do (0 when unknown).
     """
-    if setting < 0:
-        from pipeline.errors import ConfigError
-
-        raise ConfigError(f"ingest.workers must be 0 (automatic) or a number of processes >= 1, got {setting}. "
-                          f"Set --set ingest.workers=0.")
+    check_workers_setting(setting)
     cases = len(case_bytes)
     if setting >= 1:
         return max(1, min(setting, cases))
