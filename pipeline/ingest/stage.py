@@ -254,17 +254,46 @@ def _images_key(cfg: Config, root: Path | None) -> str | None:
     """
     if root is None or not root.is_dir():
         return None
-    listing = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(folder) / name
+    return section_hash(_ingest_settings(cfg), {"root": str(root.resolve()), "files": _file_listing(root)})
+
+
+def _file_listing(root: Path) -> list[tuple[str, int, int]]:
+    """(path relative to ``root``, size, mtime_ns) of every file below it, in ``os.walk`` order with sorted names.
+
+    As ``os.walk`` (no descent into linked folders, unreadable folders left out) and ``Path.stat`` (links
+    followed, a broken one left out) would list them, from the directory entries' own stat calls.
+    """
+    listing: list[tuple[str, int, int]] = []
+
+    def visit(folder: str, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError:
+            return
+        folders, files = [], []
+        for entry in entries:
             try:
-                info = path.stat()
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            (folders if is_folder else files).append(entry)
+        for entry in sorted(files, key=lambda e: e.name):
+            try:
+                info = entry.stat()
             except OSError:
                 continue
-            listing.append((path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns))
-    return section_hash(_ingest_settings(cfg), {"root": str(root.resolve()), "files": listing})
+            listing.append((prefix + entry.name, info.st_size, info.st_mtime_ns))
+        for entry in sorted(folders, key=lambda e: e.name):
+            try:
+                linked = entry.is_symlink()
+            except OSError:
+                linked = True
+            if not linked:
+                visit(entry.path, prefix + entry.name + "/")
+
+    visit(str(root), "")
+    return listing
 
 
 def _reusable_cases(out: Path, images_key: str) -> list[dict] | None:
@@ -320,7 +349,7 @@ def discover_cases(cfg: Config, dataset: DatasetDescription | None, source: Path
         return [CaseSource(safe_name(strip_volume_suffix(root.name)), "train", root)], {"files": 1}
     if not root.is_dir():
         raise InputError(f"{root} must be a folder of DICOM files or volumes, or a NIfTI/NRRD file.")
-    volumes = sorted(p for p in root.rglob("*") if p.is_file() and is_volume_file(p))
+    volumes = sorted(p for p in root.rglob("*") if is_volume_file(p) and p.is_file())  # the name first: no stat
     if volumes and not _has_dicom(root):
         return _volume_folder_cases(volumes, test_ids), {"volume_files": len(volumes)}
     cases, summary = _scanned_cases(cfg, root, out, privacy)
