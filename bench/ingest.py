@@ -36,6 +36,11 @@ dcm2niix gets ``-f %j`` (files named by SeriesInstanceUID) so that no output ove
 
     python bench/ingest.py --whole-export --output bench/results/ingest_export.json [--patients 50] [--repeats 3]
         [--base TREE]   # also an earlier source tree, interleaved: before/after as a ratio
+        [--one-worker]  # also ours with ingest.workers=1: what the worker processes gain
+
+Each tool's user + system CPU seconds (its process and the worker processes it waited for, from
+``getrusage(RUSAGE_CHILDREN)``) are recorded beside its wall time: on a shared machine the load changes the
+wall times much more than the CPU seconds.
 """
 from __future__ import annotations
 
@@ -181,29 +186,46 @@ REPO = Path(__file__).resolve().parents[1]
 STS_CT = SHARED_DATA / "sts_ct"
 
 
-def run_ours_process(export: Path, output: Path, dataset: Path | None, repo: Path = REPO) -> dict:
-    """``ctseg ingest`` of the tree ``repo`` (this one, or ``--base``'s) as a whole process."""
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of every finished child process and its own children (their workers)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_ours_process(export: Path, output: Path, dataset: Path | None, repo: Path = REPO,
+                     workers: int | None = None) -> dict:
+    """``ctseg ingest`` of the tree ``repo`` (this one, or ``--base``'s) as a whole process.
+
+    ``workers``: ``--set ingest.workers=N`` (this tree only; the default is the tree's own).
+    """
     command = [sys.executable, "-m", "pipeline", "ingest", str(export), "--output", str(output)]
     if dataset is not None:
         command += ["--set", f"dataset={repo / dataset.relative_to(REPO)}"]
+    if workers is not None:
+        command += ["--set", f"ingest.workers={workers}"]
     env = dict(os.environ, PYTHONPATH=str(repo))
+    cpu = _children_cpu_s()
     start = time.perf_counter()
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"ctseg ingest exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
-    return {"seconds": seconds, "volumes": len(list(output.rglob("*.nii.gz")))}
+    return {"seconds": seconds, "cpu_s": _children_cpu_s() - cpu, "volumes": len(list(output.rglob("*.nii.gz")))}
 
 
 def run_dcm2niix_process(export: Path, output: Path) -> dict:
     import dcm2niix
 
+    cpu = _children_cpu_s()
     start = time.perf_counter()
     # -f %j (SeriesInstanceUID): one file per series; its default name (folder, description, time, series
     # number) repeats across patients, and after suffixes a..z dcm2niix overwrites instead of writing
     subprocess.run([str(dcm2niix.bin), "-z", "y", "-b", "n", "-f", "%j", "-o", str(output), str(export)],
                    check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"seconds": time.perf_counter() - start, "volumes": len(list(output.rglob("*.nii.gz")))}
+    return {"seconds": time.perf_counter() - start, "cpu_s": _children_cpu_s() - cpu,
+            "volumes": len(list(output.rglob("*.nii.gz")))}
 
 
 def link_view(files: list[Path], view: Path, root: Path) -> Path:
@@ -238,10 +260,14 @@ def write_synthetic_export(root: Path, patients: int) -> None:
 
 
 def bench_export(name: str, export: Path, dataset: Path | None, repeats: int, scratch: Path,
-                 base: Path | None = None) -> dict:
+                 base: Path | None = None, one_worker: bool = False) -> dict:
+    """Tools: ours (default ingest.workers), dcm2niix, and optionally base (``--base``) and ours_one_worker
+    (``ingest.workers=1``: one case at a time, as before the worker processes)."""
     runs: dict[str, list[dict]] = {"ours": [], "dcm2niix": []}
     if base is not None:
         runs["base"] = []
+    if one_worker:
+        runs["ours_one_worker"] = []
     tools = list(runs)
     for repeat in range(repeats):
         for tool in (tools if repeat % 2 == 0 else tools[::-1]):  # alternated
@@ -249,22 +275,37 @@ def bench_export(name: str, export: Path, dataset: Path | None, repeats: int, sc
             out.mkdir(parents=True)
             if tool == "dcm2niix":
                 runs[tool].append(run_dcm2niix_process(export, out))
+            elif tool == "ours_one_worker":
+                runs[tool].append(run_ours_process(export, out, dataset, REPO, workers=1))
             else:
                 runs[tool].append(run_ours_process(export, out, dataset, base if tool == "base" else REPO))
             shutil.rmtree(out, ignore_errors=True)
     result: dict = {"name": name, "files": sum(1 for p in export.rglob("*") if p.is_file())}
     for tool, tool_runs in runs.items():
         seconds = [r["seconds"] for r in tool_runs]
+        cpu = [r["cpu_s"] for r in tool_runs]
         result[tool] = {"median_s": round(statistics.median(seconds), 3), "min_s": round(min(seconds), 3),
-                        "runs_s": [round(s, 3) for s in seconds], "nifti_files": tool_runs[0]["volumes"]}
+                        "runs_s": [round(s, 3) for s in seconds],
+                        "cpu_median_s": round(statistics.median(cpu), 3), "cpu_runs_s": [round(c, 3) for c in cpu],
+                        "nifti_files": tool_runs[0]["volumes"]}
     result["ratio_ours_to_dcm2niix_median"] = round(result["ours"]["median_s"] / result["dcm2niix"]["median_s"], 3)
     result["ratio_ours_to_dcm2niix_min"] = round(result["ours"]["min_s"] / result["dcm2niix"]["min_s"], 3)
+    result["cpu_ratio_ours_to_dcm2niix_median"] = round(result["ours"]["cpu_median_s"]
+                                                        / result["dcm2niix"]["cpu_median_s"], 3)
+    for other in ("base", "ours_one_worker"):
+        if other in result:
+            result[f"ratio_ours_to_{other}_median"] = round(result["ours"]["median_s"] / result[other]["median_s"], 3)
+            result[f"cpu_ratio_ours_to_{other}_median"] = round(result["ours"]["cpu_median_s"]
+                                                                / result[other]["cpu_median_s"], 3)
+            result[f"ratio_{other}_to_dcm2niix_median"] = round(result[other]["median_s"]
+                                                                / result["dcm2niix"]["median_s"], 3)
     if base is not None:
         result["base_tree"] = str(base)
-        result["ratio_ours_to_base_median"] = round(result["ours"]["median_s"] / result["base"]["median_s"], 3)
-        result["ratio_base_to_dcm2niix_median"] = round(result["base"]["median_s"] / result["dcm2niix"]["median_s"], 3)
-    print(f"{name}: ours {result['ours']['median_s']} s, dcm2niix {result['dcm2niix']['median_s']} s, "
-          f"ratio {result['ratio_ours_to_dcm2niix_median']}", flush=True)
+    print(f"{name}: ours {result['ours']['median_s']} s ({result['ours']['cpu_median_s']} s CPU), dcm2niix "
+          f"{result['dcm2niix']['median_s']} s ({result['dcm2niix']['cpu_median_s']} s CPU), ratio "
+          f"{result['ratio_ours_to_dcm2niix_median']}"
+          + "".join(f", {other} {result[other]['median_s']} s ({result[other]['cpu_median_s']} s CPU)"
+                    for other in ("base", "ours_one_worker") if other in result), flush=True)
     return result
 
 
@@ -281,14 +322,15 @@ def whole_export(args) -> dict:
             rs = sorted(STS_CT.glob("*/CT/mask/*.dcm"))
             dataset = REPO / "datasets" / "sts_ct" / "dataset.yaml"
             if "sts_ct" in args.exports:
-                report["exports"].append(bench_export("sts_ct", STS_CT, dataset, repeats, scratch / "runs", args.base))
+                report["exports"].append(bench_export("sts_ct", STS_CT, dataset, repeats, scratch / "runs", args.base,
+                                                      args.one_worker))
             if "sts_ct_views" in args.exports:
                 view = link_view(ct + rs, scratch / "sts_ct_ct_rtstruct", STS_CT)
                 report["exports"].append(bench_export("sts_ct_ct_rtstruct", view, dataset, repeats, scratch / "runs",
-                                                           args.base))
+                                                      args.base, args.one_worker))
                 view = link_view(ct, scratch / "sts_ct_images", STS_CT)
                 report["exports"].append(bench_export("sts_ct_images", view, None, repeats, scratch / "runs",
-                                                           args.base))
+                                                      args.base, args.one_worker))
         else:
             report["sts_ct"] = f"skipped: {STS_CT} not found"
         if "synthetic" in args.exports:
@@ -297,10 +339,11 @@ def whole_export(args) -> dict:
             write_synthetic_export(synthetic, args.patients)
             report["synthetic_write_s"] = round(time.perf_counter() - start, 2)
             name = f"synthetic_{args.patients}"
-            report["exports"].append(bench_export(name, synthetic, None, repeats, scratch / "runs", args.base))
+            report["exports"].append(bench_export(name, synthetic, None, repeats, scratch / "runs", args.base,
+                                                  args.one_worker))
             view = link_view(sorted(synthetic.glob("*/ct/*")), scratch / "synthetic_images", synthetic)
             report["exports"].append(bench_export(f"{name}_images", view, None, repeats, scratch / "runs",
-                                                   args.base))
+                                                  args.base, args.one_worker))
     report["machine"] = machine_info(report.pop("load_average_before"))
     return report
 
@@ -317,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base", type=Path, default=None,
                         help="whole-export mode: also time ctseg from this source tree (e.g. `git archive` of an "
                              "earlier commit), interleaved with ours and dcm2niix, for a before/after ratio")
+    parser.add_argument("--one-worker", action="store_true",
+                        help="whole-export mode: also time ours with --set ingest.workers=1 (one case at a time)")
     parser.add_argument("--exports", nargs="+", default=["sts_ct", "sts_ct_views", "synthetic"],
                         choices=["sts_ct", "sts_ct_views", "synthetic"], help="which whole exports to time")
     args = parser.parse_args(argv)

@@ -16,11 +16,12 @@ def test_sts_export_without_dataset_inventories_gtv_masks_equal_the_ibsi_referen
                                                                                   monkeypatch, capsys):
     import pipeline.labels.rtstruct as rtstruct
 
-    calls: dict[str, int] = {}
     real = rtstruct.read_rtstruct
+    log_of_calls = tmp_path / "read_rtstruct_calls.txt"  # a file: the cases may be ingested in worker processes
 
     def counting(path):
-        calls[str(path)] = calls.get(str(path), 0) + 1
+        with open(log_of_calls, "a", encoding="utf-8") as handle:
+            handle.write(f"{path}\n")
         return real(path)
 
     monkeypatch.setattr(rtstruct, "read_rtstruct", counting)
@@ -36,7 +37,8 @@ def test_sts_export_without_dataset_inventories_gtv_masks_equal_the_ibsi_referen
     skipped = [row for row in series if row.get("modality") in ("MR", "PT")]
     assert skipped and all(row["selected"] in ("False", "false", "0", "no") and row["reason"] for row in skipped)
     # each CT's RTSTRUCT was parsed once (the MR/PET ones, drawn on other series, not at all)
-    assert len(calls) == 20 and set(calls.values()) == {1}
+    calls = log_of_calls.read_text(encoding="utf-8").splitlines()
+    assert len(calls) == 20 and len(set(calls)) == 20
     with open(out / "private" / "case_mapping.csv", newline="") as handle:
         mapping = {row["case_id"]: row["patient_id"] for row in csv.DictReader(handle)}
     assert sorted(mapping.values()) == patients

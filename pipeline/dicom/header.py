@@ -250,6 +250,9 @@ class _NotFast(Exception):
     """The fast path does not handle this file: pydicom reads it."""
 
 
+NotFast = _NotFast  # the name other modules catch
+
+
 class _Window:
     """Random access to a file's bytes through one buffered window (the header is usually in the first one)."""
 
@@ -277,7 +280,7 @@ def _read_dataset_fast(handle) -> pydicom.Dataset | None:
         window = _Window(handle, size)
         if size < 132 or window.bytes(128, 4) != b"DICM":
             return None
-        meta, position = _fast_meta(window, 132)
+        meta, position = fast_meta(window, 132)
         syntax = meta.get(0x00020010, "")
         if syntax == ImplicitVRLittleEndian:
             implicit = True
@@ -312,7 +315,7 @@ def _file_meta(syntax: str, media_class: str):
     return file_meta
 
 
-def _fast_meta(window: _Window, position: int) -> tuple[dict[int, str], int]:
+def fast_meta(window, position: int) -> tuple[dict[int, str], int]:
     """Group 0002 (always Explicit VR Little Endian): the UIDs it holds, and where the data set starts."""
     meta: dict[int, str] = {}
     while position + 8 <= window.size:
@@ -455,11 +458,113 @@ def _skip_undefined_item(window: _Window, position: int, implicit: bool, depth: 
             position += length
 
 
+# ---------------------------------------------------------------------------------------------
+# A walker over chosen elements, shared with pipeline.labels.rtstruct: ``spec`` maps the tags to keep to None
+# (kept as a RawDataElement) or to the spec of a sequence's items (each item read into a dict the same way);
+# every other element is skipped unparsed. The same checks as the fast path above: anything it does not know
+# raises _NotFast, and the caller hands the file (or element) to pydicom.
+# ---------------------------------------------------------------------------------------------
+
+class BytesWindow:
+    """Bytes in memory (a whole file, or one element's value) with the ``bytes``/``size`` interface of _Window."""
+
+    def __init__(self, data: bytes):
+        self.data, self.size = data, len(data)
+
+    def bytes(self, position: int, count: int) -> bytes:
+        if position < 0 or position + count > self.size:
+            raise _NotFast
+        return self.data[position:position + count]
+
+
+def walk_dataset(window: BytesWindow | _Window, position: int, end: int | None, implicit: bool, spec: dict,
+                 top: bool = True) -> tuple[dict, int]:
+    """The elements of ``spec`` in the data set (``top``) or item starting at ``position``, and where it ends.
+
+    ``end``: the end of a defined-length item; None for the top level (ends at the pixel data or the end of the
+    file) or an undefined-length item (ends at its item delimiter).
+    """
+    from pydicom.tag import BaseTag
+
+    found: dict = {}
+    while True:
+        if end is not None and position >= end:
+            if position != end:
+                raise _NotFast
+            return found, position
+        if top and position >= window.size:
+            return found, position
+        head = window.bytes(position, 8)
+        group, element = struct.unpack_from("<HH", head)
+        tag = group << 16 | element
+        if tag == _ITEM_DELIMITER and not top and end is None:
+            return found, position + 8
+        if top and tag in _PIXEL_TAGS:
+            return found, position
+        if group in (0xFFFE, 0x0002):
+            raise _NotFast
+        if implicit:
+            vr = None
+            (length,) = struct.unpack_from("<I", head, 4)
+            value_at = position + 8
+        else:
+            code = head[4:6]
+            if code not in _STANDARD_VRS:
+                raise _NotFast
+            vr = code.decode("ascii")
+            if code in _LONG_VRS:
+                (length,) = struct.unpack("<I", window.bytes(position + 8, 4))
+                value_at = position + 12
+            else:
+                (length,) = struct.unpack_from("<H", head, 6)
+                value_at = position + 8
+        wanted = spec.get(tag, False)
+        if isinstance(wanted, dict):  # a sequence read item by item
+            if not (implicit or vr == "SQ"):
+                raise _NotFast
+            found[tag], position = walk_items(window, value_at, length, implicit, wanted)
+            continue
+        if length == _UNDEFINED:
+            if not (implicit or vr in ("SQ", "UN")):
+                raise _NotFast
+            position = _skip_undefined_sequence(window, value_at, implicit if vr != "UN" else True)
+            continue
+        if wanted is None:
+            value = window.bytes(value_at, length) if length else empty_value_for_VR(vr, raw=True)
+            found[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_at, implicit, True)
+        elif value_at + length > window.size:
+            raise _NotFast
+        position = value_at + length
+
+
+def walk_items(window: BytesWindow | _Window, position: int, length: int, implicit: bool,
+               spec: dict) -> tuple[list[dict], int]:
+    """The items of a sequence whose value starts at ``position``, each read with ``spec``; and where it ends."""
+    end = None if length == _UNDEFINED else position + length
+    items = []
+    while True:
+        if end is not None and position >= end:
+            if position != end:
+                raise _NotFast
+            return items, position
+        tag_group, tag_element, item_length = struct.unpack("<HHI", window.bytes(position, 8))
+        tag = tag_group << 16 | tag_element
+        position += 8
+        if tag == _SEQUENCE_DELIMITER and end is None:
+            return items, position
+        if tag != _ITEM:
+            raise _NotFast
+        item_end = None if item_length == _UNDEFINED else position + item_length
+        found, position = walk_dataset(window, position, item_end, implicit, spec, top=False)
+        items.append(found)
+
+
 def _check_complete(dataset, position: int, size: int) -> None:
     """pydicom skips unrequested elements by seeking, silently past the end of a cut file."""
     if position > size:
         raise SkipFile("truncated: the file ends inside its header")
-    for element in dataset.elements():
+    elements = getattr(dataset, "_dict", None)  # pydicom's own store; every element, in any order
+    for element in (elements.values() if type(elements) is dict else dataset.elements()):
         if isinstance(element, RawDataElement) and element.value is not None \
                 and element.length != 0xFFFFFFFF and len(element.value) < element.length:
             raise SkipFile("truncated: the file ends inside its header")
@@ -740,10 +845,57 @@ def _group_value(groups, sequence_keyword: str, keyword: str, count: int):
     return None
 
 
+class _WalkedItem:
+    """An item read by :func:`walk_items`, as :func:`_value` reads a Dataset: raw elements and sequences by tag."""
+
+    __slots__ = ("_dict",)
+
+    def __init__(self, found: dict):
+        self._dict = {tag: _WalkedSequence([_WalkedItem(item) for item in value]) if isinstance(value, list)
+                      else value for tag, value in found.items()}
+
+
+class _WalkedSequence:
+    __slots__ = ("value",)
+
+    def __init__(self, items: list):
+        self.value = items
+
+
+# what _add_references reads of an RTSTRUCT's ReferencedFrameOfReferenceSequence: FrameOfReferenceUID, and in
+# RTReferencedStudySequence > RTReferencedSeriesSequence the SeriesInstanceUID and the ContourImageSequence's
+# ReferencedSOPInstanceUIDs
+_FRAME_REFERENCE_ITEM = {0x00200052: None, 0x30060012: {0x30060014: {
+    0x0020000E: None, 0x30060016: {0x00081155: None}}}}
+
+
+def _frame_references(dataset) -> list | None:
+    """ReferencedFrameOfReferenceSequence read from the raw bytes the fast path kept; None when pydicom must.
+
+    pydicom builds a Dataset per item (one per contoured image: most of an RTSTRUCT's header time); the items
+    here hold only the UIDs :func:`_add_references` reads, which :func:`_value` decodes as it decodes them
+    from pydicom's Datasets. Anything the walker does not know goes to pydicom, as before.
+    """
+    elements = getattr(dataset, "_dict", None)
+    element = elements.get(0x30060010) if type(elements) is dict else None
+    if not isinstance(element, RawDataElement) or not isinstance(element.value, bytes) \
+            or not element.is_little_endian:
+        return None
+    try:
+        items, _ = walk_items(BytesWindow(element.value), 0, len(element.value), element.is_implicit_VR,
+                              _FRAME_REFERENCE_ITEM)
+    except (_NotFast, struct.error):
+        return None
+    return [_WalkedItem(item) for item in items]
+
+
 def _add_references(header: FileHeader, dataset) -> None:
     """Series/instance/frame-of-reference UIDs an RTSTRUCT or SEG says it was drawn on."""
     series, instances, frames = [], [], []
-    for frame_ref in _value(dataset, "ReferencedFrameOfReferenceSequence") or []:  # RTSTRUCT
+    frame_references = _frame_references(dataset)
+    if frame_references is None:
+        frame_references = _value(dataset, "ReferencedFrameOfReferenceSequence") or []
+    for frame_ref in frame_references:  # RTSTRUCT
         frames.append(_text(frame_ref, "FrameOfReferenceUID"))
         for study in _value(frame_ref, "RTReferencedStudySequence") or []:
             for series_ref in _value(study, "RTReferencedSeriesSequence") or []:
@@ -798,7 +950,7 @@ def _value(dataset, keyword: str) -> Any:
     raw = element.value
     if raw is None:
         return None
-    vr = element.VR or _dictionary_vr(element.tag)
+    vr = element.VR or _dictionary_vr(int(element.tag))
     if vr == "SQ":
         return dataset.get(keyword)
     if " or " in vr:  # e.g. PixelPaddingValue 'US or SS': signed when the pixels are
@@ -814,7 +966,9 @@ def _value(dataset, keyword: str) -> Any:
     return raw.decode("latin-1").strip(" \x00")
 
 
-def _dictionary_vr(tag) -> str:
+@functools.lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    """The dictionary VR of ``tag`` (cached: pydicom's lookup is a large share of an implicit-VR header read)."""
     try:
         return dictionary_VR(tag)
     except KeyError:

@@ -149,21 +149,23 @@ class LabelMatch:
 # Scan
 # ---------------------------------------------------------------------------------------------
 
-def scan_export(root: Path, workers: int = 2) -> ScanResult:
-    """Read every file's header below ``root`` (in parallel) and group the files into series."""
+def scan_export(root: Path, workers: int = 2, processes: int = 1) -> ScanResult:
+    """Read every file's header below ``root`` (in parallel) and group the files into series.
+
+    ``processes`` > 1: the headers are read in that many forked processes (header parsing holds the GIL, so
+    threads share one core), in chunks of files, the results in file order as with threads; ``workers``
+    threads otherwise. Call it with no other thread running when ``processes`` > 1 (see
+    :class:`pipeline.ingest.workers.CaseProcesses`).
+    """
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root} does not exist. Point ingest at the folder (or file) of the DICOM export.")
     paths = _list_files(root)
     result = ScanResult(root=root)
-    from pipeline.progress import Progress
-
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool, \
-            Progress(len(paths), "scanning DICOM headers", unit="file") as progress:
-        outcomes = []
-        for outcome in pool.map(_read_one, paths):
-            outcomes.append(outcome)
-            progress.update()
+    if processes > 1 and len(paths) >= PROCESS_SCAN_MIN_FILES:
+        outcomes = _read_in_processes(paths, processes)
+    else:
+        outcomes = _read_in_threads(paths, workers)
     headers = []
     for outcome in outcomes:
         if isinstance(outcome, SkippedFile):
@@ -180,6 +182,57 @@ def scan_export(root: Path, workers: int = 2) -> ScanResult:
     result.series.sort(key=lambda s: (s.folder, s.series_number if s.series_number is not None else 1 << 30,
                                       s.key))
     return result
+
+
+# fewer files than this are read in threads even when processes are asked for (forking costs more than it saves)
+PROCESS_SCAN_MIN_FILES = 64
+PROCESS_SCAN_CHUNKS_PER_PROCESS = 4
+
+
+def _read_in_threads(paths: list[Path], workers: int, description: str = "scanning DICOM headers") -> list:
+    from pipeline.progress import Progress
+
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool, \
+            Progress(len(paths), description, unit="file") as progress:
+        outcomes = []
+        for outcome in pool.map(_read_one, paths):
+            outcomes.append(outcome)
+            progress.update()
+    return outcomes
+
+
+def _read_chunk(paths: list[Path]) -> list:
+    return [_read_one(path) for path in paths]
+
+
+def _read_in_processes(paths: list[Path], processes: int) -> list:
+    """:func:`_read_one` of every path, in forked processes; what a process that died did not read is read here."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pipeline.ingest.workers import fork_pool
+    from pipeline.progress import Progress
+
+    size = max(1, math.ceil(len(paths) / (processes * PROCESS_SCAN_CHUNKS_PER_PROCESS)))
+    chunks = [paths[start:start + size] for start in range(0, len(paths), size)]
+    outcomes: list = []
+    with fork_pool(processes) as pool:
+        futures = [pool.submit(_read_chunk, chunk) for chunk in chunks]  # forks before the progress display
+        with Progress(len(paths), "scanning DICOM headers", unit="file") as progress:
+            for number, future in enumerate(futures):
+                try:
+                    part = future.result()
+                except BrokenProcessPool:  # a file crashed its reader (a library fault): the rest in threads
+                    import logging
+
+                    logging.getLogger("ctseg").warning(
+                        "scan: a header reader process stopped abruptly; the remaining %d file(s) are read in this "
+                        "process", sum(len(c) for c in chunks[number:]))
+                    progress.close()
+                    rest = [path for chunk in chunks[number:] for path in chunk]
+                    return outcomes + _read_in_threads(rest, 2, "scanning DICOM headers (the rest)")
+                outcomes.extend(part)
+                progress.update(len(part))
+    return outcomes
 
 
 def _make_keys_unique(series: list[SeriesInfo]) -> None:

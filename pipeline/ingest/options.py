@@ -123,6 +123,13 @@ class IngestConfig:
                 "series folder."})
     compresslevel: int = field(default=1, metadata={
         "help": "gzip level for written .nii.gz files (1 = fast, 9 = small)."})
+    workers: int = field(default=0, metadata={
+        "help": "Cases ingested at once, each in its own worker process (forked after start-up; the scan, the "
+                "case records, the report and the inventory stay in the main process, and the outputs are the "
+                "same as with 1). 0 = one per CPU core, fewer when that many of the largest case would not fit "
+                "ingest.assembly.memory_budget_mb together (half of physical memory by default). 1 = one case "
+                "at a time in the main process, the next case's image read ahead in a thread. Not part of the "
+                "stage hash: changing it redoes nothing."})
     select: SelectionRules = field(default_factory=SelectionRules)
     assembly: AssemblyOptions = field(default_factory=AssemblyOptions)
     plausibility: PlausibilityOptions = field(default_factory=PlausibilityOptions)

@@ -23,6 +23,11 @@ Isolation: any failure inside one case fails that case only (:class:`pipeline.st
 the stage completes with the others, lists the failed ones in ``done.json`` and retries them on a
 rerun. ``ctseg ingest`` exits 3 when some cases failed (as predict), 1 when none could be ingested.
 
+Parallel: the export scan reads headers in forked processes, and cases are ingested in worker processes
+(``ingest.workers``, one per core by default within the memory budget; :mod:`pipeline.ingest.workers`). This
+process keeps the case records, manifest, report and inventory, written in case order; the outputs are the
+same bytes as with ``ingest.workers: 1`` (one case at a time here, the next case's image read ahead).
+
 Ingest needs no dataset description: without one the images, the inventory and the masks are
 written, and no label maps. With one (``--set dataset=...``) each case's structures are mapped to
 its labels (:func:`pipeline.labels.names.map_structures`); a case whose required label is missing,
@@ -57,6 +62,8 @@ from pipeline.dataset import DatasetCase, DatasetDescription, load_dataset
 from pipeline.errors import CaseError, ConfigError, CtsegError, InputError
 from pipeline.geometry import Grid, Volume
 from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from pipeline.ingest.workers import (CASE_BYTES_PER_VOXEL, CaseProcesses, check_workers_setting, choose_workers,
+                                     usable_cores)
 from pipeline.labels.structures import LabelObject, Structure
 from pipeline.progress import Progress
 from pipeline.stage import StageRun, check_output_outside_inputs, read_done, safe_name
@@ -135,6 +142,7 @@ class PathPrivacy:
 
 def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = None, force: bool = False) -> dict:
     """Ingest the dataset of ``cfg`` (or the export ``source``) into ``output`` (default: the experiment)."""
+    check_workers_setting(cfg.ingest.workers)
     dataset = load_dataset(cfg.dataset) if cfg.dataset else None
     if source is None and dataset is None:
         raise ConfigError("ingest needs an input: give an export folder (ctseg ingest EXPORT --output DIR) or a "
@@ -148,7 +156,7 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
     root = _scan_root(dataset, Path(source) if source else None)
     images_key = _images_key(cfg, root)
     reusable = None if force or images_key is None else _reusable_cases(out, images_key)
-    run = StageRun.open("ingest", out, section_hash(cfg.ingest, inputs_key), force=force)
+    run = StageRun.open("ingest", out, section_hash(_ingest_settings(cfg), inputs_key), force=force)
     if run.skipped_up_to_date:
         log.info("ingest: %s is up to date (config and inputs unchanged); nothing to do", out)
         return {"stage": "ingest", "status": "up_to_date", "folder": str(out)}
@@ -165,9 +173,14 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
         cases, scan_summary = discover_cases(cfg, dataset, source, out, privacy)
         run.extra["scan"] = scan_summary
     manifest_cases, inventory = [], []
-    with Progress(len(cases), "ingest: cases", unit="case") as progress, ImagePrefetch(cfg, privacy) as ahead:
+    todo = [index for index, case in enumerate(cases) if not run.is_case_done(case.id)]
+    workers = choose_workers(cfg.ingest.workers, [_case_bytes(cases[i]) for i in todo],
+                             _memory_budget(cfg))
+    run.extra["workers"] = workers
+    # the worker processes are forked before the progress display starts (tqdm runs a thread)
+    with CaseRunner(cfg, dataset, out, privacy, cases, todo, workers) as runner, \
+            Progress(len(cases), "ingest: cases", unit="case") as progress:
         for index, case in enumerate(cases):
-            ahead.start([c for c in cases[index + 1:index + 2] if c.previous is None and not run.is_case_done(c.id)])
             inputs = {"image": privacy.describe(case.image_path), "label": privacy.describe(case.label_path),
                       "label_objects": [o.object_id for o in case.label_objects]}
             with run.case(case.id, inputs) as record:
@@ -177,11 +190,7 @@ def run_ingest(cfg: Config, source: Path | None = None, output: Path | None = No
                     inventory.extend(_case_rows(out, entry))
                     progress.update()
                     continue
-                if case.previous is not None:
-                    entry, rows = relabel_case(cfg, dataset, case, out, record)
-                else:
-                    entry, rows = ingest_case(cfg, dataset, case, out, record, privacy, ahead.reader(case),
-                                              ahead.structure_sets(case))
+                entry, rows = runner.run(index, record)
                 record.extra["manifest"] = entry
                 manifest_cases.append(entry)
                 inventory.extend(rows)
@@ -245,17 +254,46 @@ def _images_key(cfg: Config, root: Path | None) -> str | None:
     """
     if root is None or not root.is_dir():
         return None
-    listing = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(folder) / name
+    return section_hash(_ingest_settings(cfg), {"root": str(root.resolve()), "files": _file_listing(root)})
+
+
+def _file_listing(root: Path) -> list[tuple[str, int, int]]:
+    """(path relative to ``root``, size, mtime_ns) of every file below it, in ``os.walk`` order with sorted names.
+
+    As ``os.walk`` (no descent into linked folders, unreadable folders left out) and ``Path.stat`` (links
+    followed, a broken one left out) would list them, from the directory entries' own stat calls.
+    """
+    listing: list[tuple[str, int, int]] = []
+
+    def visit(folder: str, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError:
+            return
+        folders, files = [], []
+        for entry in entries:
             try:
-                info = path.stat()
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            (folders if is_folder else files).append(entry)
+        for entry in sorted(files, key=lambda e: e.name):
+            try:
+                info = entry.stat()
             except OSError:
                 continue
-            listing.append((path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns))
-    return section_hash(cfg.ingest, {"root": str(root.resolve()), "files": listing})
+            listing.append((prefix + entry.name, info.st_size, info.st_mtime_ns))
+        for entry in sorted(folders, key=lambda e: e.name):
+            try:
+                linked = entry.is_symlink()
+            except OSError:
+                linked = True
+            if not linked:
+                visit(entry.path, prefix + entry.name + "/")
+
+    visit(str(root), "")
+    return listing
 
 
 def _reusable_cases(out: Path, images_key: str) -> list[dict] | None:
@@ -311,7 +349,7 @@ def discover_cases(cfg: Config, dataset: DatasetDescription | None, source: Path
         return [CaseSource(safe_name(strip_volume_suffix(root.name)), "train", root)], {"files": 1}
     if not root.is_dir():
         raise InputError(f"{root} must be a folder of DICOM files or volumes, or a NIfTI/NRRD file.")
-    volumes = sorted(p for p in root.rglob("*") if p.is_file() and is_volume_file(p))
+    volumes = sorted(p for p in root.rglob("*") if is_volume_file(p) and p.is_file())  # the name first: no stat
     if volumes and not _has_dicom(root):
         return _volume_folder_cases(volumes, test_ids), {"volume_files": len(volumes)}
     cases, summary = _scanned_cases(cfg, root, out, privacy)
@@ -361,7 +399,7 @@ def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> 
     from pipeline.dicom.select import select_series, write_series_table
 
     log.info("ingest: scanning %s", root)
-    scan = scan_export(root, workers=cfg.workers)
+    scan = scan_export(root, workers=cfg.workers, processes=cfg.ingest.workers or usable_cores())
     for skipped in scan.skipped:
         log.info("ingest: skipped %s (%s)", privacy.describe(skipped.path), privacy.redact(skipped.reason))
     _write_private_table(out, "skipped_files.csv", ["path", "reason"],
@@ -394,6 +432,95 @@ def _scanned_cases(cfg: Config, root: Path, out: Path, privacy: PathPrivacy) -> 
 # ---------------------------------------------------------------------------------------------
 # One case
 # ---------------------------------------------------------------------------------------------
+
+def _ingest_settings(cfg: Config) -> dict:
+    """The ingest settings that decide the outputs (all but ``workers``): what the stage hash and images key hash."""
+    from pipeline.config import to_dict
+
+    return {key: value for key, value in to_dict(cfg.ingest).items() if key != "workers"}
+
+
+def _case_bytes(case: CaseSource) -> float:
+    """The estimated peak memory of ingesting ``case`` (0 when its size is not known before reading it)."""
+    series: Any = case.series
+    if series is not None and getattr(series, "slices", None):
+        return float(series.slice_count * series.rows * series.columns * CASE_BYTES_PER_VOXEL)
+    try:  # a volume file: a gzipped CT holds about 1.5 voxels per byte
+        return float(case.image_path.stat().st_size * 1.5 * CASE_BYTES_PER_VOXEL) if case.image_path.is_file() \
+            else 0.0
+    except OSError:
+        return 0.0
+
+
+def _memory_budget(cfg: Config) -> float:
+    from pipeline.dicom.assemble import memory_budget_bytes
+
+    return memory_budget_bytes(cfg.ingest.assembly)
+
+
+class CaseRunner:
+    """Runs each case of the loop in :func:`run_ingest`: in worker processes (``workers`` > 1, see
+    :mod:`pipeline.ingest.workers`), or in this process with the next case's image read ahead (1)."""
+
+    def __init__(self, cfg: Config, dataset: DatasetDescription | None, out: Path, privacy: PathPrivacy,
+                 cases: list[CaseSource], todo: list[int], workers: int):
+        self.cfg, self.dataset, self.out, self.privacy, self.cases = cfg, dataset, out, privacy, cases
+        self.todo = todo
+        self.processes: CaseProcesses | None = None
+        self.ahead: ImagePrefetch | None = None
+        if workers > 1:
+            _import_case_modules()  # once here rather than in every worker
+            self.processes = CaseProcesses(self._work, todo, workers, lambda index: cases[index].id)
+        else:
+            self.ahead = ImagePrefetch(cfg, privacy)
+
+    def __enter__(self) -> CaseRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.processes is not None:
+            self.processes.close(abort=exc[0] is not None)
+        if self.ahead is not None:
+            self.ahead.__exit__(*exc)
+
+    def run(self, index: int, record) -> tuple[dict, list[Structure]]:
+        """Case ``index``'s manifest entry and inventory rows; fills ``record`` (outputs, warnings, extra)."""
+        if self.processes is not None:
+            entry, rows, outputs, warnings, extra = self.processes.result(index)
+            record.outputs, record.warnings = outputs, warnings
+            record.extra.update(extra)
+            return entry, rows
+        following = [self.cases[i] for i in self.todo if i > index][:1]
+        self.ahead.start([c for c in following if c.previous is None])
+        case = self.cases[index]
+        if case.previous is not None:
+            return relabel_case(self.cfg, self.dataset, case, self.out, record)
+        return ingest_case(self.cfg, self.dataset, case, self.out, record, self.privacy, self.ahead.reader(case),
+                           self.ahead.structure_sets(case))
+
+    def _work(self, index: int) -> tuple:
+        """One case in a worker process: what :meth:`run` needs back (the record's fields filled in here)."""
+        from pipeline.stage import CaseRecord
+
+        case = self.cases[index]
+        record = CaseRecord(id=case.id)
+        if case.previous is not None:
+            entry, rows = relabel_case(self.cfg, self.dataset, case, self.out, record)
+        else:
+            entry, rows = ingest_case(self.cfg, self.dataset, case, self.out, record, self.privacy)
+        return entry, rows, record.outputs, record.warnings, record.extra
+
+
+def _import_case_modules() -> None:
+    """Import what ingesting a case imports on first use, before the worker processes are forked."""
+    import nibabel  # noqa: F401
+
+    import pipeline.dicom.assemble  # noqa: F401
+    import pipeline.dicom.plausibility  # noqa: F401
+    import pipeline.labels.names  # noqa: F401
+    import pipeline.labels.rtstruct  # noqa: F401
+    import pipeline.labels.structures  # noqa: F401
+
 
 class ImagePrefetch:
     """Decode the next case's image, and parse its RTSTRUCTs, in a background thread while the current case is
