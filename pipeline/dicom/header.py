@@ -541,7 +541,7 @@ def walk_items(window: BytesWindow | _Window, position: int, length: int, implic
                spec: dict) -> tuple[list[dict], int]:
     """The items of a sequence whose value starts at ``position``, each read with ``spec``; and where it ends."""
     end = None if length == _UNDEFINED else position + length
-    items = []
+    items: list[dict] = []
     while True:
         if end is not None and position >= end:
             if position != end:

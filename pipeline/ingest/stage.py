@@ -62,8 +62,13 @@ from pipeline.dataset import DatasetCase, DatasetDescription, load_dataset
 from pipeline.errors import CaseError, ConfigError, CtsegError, InputError
 from pipeline.geometry import Grid, Volume
 from pipeline.ingest.manifest import MANIFEST_FILE, read_manifest, write_manifest
-from pipeline.ingest.workers import (CASE_BYTES_PER_VOXEL, CaseProcesses, check_workers_setting, choose_workers,
-                                     usable_cores)
+from pipeline.ingest.workers import (
+    CASE_BYTES_PER_VOXEL,
+    CaseProcesses,
+    check_workers_setting,
+    choose_workers,
+    usable_cores,
+)
 from pipeline.labels.structures import LabelObject, Structure
 from pipeline.progress import Progress
 from pipeline.stage import StageRun, check_output_outside_inputs, read_done, safe_name
@@ -271,7 +276,8 @@ def _file_listing(root: Path) -> list[tuple[str, int, int]]:
                 entries = list(scan)
         except OSError:
             return
-        folders, files = [], []
+        folders: list[os.DirEntry] = []
+        files: list[os.DirEntry] = []
         for entry in entries:
             try:
                 is_folder = entry.is_dir()

@@ -99,7 +99,8 @@ def _read_structure_set_pydicom(rtstruct_path: Path):
 # ---------------------------------------------------------------------------------------------
 # Fast path. pydicom builds a Dataset for every contour item (about 20 ms for a 500 kB structure set,
 # most of an RTSTRUCT's cost); here the file's bytes are walked once (pipeline.dicom.header.walk_dataset)
-# and each contour's ContourGeometricType and ContourData bytes are taken as they lie. Only the few small elements (ROI numbers, names, colours, types) go through pydicom's own value conversion, with
+# and each contour's ContourGeometricType and ContourData bytes are taken as they lie. Only the few small
+# elements (ROI numbers, names, colours, types) go through pydicom's own value conversion, with
 # the file's character set, in small Datasets; ReferencedFrameOfReferenceSequence (which the export scan
 # reads) and every other element are skipped unparsed. Anything the walker does not know (no preamble, big
 # endian, deflate, a non-standard VR, an element that runs past the end of the file) returns None, and
