@@ -235,6 +235,8 @@ def _read_dataset(handle) -> pydicom.Dataset:
 
 _FAST_TAGS = frozenset(int(t) for t in HEADER_TAGS) | {0x00080005}
 _FAST_SEQUENCE_TAGS = frozenset(int(t) for t in HEADER_TAGS if dictionary_VR(t) == "SQ")
+# walk_dataset's spec for the header: requested sequences kept as raw SQ bytes, the other requested elements raw
+_FAST_SPEC: dict = {tag: ("raw" if tag in _FAST_SEQUENCE_TAGS else None) for tag in _FAST_TAGS}
 _STANDARD_VRS = frozenset(vr.encode("ascii") for vr in (
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW",
     "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"))
@@ -342,65 +344,7 @@ def fast_meta(window, position: int) -> tuple[dict[int, str], int]:
 
 def _fast_elements(window: _Window, position: int, implicit: bool) -> tuple[dict, int]:
     """The requested top-level elements up to the pixel data (or the end of the file)."""
-    from pydicom.tag import BaseTag
-
-    elements: dict = {}
-    first = True
-    while position < window.size:
-        if position + 8 > window.size:
-            raise _NotFast
-        head = window.bytes(position, 12 if position + 12 <= window.size else 8)
-        group, element = struct.unpack_from("<HH", head)
-        tag = group << 16 | element
-        if first and implicit and 0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B:
-            raise _NotFast  # looks explicit: pydicom would switch to explicit VR here
-        first = False
-        if tag in _PIXEL_TAGS:
-            return elements, position
-        if tag == _ITEM_DELIMITER or group == 0xFFFE or group == 0x0002:
-            raise _NotFast
-        if implicit:
-            vr = None
-            (length,) = struct.unpack_from("<I", head, 4)
-            value_at = position + 8
-        else:
-            code = head[4:6]
-            if code not in _STANDARD_VRS:
-                raise _NotFast
-            vr = code.decode("ascii")
-            if code in _LONG_VRS:
-                if len(head) < 12:
-                    raise _NotFast
-                (length,) = struct.unpack_from("<I", head, 8)
-                value_at = position + 12
-            else:
-                (length,) = struct.unpack_from("<H", head, 6)
-                value_at = position + 8
-        if tag in _FAST_SEQUENCE_TAGS:
-            # a requested sequence: its bytes (without the delimiter of an undefined length) become a raw
-            # defined-length SQ element that pydicom parses when it is read, as it parses any raw SQ
-            if length == _UNDEFINED:
-                if not (implicit or vr == "SQ"):
-                    raise _NotFast
-                end = _skip_undefined_sequence(window, value_at, implicit)
-                value, length = window.bytes(value_at, end - 8 - value_at), end - 8 - value_at
-            else:
-                end, value = value_at + length, window.bytes(value_at, length)
-            elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), "SQ", length, value, value_at, implicit, True)
-            position = end
-            continue
-        if length == _UNDEFINED:
-            if not (implicit or vr in ("SQ", "UN")):
-                raise _NotFast
-            position = _skip_undefined_sequence(window, value_at, implicit if vr != "UN" else True)
-            continue
-        if tag in _FAST_TAGS:
-            value = window.bytes(value_at, length) if length else empty_value_for_VR(vr, raw=True)
-            elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_at, implicit, True)
-        elif value_at + length > window.size:
-            raise _NotFast
-        position = value_at + length
-    return elements, position
+    return walk_dataset(window, position, None, implicit, _FAST_SPEC)
 
 
 def _skip_undefined_sequence(window: _Window, position: int, implicit: bool, depth: int = 0) -> int:
@@ -482,11 +426,14 @@ def walk_dataset(window: BytesWindow | _Window, position: int, end: int | None, 
     """The elements of ``spec`` in the data set (``top``) or item starting at ``position``, and where it ends.
 
     ``end``: the end of a defined-length item; None for the top level (ends at the pixel data or the end of the
-    file) or an undefined-length item (ends at its item delimiter).
+    file) or an undefined-length item (ends at its item delimiter). ``spec`` maps a tag to None (keep the element
+    as a pydicom RawDataElement), "raw" (keep a sequence's bytes as one raw SQ element, parsed by pydicom when
+    read) or a dict (walk the sequence item by item with that spec); other elements are skipped unparsed.
     """
     from pydicom.tag import BaseTag
 
     found: dict = {}
+    first = top
     while True:
         if end is not None and position >= end:
             if position != end:
@@ -497,6 +444,9 @@ def walk_dataset(window: BytesWindow | _Window, position: int, end: int | None, 
         head = window.bytes(position, 8)
         group, element = struct.unpack_from("<HH", head)
         tag = group << 16 | element
+        if first and implicit and 0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B:
+            raise _NotFast  # looks explicit: pydicom would switch to explicit VR here
+        first = False
         if tag == _ITEM_DELIMITER and not top and end is None:
             return found, position + 8
         if top and tag in _PIXEL_TAGS:
@@ -519,6 +469,19 @@ def walk_dataset(window: BytesWindow | _Window, position: int, end: int | None, 
                 (length,) = struct.unpack_from("<H", head, 6)
                 value_at = position + 8
         wanted = spec.get(tag, False)
+        if wanted == "raw":
+            # a requested sequence: its bytes (without the delimiter of an undefined length) become a raw
+            # defined-length SQ element that pydicom parses when it is read, as it parses any raw SQ
+            if length == _UNDEFINED:
+                if not (implicit or vr == "SQ"):
+                    raise _NotFast
+                stop = _skip_undefined_sequence(window, value_at, implicit)
+                value, length = window.bytes(value_at, stop - 8 - value_at), stop - 8 - value_at
+            else:
+                stop, value = value_at + length, window.bytes(value_at, length)
+            found[BaseTag(tag)] = RawDataElement(BaseTag(tag), "SQ", length, value, value_at, implicit, True)
+            position = stop
+            continue
         if isinstance(wanted, dict):  # a sequence read item by item
             if not (implicit or vr == "SQ"):
                 raise _NotFast
