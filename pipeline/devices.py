@@ -28,7 +28,7 @@ import os
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.torchrun import torchrun_env  # noqa: F401 (re-exported: devices.torchrun_env)
+from pipeline.torchrun import torchrun_env, usable_cores  # noqa: F401 (re-exported from devices)
 
 log = logging.getLogger("ctseg")
 
@@ -51,11 +51,6 @@ def cuda_device_for_rank(setting: str, exclusive: bool) -> torch.device:
         log.warning("%s: %d processes share %d GPU(s); each plans its memory from what is free when a case starts",
                     setting, local_world, count)
     return torch.device("cuda", local_rank % count)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a Slurm allocation), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def threads_per_process(requested, local_world: int) -> int | None:

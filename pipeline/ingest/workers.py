@@ -33,6 +33,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pipeline.errors import CaseError, InputError
+from pipeline.torchrun import usable_cores  # noqa: F401 (re-exported for the ingest stage)
 
 log = logging.getLogger("ctseg")
 
@@ -42,13 +43,6 @@ CASE_BYTES_PER_VOXEL = 16
 
 _WORK: dict[int, Callable[[int], Any]] = {}  # what each CaseProcesses runs, inherited by its forked workers
 _captured: list[tuple[str, int, str]] = []  # a worker's log records of the current case: (logger, level, text)
-
-
-def usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def check_workers_setting(setting: int) -> None:
