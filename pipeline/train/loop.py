@@ -80,11 +80,13 @@ def make_optimizer(network: torch.nn.Module, options: TrainConfig) -> torch.opti
     return torch.optim.AdamW(network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
 
 
-def make_loss(spatial_dims: int):
-    """DiceCE on softmax outputs; a deep-supervision stack ``[B, heads, C, ...]`` is weighted 1, ½, ¼, …"""
+def make_loss(spatial_dims: int, options: TrainConfig):
+    """DiceCE on softmax outputs (Dice per patch or over the batch, with or without the background class, as
+    ``options`` say); a deep-supervision stack ``[B, heads, C, ...]`` is weighted 1, ½, ¼, …"""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=options.batch_dice,
+                         include_background=options.dice_include_background)
     deep = DeepSupervisionLoss(dice_ce, weight_mode="exp")
 
     def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -217,7 +219,7 @@ class FoldTrainer:
         self.optimizer = make_optimizer(self.network, options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, options))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-        self.loss = make_loss(self.dims)
+        self.loss = make_loss(self.dims, options)
         self.history = History()
         self.step = 0
         self.best_val_cases: dict = {}

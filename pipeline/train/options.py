@@ -55,6 +55,13 @@ class TrainConfig:
     foreground_ratio: float = field(default=0.5, metadata={
         "help": "Share of patches centred on a labelled voxel, the class drawn uniformly so that small organs "
                 "are seen as often as large ones (the rest are centred anywhere in the cropped volume)."})
+    batch_dice: bool = field(default=False, metadata={
+        "help": "Dice term of the DiceCE loss computed over the whole batch instead of per patch (nnU-Net's "
+                "batch Dice): a patch without foreground then no longer contributes a Dice of its own that only "
+                "an empty prediction satisfies. Measured on sts_ct in bench/README.md."})
+    dice_include_background: bool = field(default=True, metadata={
+        "help": "Include the background class in the Dice term (the cross-entropy term always includes it). "
+                "nnU-Net leaves it out."})
     max_steps: int | Literal["auto"] = field(default="auto", metadata={
         "help": "Optimisation steps per fold. auto = as many as fit train.time_budget_minutes on this machine: a "
                 "short warm-up measures the step rate of the planned network, patch and batch (and one validation), "
