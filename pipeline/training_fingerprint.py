@@ -88,18 +88,14 @@ def component_counts(labels: np.ndarray, values: list[int]) -> dict[int, int]:
 
 def component_sizes(labels: np.ndarray, values: list[int]) -> dict[int, np.ndarray]:
     """Voxel count of every connected component (26-connectivity) of each label value (empty when absent)."""
-    from scipy import ndimage
 
-    from pipeline.postprocessing import label_components
+    from pipeline.postprocessing import label_boxes, label_components
 
-    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
-        labels = labels.T  # sizes do not depend on the axis order; find_objects is several times faster on C order
-    top = max(values, default=0)
-    boxes = ndimage.find_objects(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64),
-                                 max_label=top)
+    boxes = label_boxes(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64),
+                        max(values, default=0))
     sizes = {}
     for value in values:
-        box = boxes[value - 1] if 0 < value <= len(boxes) else None
+        box = boxes.get(value)
         sizes[value] = np.zeros(0, dtype=np.int64) if box is None else label_components(labels[box] == value)[1]
     return sizes
 

@@ -236,3 +236,29 @@ def test_predict_batch_applies_the_model_folders_decision_and_reports_it(tmp_pat
     source = nib.load(str(inputs / "case0_0000.nii.gz"))
     assert labels.shape == source.shape
     assert np.allclose(nib.load(str(tmp_path / "after" / entry["outputs"]["labels"])).affine, source.affine)
+
+
+@pytest.mark.parametrize("shape", [(7,), (9, 6), (11, 8, 5), (5, 6, 4, 3)])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_label_boxes_equal_scipys_find_objects_in_every_memory_layout(shape, layout):
+    from scipy import ndimage
+
+    from pipeline.postprocessing import label_boxes
+
+    rng = np.random.default_rng(len(shape))
+    for trial in range(20):
+        labels = np.zeros(shape, dtype=np.int16)
+        for value in rng.choice([1, 2, 3, 5], size=int(rng.integers(0, 4)), replace=False):
+            spot = tuple(int(rng.integers(0, n)) for n in shape)
+            other = tuple(int(rng.integers(0, n)) for n in shape)
+            labels[spot] = value
+            labels[other] = value
+        if trial % 5 == 0:
+            labels[tuple(0 for _ in shape)] = -1  # not a label: find_objects ignores values below 1
+        if layout == "F":
+            labels = np.asfortranarray(labels)
+        elif layout == "strided":
+            labels = np.repeat(labels, 2, axis=0)[::2]
+        expected = {value: box for value, box in enumerate(ndimage.find_objects(labels, max_label=4), start=1)
+                    if box is not None}
+        assert label_boxes(labels, 4) == expected

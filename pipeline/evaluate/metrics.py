@@ -48,6 +48,7 @@ import numpy as np
 
 from pipeline.errors import CaseError, ConfigError, InputError
 from pipeline.evaluate.options import MetricOptions  # the evaluate section's settings; re-exported here
+from pipeline.postprocessing import label_boxes
 
 METRIC_KEYS = ("dice", "hd95_mm", "surface_dice", "volume_pred_ml", "volume_ref_ml", "volume_abs_error_ml",
                "volume_rel_error", "fp_components", "fn_components")
@@ -257,7 +258,7 @@ def class_boxes(pred: np.ndarray, ref: np.ndarray, values: list[int],
     """Per class value, the bounding box of its voxels in pred ∪ ref grown by ``margin`` (None when absent)."""
     parts: dict[int, list[tuple[slice, ...]]] = {value: [] for value in values}
     for volume in (pred, ref):
-        for value, box in _label_boxes(volume, max(values)).items():
+        for value, box in label_boxes(volume, max(values)).items():
             if value in parts:
                 parts[value].append(box)
     boxes: dict[int, tuple[slice, slice, slice] | None] = {}
@@ -266,27 +267,6 @@ def class_boxes(pred: np.ndarray, ref: np.ndarray, values: list[int],
             slice(max(0, min(b[d].start for b in found) - margin), min(n, max(b[d].stop for b in found) + margin))
             for d, n in enumerate(pred.shape))
     return boxes
-
-
-def _label_boxes(volume: np.ndarray, max_label: int) -> dict[int, tuple[slice, ...]]:
-    """Bounding boxes of the labels 1..max_label present in ``volume``.
-
-    Max-projections (fast, vectorised) first find the box of all foreground; ``find_objects``, a
-    slower element-by-element pass, then only scans that box.
-    """
-    from scipy import ndimage
-
-    projection_ij = volume.max(axis=2)
-    if projection_ij.max() <= 0:
-        return {}
-    i_any, j_any = np.flatnonzero(projection_ij.max(axis=1) > 0), np.flatnonzero(projection_ij.max(axis=0) > 0)
-    i0, i1, j0, j1 = i_any[0], i_any[-1] + 1, j_any[0], j_any[-1] + 1
-    k_any = np.flatnonzero(volume[i0:i1, j0:j1].max(axis=(0, 1)) > 0)
-    k0, k1 = k_any[0], k_any[-1] + 1
-    offset = (i0, j0, k0)
-    found = ndimage.find_objects(volume[i0:i1, j0:j1, k0:k1], max_label=max_label)
-    return {value: tuple(slice(s.start + o, s.stop + o) for s, o in zip(box, offset))
-            for value, box in enumerate(found, start=1) if box is not None}
 
 
 def _as_labels(array: np.ndarray, what: str, case_id: str) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.geometry import Grid, axis_aligned_permutation, index_mapping, resample_to_grid, voxel_volume_ml
-from pipeline.postprocessing import Rule, apply_rules
+from pipeline.postprocessing import Rule, apply_rules, label_boxes
 from pipeline.preprocess.transform import labels_to_source
 
 
@@ -225,12 +225,11 @@ def postprocess(labels: np.ndarray, grid: Grid, label_infos, options) -> list[st
                           {info.value: info.name for info in label_infos})
     notes = [record["note"] for record in records if record["removed"]]
     if options.fill_holes:
-        boxes = ndimage.find_objects(labels)
+        boxes = label_boxes(labels, max(info.value for info in label_infos))
         for info in label_infos:
-            if not _applies(options.fill_holes, info.name) or info.value - 1 >= len(boxes) \
-                    or boxes[info.value - 1] is None:
+            if not _applies(options.fill_holes, info.name) or info.value not in boxes:
                 continue
-            region = labels[boxes[info.value - 1]]  # a view: edits land in ``labels``
+            region = labels[boxes[info.value]]  # a view: edits land in ``labels``
             holes = ndimage.binary_fill_holes(region == info.value) & (region == 0)
             if holes.any():
                 region[holes] = info.value

@@ -34,6 +34,7 @@ import numpy as np
 from pipeline import atomic
 from pipeline.errors import CaseError
 from pipeline.geometry import Grid, Volume, lps_to_ras, world_to_index
+from pipeline.postprocessing import label_boxes
 from pipeline.volume_io import parallel_gzip, save_nifti
 
 log = logging.getLogger("ctseg.predict")
@@ -53,7 +54,7 @@ def write_label_nifti(labels: np.ndarray, grid: Grid, path: Path, compresslevel:
 
 def segment_extent(labels: np.ndarray, value: int, boxes) -> str:
     """Slicer's ``_Extent`` ("i0 i1 j0 j1 k0 k1", inclusive voxel bounds); "0 -1 0 -1 0 -1" when empty."""
-    box = boxes[value - 1] if value - 1 < len(boxes) else None
+    box = boxes.get(value)
     if box is None:
         return "0 -1 0 -1 0 -1"
     return " ".join(f"{s.start} {s.stop - 1}" for s in box)
@@ -83,7 +84,6 @@ def reference_geometry(grid: Grid) -> str:
 
 def slicer_header(labels: np.ndarray, grid: Grid, label_infos, closed_surface: bool = False) -> dict:
     """The .seg.nrrd header fields (str → str, or arrays for the NRRD geometry fields)."""
-    from scipy import ndimage
 
     from pipeline.labels.codes import slicer_terminology
 
@@ -105,7 +105,7 @@ def slicer_header(labels: np.ndarray, grid: Grid, label_infos, closed_surface: b
         "Segmentation_ReferenceImageExtentOffset": "0 0 0",
         "Segmentation_ConversionParameters": "".join(f"{n}|{v}|{d}&" for n, v, d in sorted(parameters)),
     }
-    boxes = ndimage.find_objects(labels) if labels.any() else []
+    boxes = label_boxes(labels, max((info.value for info in label_infos), default=0))
     for n, info in enumerate(label_infos):
         prefix = f"Segment{n}_"
         header[prefix + "ID"] = f"Segment_{info.value}"
