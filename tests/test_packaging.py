@@ -102,3 +102,16 @@ def test_wheel_installs_and_runs_the_demo_from_any_folder(tmp_path):
     assert demo.returncode in (0, 1), demo.stderr[-3000:]  # 1 = ran, but 4 steps stay below the Dice target
     assert "Traceback" not in demo.stderr and "Mean foreground Dice" in demo.stdout
     assert (tmp_path / "out" / "evaluate" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("code, env, expected", [
+    ("import pipeline, numpy", {}, False),           # pipeline first: through the environment variable
+    ("import numpy, pipeline", {}, False),           # numpy first (a library user): through numpy's setter
+    ("import pipeline, numpy", {"NUMPY_MADVISE_HUGEPAGE": "1"}, True),  # the user's explicit choice wins
+])
+def test_numpy_asks_for_no_huge_pages_unless_the_user_says_so(code, env, expected):
+    probe = (f"{code}\nfrom numpy._core.multiarray import _set_madvise_hugepage\n"
+             "print(_set_madvise_hugepage(True))")
+    environment = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"} | env
+    out = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
