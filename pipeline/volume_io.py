@@ -183,10 +183,14 @@ def parallel_gzip(data, level: int = 1, threads: int | None = None, chunk_bytes:
         return compressor.compress(piece) + compressor.flush(library.Z_FINISH if index == last
                                                              else library.Z_SYNC_FLUSH)
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        bodies = pool.map(deflate, enumerate(chunks))
-        crc = (_isal_zlib or zlib).crc32(view)  # computed while the workers compress
-        body = b"".join(bodies)
+    if len(chunks) == 1 or threads <= 1:  # no pool to start for a small payload (a mask, a thin CT)
+        crc = (_isal_zlib or zlib).crc32(view)
+        body = b"".join(map(deflate, enumerate(chunks)))
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            bodies = pool.map(deflate, enumerate(chunks))
+            crc = (_isal_zlib or zlib).crc32(view)  # computed while the workers compress
+            body = b"".join(bodies)
     header = b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + b"\x00\xff"
     return header + body + struct.pack("<II", crc & 0xFFFFFFFF, len(view) & 0xFFFFFFFF)
 
