@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from matplotlib import image as mpimg
 
 from pipeline.config import Config
@@ -96,3 +97,16 @@ def test_evaluation_worst_cases_are_drawn_over_the_ct(tmp_path: Path):
     report = run_evaluate(Config(), tmp_path / "pred", tmp_path / "ingest" / "labelsTs", tmp_path / "eval2")
     assert any("drawn without the CT for c0, c1" in note or "drawn without the CT for c1, c0" in note
                for note in report["notes"])
+
+
+@pytest.mark.parametrize("top", [3, 39])  # one comparison per value, and bincount for many labels
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_label_counts_equal_a_bincount_in_every_memory_layout(top, layout):
+    from pipeline.predict.report import label_counts
+
+    labels = np.random.default_rng(top).integers(0, top + 1, (70, 60, 300)).astype(np.uint8)  # > one chunk
+    if layout == "F":
+        labels = np.asfortranarray(labels)
+    elif layout == "strided":
+        labels = labels[:, ::2]
+    assert label_counts(labels, top).tolist() == np.bincount(labels.ravel(), minlength=top + 1).tolist()

@@ -48,10 +48,20 @@ def volume_ranges(options) -> dict[str, tuple[float, float]]:
 
 
 def label_counts(labels: np.ndarray, top: int) -> np.ndarray:
-    """Voxels per value 0..top (few labels: one comparison each; many: bincount in bounded chunks)."""
+    """Voxels per value 0..top (few labels: one comparison each; many: bincount), in bounded chunks.
+
+    Chunks keep every temporary small: a whole-volume ``labels == value`` is a fresh 78 MB mask per value for a
+    512x512x300 map, and fresh memory is paid for in page faults (0.2 s of predict's statistics there).
+    """
+    flat = labels.ravel(order="K")  # a view of a C- or Fortran-ordered map (counts do not depend on the order)
     if top <= 16:
-        return np.array([np.count_nonzero(labels == value) for value in range(top + 1)])
-    flat = labels.reshape(-1, order="K") if (labels.flags.c_contiguous or labels.flags.f_contiguous) else labels.ravel()
+        counts = np.zeros(top + 1, dtype=np.int64)
+        mask = np.empty(min(flat.size, 1 << 20), dtype=bool)
+        for start in range(0, flat.size, 1 << 20):
+            chunk = flat[start:start + (1 << 20)]
+            for value in range(top + 1):
+                counts[value] += np.count_nonzero(np.equal(chunk, value, out=mask[:chunk.size]))
+        return counts
     counts = np.zeros(max(top + 1, int(flat.max(initial=0)) + 1), dtype=np.int64)
     for start in range(0, flat.size, 1 << 22):
         chunk = np.bincount(flat[start:start + (1 << 22)])
