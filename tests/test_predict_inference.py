@@ -308,3 +308,14 @@ def test_training_validation_pads_with_the_plans_air_value():
                       precision_reason="pinned by the test")
     window = ValidationWindow.for_job(TinyNet().eval(), job, runtime, channels_last=False)
     assert window.predictor.pad_value == pytest.approx((-71.0 - 36.6) / 74.4, abs=1e-6)
+
+
+def test_the_class_choice_is_argmax_with_its_tie_and_nan_rules():
+    # sliding_window_predict takes the classes with torch.max(dim=0).indices (faster than argmax on the CPU);
+    # it must pick exactly what argmax picks, ties (the first class) and NaN included
+    scores = torch.randn(4, 9, 7, 40)
+    scores[2, :3] = scores[1, :3]             # ties between classes 1 and 2
+    scores[:, 3:5] = 0.5                      # all four classes tied
+    scores[3, 5, 0, :5] = float("nan")        # a NaN
+    assert torch.equal(torch.max(scores, dim=0).indices, scores.argmax(dim=0))
+    assert torch.equal(torch.max(scores[:, :, :, 8:30], dim=0).indices, scores[:, :, :, 8:30].argmax(dim=0))
