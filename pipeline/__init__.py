@@ -30,14 +30,16 @@ def _numpy_without_huge_pages() -> None:
     if "numpy" not in sys.modules:
         os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"  # read by numpy at import; inherited by worker processes
         return
-    try:  # numpy already imported (ctseg used as a library): the same switch, through numpy's own setter
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:  # pragma: no cover - numpy < 2 keeps it in numpy.core
+    import importlib
+
+    # numpy already imported (ctseg used as a library): the same switch, through numpy's own setter
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy >= 2, then numpy 1
         try:
-            from numpy.core.multiarray import _set_madvise_hugepage
-        except ImportError:
-            return
-    _set_madvise_hugepage(False)
+            setter = importlib.import_module(module)._set_madvise_hugepage
+        except (ImportError, AttributeError):
+            continue
+        setter(False)
+        return
 
 
 _numpy_without_huge_pages()
