@@ -88,7 +88,6 @@ def component_counts(labels: np.ndarray, values: list[int]) -> dict[int, int]:
 
 def component_sizes(labels: np.ndarray, values: list[int]) -> dict[int, np.ndarray]:
     """Voxel count of every connected component (26-connectivity) of each label value (empty when absent)."""
-
     from pipeline.postprocessing import label_boxes, label_components
 
     boxes = label_boxes(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64),

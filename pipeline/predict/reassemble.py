@@ -225,7 +225,7 @@ def postprocess(labels: np.ndarray, grid: Grid, label_infos, options) -> list[st
                           {info.value: info.name for info in label_infos})
     notes = [record["note"] for record in records if record["removed"]]
     if options.fill_holes:
-        boxes = label_boxes(labels, max(info.value for info in label_infos))
+        boxes = label_boxes(labels, max((info.value for info in label_infos), default=0))
         for info in label_infos:
             if not _applies(options.fill_holes, info.name) or info.value not in boxes:
                 continue

@@ -84,7 +84,6 @@ def reference_geometry(grid: Grid) -> str:
 
 def slicer_header(labels: np.ndarray, grid: Grid, label_infos, closed_surface: bool = False) -> dict:
     """The .seg.nrrd header fields (str → str, or arrays for the NRRD geometry fields)."""
-
     from pipeline.labels.codes import slicer_terminology
 
     affine_lps = lps_to_ras(grid.affine)

@@ -59,12 +59,13 @@ RUNTIME_ONLY = ("steps_per_run", "loader_workers", "threads", "train_folds", "co
 
 # options added after models were trained: hashed only away from their default, so that a model trained before
 # the option existed (which trained exactly as the default does) is still found by its hash
-HASHED_UNLESS_DEFAULT = {"batch_dice": False, "dice_include_background": True}
+HASHED_UNLESS_DEFAULT = ("batch_dice", "dice_include_background")
 
 
 def train_hash(cfg: Config) -> str:
+    defaults = to_dict(TrainConfig())
     options = {k: v for k, v in to_dict(cfg.train).items()
-               if k not in RUNTIME_ONLY and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
+               if k not in RUNTIME_ONLY and not (k in HASHED_UNLESS_DEFAULT and v == defaults[k])}
     if cfg.train.max_steps != "auto":
         options.pop("time_budget_minutes")  # used only to plan max_steps: auto
     return section_hash(options, {"seed": cfg.seed}, upstream_hash(cfg.stage_dir("preprocess"), "preprocess"))
