@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+PARALLEL_VOXELS = 1 << 21  # linear resampling onto a grid this large runs in slabs, one thread per core
 
 
 def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
@@ -224,28 +227,50 @@ def resample_to_grid(array: np.ndarray, src: Grid, dst: Grid, order: int = 0, fi
             result = np.where(mask, result, np.asarray(fill, dtype=result.dtype))
         return np.ascontiguousarray(result.transpose(inverse)).astype(out_dtype, copy=False)
 
-    # only the source voxels the destination touches are converted and interpolated: a crop of a
-    # large volume (the body box of a 512x512x300 CT) then costs what the crop costs
-    box = []
-    for d in range(3):
-        n = array.shape[d]
-        low = int(np.clip(np.floor(coords[d].min()), 0, n - 1)) if len(coords[d]) else 0
-        high = int(np.clip(np.floor(coords[d].max()) + 2, 1, n)) if len(coords[d]) else n
-        box.append(slice(low, max(high, low + 1)))
-        # clamping and fill are decided on the full axis, so shift coordinates but keep out-of-volume ones out
-        coords[d] = np.where((coords[d] >= -0.5) & (coords[d] <= n - 0.5),
-                             np.clip(coords[d] - low, 0, box[d].stop - low - 1), -1.0e9)
     # Pass by pass in the source's memory order, slowest axis first: the first pass copies whole contiguous
     # slabs straight from the stored type (int16 CT), so only the reduced array is ever float32. Converting
     # the whole box to float32 first (a 512x512x300 CT: 315 MB of fresh memory) and gathering along the
     # fastest axis of a Fortran-ordered array (nibabel's default) were the slow parts.
-    order = sorted(range(3), key=lambda d: -abs(array.strides[d]))
-    result = array[tuple(box)].transpose(order)
-    for view_axis, d in enumerate(order):
-        result = _linear_along_axis(result, view_axis, coords[d], fill)
-    # result axes are source axes ``order``; back to source order, then to the destination's
-    to_source = np.argsort(order)
+    pass_order = sorted(range(3), key=lambda d: -abs(array.strides[d]))
+    first = pass_order[0]
+
+    def passes(part: np.ndarray) -> np.ndarray:
+        """The destination points ``part`` of the first pass's axis (all of the others); axes as ``pass_order``."""
+        box, shifted = _touched_box(array.shape, [part if axis == first else coords[axis] for axis in range(3)])
+        result = array[tuple(box)].transpose(pass_order)
+        for view_axis, axis in enumerate(pass_order):
+            result = _linear_along_axis(result, view_axis, shifted[axis], fill)
+        return result
+
+    # large volumes in slabs along the first pass's axis, one thread each: numpy releases the GIL in these
+    # gathers and products, and every output voxel is computed by the same operations (identical result)
+    parts = min(os.cpu_count() or 1, len(coords[first])) if math.prod(dst.shape) >= PARALLEL_VOXELS else 1
+    if parts > 1:
+        with ThreadPoolExecutor(max_workers=parts) as pool:
+            result = np.concatenate(list(pool.map(passes, np.array_split(coords[first], parts))), axis=0)
+    else:
+        result = passes(coords[first])
+    # result axes are source axes ``pass_order``; back to source order, then to the destination's
+    to_source = np.argsort(pass_order)
     return np.ascontiguousarray(result.transpose(to_source).transpose(inverse)).astype(out_dtype, copy=False)
+
+
+def _touched_box(shape, coords: list[np.ndarray]) -> tuple[list[slice], list[np.ndarray]]:
+    """The source box the destination's linear samples touch, and the coordinates shifted into it.
+
+    Only the source voxels the destination touches are converted and interpolated: a crop of a large volume
+    (the body box of a 512x512x300 CT) then costs what the crop costs.
+    """
+    box, shifted = [], []
+    for d in range(3):
+        n = shape[d]
+        low = int(np.clip(np.floor(coords[d].min()), 0, n - 1)) if len(coords[d]) else 0
+        high = int(np.clip(np.floor(coords[d].max()) + 2, 1, n)) if len(coords[d]) else n
+        box.append(slice(low, max(high, low + 1)))
+        # clamping and fill are decided on the full axis, so shift coordinates but keep out-of-volume ones out
+        shifted.append(np.where((coords[d] >= -0.5) & (coords[d] <= n - 0.5),
+                                np.clip(coords[d] - low, 0, box[d].stop - low - 1), -1.0e9))
+    return box, shifted
 
 
 def _linear_along_axis(array: np.ndarray, axis: int, coords: np.ndarray, fill: float) -> np.ndarray:

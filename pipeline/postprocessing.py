@@ -20,7 +20,9 @@ reference and the prediction scores Dice 1 (so every mean is over the same cases
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +85,27 @@ def label_boxes(labels: np.ndarray, max_label: int) -> dict[int, tuple[slice, ..
             for value, box in enumerate(found, start=1) if box is not None}
 
 
+def components_by_class(labels: np.ndarray, values: list[int]) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray,
+                                                                              np.ndarray]]:
+    """``(value, box, components, sizes)`` for each of ``values`` present in an integer ``labels`` volume, in order.
+
+    ``components`` and ``sizes`` are :func:`label_components` of the value's mask within its bounding ``box``.
+    As many classes as there are cores are labelled at a time, in threads (scipy's labelling releases the GIL:
+    0.32 -> 0.20 s for the predict benchmark's three classes on 2 cores); only that group's component maps are
+    held at once. The caller may turn voxels of a class it has been given to background before asking for the
+    next (the clean-up does): that changes no other class's components.
+    """
+    boxes = label_boxes(labels, max(values, default=0))
+    present = [value for value in values if value in boxes]
+    workers = max(1, min(len(present), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(present), workers):
+            group = present[start:start + workers]
+            found = pool.map(lambda value: label_components(labels[boxes[value]] == value), group)
+            for value, (components, sizes) in zip(group, found):
+                yield value, boxes[value], components, sizes
+
+
 @dataclass(frozen=True)
 class Rule:
     """The clean-up of one class (both parts may be set: small components go, then only the largest stays)."""
@@ -126,29 +149,26 @@ def apply_rules(labels: np.ndarray, voxel_ml: float, rules: dict[int, Rule], nam
     active = {value: rule for value, rule in rules.items() if not rule.empty}
     if not active:
         return []
-    boxes = label_boxes(labels, max(active))
-    records = []
-    for value, rule in sorted(active.items()):
-        box = boxes.get(value)
-        if box is None:
-            continue
-        region = labels[box]  # a view: edits land in ``labels``
-        components, sizes = label_components(region == value)
-        keep = rule.keep(sizes, voxel_ml)
-        removed = ~keep
-        if removed.any():
-            region[np.isin(components, np.flatnonzero(removed) + 1)] = 0
-        removed_ml = float(sizes[removed].sum() * voxel_ml)
-        name = names.get(value, str(value))
-        if removed.any():
-            note = (f"{name}: removed {int(removed.sum())} of {len(sizes)} connected components ({removed_ml:.2f} mL; "
-                    f"rule: {rule.describe()})")
-        else:
-            note = f"{name}: {len(sizes)} connected component(s), none removed (rule: {rule.describe()})"
-        records.append({"label": name, "rule": rule.to_json(), "components": int(len(sizes)),
-                        "removed": int(removed.sum()), "removed_ml": round(removed_ml, 4),
-                        "kept_ml": round(float(sizes[keep].sum() * voxel_ml), 4), "note": note})
-    return records
+    return [_apply_rule(labels[box], value, active[value], components, sizes, voxel_ml, names)
+            for value, box, components, sizes in components_by_class(labels, sorted(active))]
+
+
+def _apply_rule(region: np.ndarray, value: int, rule: Rule, components: np.ndarray, sizes: np.ndarray,
+                voxel_ml: float, names: dict[int, str]) -> dict:
+    """One class's rule on its box ``region`` (a view: edits land in the label map); its record."""
+    keep = rule.keep(sizes, voxel_ml)
+    removed = ~keep
+    removed_ml = float(sizes[removed].sum() * voxel_ml)
+    name = names.get(value, str(value))
+    if removed.any():
+        # a lookup table by component number: np.isin over the boxes took 0.23 s for 184 removed islands
+        region[np.concatenate(([False], removed))[components]] = 0
+        note = (f"{name}: removed {int(removed.sum())} of {len(sizes)} connected components ({removed_ml:.2f} mL; "
+                f"rule: {rule.describe()})")
+    else:
+        note = f"{name}: {len(sizes)} connected component(s), none removed (rule: {rule.describe()})"
+    return {"label": name, "rule": rule.to_json(), "components": int(len(sizes)), "removed": int(removed.sum()),
+            "removed_ml": round(removed_ml, 4), "kept_ml": round(float(sizes[keep].sum() * voxel_ml), 4), "note": note}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,14 +88,12 @@ def component_counts(labels: np.ndarray, values: list[int]) -> dict[int, int]:
 
 def component_sizes(labels: np.ndarray, values: list[int]) -> dict[int, np.ndarray]:
     """Voxel count of every connected component (26-connectivity) of each label value (empty when absent)."""
-    from pipeline.postprocessing import label_boxes, label_components
+    from pipeline.postprocessing import components_by_class
 
-    boxes = label_boxes(labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64),
-                        max(values, default=0))
-    sizes = {}
-    for value in values:
-        box = boxes.get(value)
-        sizes[value] = np.zeros(0, dtype=np.int64) if box is None else label_components(labels[box] == value)[1]
+    labels = labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64)
+    sizes = {value: np.zeros(0, dtype=np.int64) for value in values}
+    for value, _, _, found in components_by_class(labels, list(values)):
+        sizes[value] = found
     return sizes
 
 

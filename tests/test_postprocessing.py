@@ -262,3 +262,25 @@ def test_label_boxes_equal_scipys_find_objects_in_every_memory_layout(shape, lay
         expected = {value: box for value, box in enumerate(ndimage.find_objects(labels, max_label=4), start=1)
                     if box is not None}
         assert label_boxes(labels, 4) == expected
+
+
+@pytest.mark.parametrize("cores", [1, 2, 5])
+def test_many_classes_with_interleaved_islands_give_the_one_class_at_a_time_result(monkeypatch, cores):
+    """Classes are labelled in groups of threads; the result is that of applying each rule alone, in turn."""
+    rng = np.random.default_rng(11)
+    labels = np.asfortranarray(rng.integers(0, 6, size=(40, 31, 23)).astype(np.uint8))  # overlapping boxes, islands
+    labels[5:30, 5:25, 4:20] = 2  # one large component of class 2 among the others' islands
+    rules = {1: Rule(min_component_ml=0.005), 2: Rule(keep_largest_component=True),
+             3: Rule(min_component_ml=0.002, keep_largest_component=True), 5: Rule(min_component_ml=0.02)}
+    names = {v: f"c{v}" for v in range(1, 6)}
+    expected, expected_records = labels.copy(order="F"), []
+    for value, rule in rules.items():  # one rule at a time, every component counted with scipy directly
+        components, sizes = label_components(expected == value)
+        keep = rule.keep(sizes, 0.001)
+        expected[np.isin(components, np.flatnonzero(~keep) + 1)] = 0
+        expected_records.append((f"c{value}", len(sizes), int((~keep).sum())))
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    records = apply_rules(labels, 0.001, rules, names)
+    np.testing.assert_array_equal(labels, expected)
+    assert [(r["label"], r["components"], r["removed"]) for r in records] == expected_records
+    assert all(r["removed"] > 0 for r in records)  # every rule had something to do

@@ -319,3 +319,35 @@ def test_the_class_choice_is_argmax_with_its_tie_and_nan_rules():
     scores[3, 5, 0, :5] = float("nan")        # a NaN
     assert torch.equal(torch.max(scores, dim=0).indices, scores.argmax(dim=0))
     assert torch.equal(torch.max(scores[:, :, :, 8:30], dim=0).indices, scores[:, :, :, 8:30].argmax(dim=0))
+
+
+def test_one_network_blends_logits_and_gives_the_labels_and_probabilities_of_log_probabilities(monkeypatch):
+    net = TinyNet(seed=7)
+    predictor = _predictor([net], (8, 8, 8))
+    x = torch.rand(2, 1, 8, 8, 8)
+    window = WindowPredictor(predictor, "fp32")
+    with torch.inference_mode():
+        logits = net(x)
+        np.testing.assert_array_equal(window(x, logits_ok=True).numpy(), logits.numpy())  # one network: as they are
+        np.testing.assert_allclose(window(x).numpy(), torch.log_softmax(logits, 1).numpy(), atol=1e-6)
+        tta = WindowPredictor(predictor, "fp32", tta=True, tta_axes=["AP"])  # two passes: always log(mean softmax)
+        np.testing.assert_array_equal(tta(x, logits_ok=True).numpy(), tta(x).numpy())
+    # the whole sliding window, with overlapping windows: the blend of logits against the blend of log-probabilities
+    array = np.random.default_rng(3).random((21, 17, 13)).astype(np.float32)
+    fast = sliding_window_predict(array, predictor, _options(overlap=0.5), need_probabilities=True)
+    calls = []
+    original = WindowPredictor.__call__
+
+    def log_probabilities_only(self, patches, logits_ok=False):
+        calls.append(logits_ok)
+        return original(self, patches)
+
+    monkeypatch.setattr(WindowPredictor, "__call__", log_probabilities_only)
+    slow = sliding_window_predict(array, predictor, _options(overlap=0.5), need_probabilities=True)
+    assert calls and all(calls)  # a float32 buffer asked for logits
+    np.testing.assert_allclose(fast.probabilities, slow.probabilities, atol=1e-6)
+    np.testing.assert_array_equal(fast.classes, slow.classes)
+    # a half-precision buffer blends log-probabilities (its clamp at -60 is only right for those)
+    calls.clear()
+    half = sliding_window_predict(array, predictor, _options(overlap=0.5, memory=MemoryOptions(accumulate="fp16")))
+    assert calls and not any(calls) and half.plan.accumulate == "fp16"
