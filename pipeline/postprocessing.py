@@ -140,17 +140,27 @@ class Rule:
         return cls(bool(data.get("keep_largest_component", False)), None if ml is None else float(ml))
 
 
-def apply_rules(labels: np.ndarray, voxel_ml: float, rules: dict[int, Rule], names: dict[int, str]) -> list[dict]:
+def apply_rules(labels: np.ndarray, voxel_ml: float, rules: dict[int, Rule], names: dict[int, str],
+                kept_sizes: dict[int, np.ndarray] | None = None) -> list[dict]:
     """Apply ``rules`` (by label value) to ``labels`` in place; one record per class that had components.
 
     ``voxel_ml``: the voxel volume of the grid ``labels`` lies on. Each record names the class, the rule, the
     components found and removed, the removed volume and a one-line note for provenance and the report.
+    ``kept_sizes``, when given, receives per ruled class the voxel counts of the components left, in
+    :func:`label_components`' order: what labelling the class again would give (whole components were removed),
+    so the trust step need not label it again.
     """
     active = {value: rule for value, rule in rules.items() if not rule.empty}
     if not active:
         return []
-    return [_apply_rule(labels[box], value, active[value], components, sizes, voxel_ml, names)
-            for value, box, components, sizes in components_by_class(labels, sorted(active))]
+    records = []
+    for value, box, components, sizes in components_by_class(labels, sorted(active)):
+        records.append(_apply_rule(labels[box], value, active[value], components, sizes, voxel_ml, names))
+        if kept_sizes is not None:
+            kept_sizes[value] = sizes[active[value].keep(sizes, voxel_ml)]
+    if kept_sizes is not None:  # ruled classes that are absent have no components
+        kept_sizes.update({value: np.zeros(0, dtype=np.int64) for value in active if value not in kept_sizes})
+    return records
 
 
 def _apply_rule(region: np.ndarray, value: int, rule: Rule, components: np.ndarray, sizes: np.ndarray,

@@ -280,7 +280,15 @@ def test_many_classes_with_interleaved_islands_give_the_one_class_at_a_time_resu
         expected[np.isin(components, np.flatnonzero(~keep) + 1)] = 0
         expected_records.append((f"c{value}", len(sizes), int((~keep).sum())))
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    records = apply_rules(labels, 0.001, rules, names)
+    kept: dict = {}
+    records = apply_rules(labels, 0.001, {**rules, 4: Rule(), 9: Rule(keep_largest_component=True)}, names, kept)
     np.testing.assert_array_equal(labels, expected)
     assert [(r["label"], r["components"], r["removed"]) for r in records] == expected_records
     assert all(r["removed"] > 0 for r in records)  # every rule had something to do
+    # what the trust step takes instead of labelling again: the components of the cleaned map, in the same order
+    from pipeline.training_fingerprint import component_sizes
+
+    assert sorted(kept) == [1, 2, 3, 5, 9] and kept[9].size == 0  # 9 is absent, 4 had no rule
+    again = component_sizes(labels, [1, 2, 3, 5])
+    for value in (1, 2, 3, 5):
+        np.testing.assert_array_equal(kept[value], again[value])

@@ -673,10 +673,14 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
         labels = labels.T  # back to the source's [i, j, k] axes (a view; NIfTI writes it without a copy)
     lap("reassemble")
     rules, decided = decided_postprocessing(predictor, options)
+    kept_sizes: dict = {}  # components the clean-up left, per ruled class: the trust step's counts
     decided["applied"] = apply_rules(labels, voxel_volume_ml(source_grid), rules,
-                                     {info.value: info.name for info in predictor.labels})
+                                     {info.value: info.name for info in predictor.labels}, kept_sizes)
     notes = [record["note"] for record in decided["applied"]]
-    notes += postprocess(labels, source_grid, predictor.labels, options.postprocess)
+    configured = options.postprocess
+    if configured.keep_largest_component or configured.min_component_ml or configured.fill_holes:
+        kept_sizes = {}  # the configured clean-up may change components again: the trust step counts them
+    notes += postprocess(labels, source_grid, predictor.labels, configured)
     lap("postprocess")
     volumes, label_warnings = reporting.label_statistics(labels, source_grid, predictor.labels, options.report)
     warnings = redact.all(list(image.warnings) + fit_warnings + label_warnings)
@@ -685,7 +689,7 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     if options.trust.enabled:
         assessment = trust.assess_case(image.volume.array, labels, source_grid, volumes, predictor.labels,
                                        predictor.training_fingerprint, result.probabilities, result.classes,
-                                       agreement, options.trust)
+                                       agreement, options.trust, kept_sizes)
         warnings += trust.warnings_for(assessment)
     lap("trust")
 

@@ -102,15 +102,21 @@ def input_flags(image: np.ndarray, grid: Grid, fingerprint: dict, options) -> tu
 
 
 def result_flags(labels: np.ndarray, volumes: dict, label_infos, fingerprint: dict, options,
-                 grid: Grid | None = None) -> tuple[list[Flag], dict]:
-    """Flags for label volumes and component counts outside what training showed."""
+                 grid: Grid | None = None, known_sizes: dict | None = None) -> tuple[list[Flag], dict]:
+    """Flags for label volumes and component counts outside what training showed.
+
+    ``known_sizes``: component voxel counts per label value already known for ``labels`` as they are (the
+    clean-up's, :func:`pipeline.postprocessing.apply_rules`); the other present values are labelled here.
+    """
     from pipeline.geometry import voxel_volume_ml
 
     flags: list[Flag] = []
     margin = float(options.volume_margin)
     trained = fingerprint["labels"]
     present = [info.value for info in label_infos if volumes.get(info.name, {}).get("voxels", 0) > 0]
-    sizes = tfp.component_sizes(labels, present) if present else {}
+    known = known_sizes or {}
+    missing = [value for value in present if value not in known]
+    sizes = {**known, **(tfp.component_sizes(labels, missing) if missing else {})}
     measured = {}
     for info in label_infos:
         reference = trained.get(info.name)
@@ -261,12 +267,15 @@ def confidence_score(entropy: float | None, agreement: float | None, n_flags: in
 
 def assess_case(image: np.ndarray, labels: np.ndarray, grid: Grid, volumes: dict, label_infos,
                 fingerprint: dict | None, probabilities: np.ndarray | None, classes: np.ndarray,
-                agreement: MemberAgreement | None, options) -> Assessment:
-    """Everything the morning report needs to rank one finished case (see module docstring)."""
+                agreement: MemberAgreement | None, options, known_sizes: dict | None = None) -> Assessment:
+    """Everything the morning report needs to rank one finished case (see module docstring).
+
+    ``known_sizes``: see :func:`result_flags`."""
     assessment = Assessment(fingerprint=fingerprint is not None)
     if fingerprint is not None:
         input_found, input_measured = input_flags(image, grid, fingerprint, options)
-        result_found, result_measured = result_flags(labels, volumes, label_infos, fingerprint, options, grid)
+        result_found, result_measured = result_flags(labels, volumes, label_infos, fingerprint, options, grid,
+                                                     known_sizes)
         assessment.flags = input_found + result_found
         assessment.measured = {"input": input_measured, "labels": result_measured}
     assessment.entropy = foreground_entropy(probabilities, classes)
