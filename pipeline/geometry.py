@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pipeline import torchrun
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-PARALLEL_VOXELS = 1 << 21  # linear resampling onto a grid this large runs in slabs, one thread per core
+PARALLEL_VOXELS = 1 << 21  # linear resampling onto a grid this large runs in slabs, one thread per core of the process
 
 
 def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
@@ -244,7 +245,7 @@ def resample_to_grid(array: np.ndarray, src: Grid, dst: Grid, order: int = 0, fi
 
     # large volumes in slabs along the first pass's axis, one thread each: numpy releases the GIL in these
     # gathers and products, and every output voxel is computed by the same operations (identical result)
-    parts = min(os.cpu_count() or 1, len(coords[first])) if math.prod(dst.shape) >= PARALLEL_VOXELS else 1
+    parts = min(torchrun.cores_per_process(), len(coords[first])) if math.prod(dst.shape) >= PARALLEL_VOXELS else 1
     if parts > 1:
         with ThreadPoolExecutor(max_workers=parts) as pool:
             result = np.concatenate(list(pool.map(passes, np.array_split(coords[first], parts))), axis=0)

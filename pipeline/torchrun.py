@@ -19,3 +19,9 @@ def torchrun_env() -> tuple[int, int, int, int]:
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, e.g. a Slurm allocation), not the machine's."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def cores_per_process() -> int:
+    """Threads this process's own array work may use: its usable cores, shared out among torchrun's local ranks
+    (the share :func:`pipeline.devices.threads_per_process` gives torch), so parallel shards do not oversubscribe."""
+    return max(1, usable_cores() // max(1, torchrun_env()[3]))

@@ -188,7 +188,20 @@ def test_linear_resampling_in_threaded_slabs_is_identical_to_one_pass(monkeypatc
         one = resample_to_grid(image, grid, dst, order=1, fill=-1000.0, out_dtype=np.float32)
         monkeypatch.setattr(geometry, "PARALLEL_VOXELS", 1)
         for cores in (2, 3, 64):  # 64 cores: more slabs than some axes have points
-            monkeypatch.setattr(geometry.os, "cpu_count", lambda cores=cores: cores)
+            monkeypatch.setattr(geometry.torchrun, "cores_per_process", lambda cores=cores: cores)
             threaded = resample_to_grid(image, grid, dst, order=1, fill=-1000.0, out_dtype=np.float32)
             assert threaded.flags.c_contiguous and threaded.dtype == np.float32
             np.testing.assert_array_equal(threaded, one)
+
+
+def test_threads_for_array_work_are_the_process_share_of_its_cores(monkeypatch):
+    """Resampling and the clean-up use the cores this process may run on, shared out among torchrun's local ranks."""
+    from pipeline import torchrun
+
+    monkeypatch.setattr(torchrun, "usable_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert torchrun.cores_per_process() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert torchrun.cores_per_process() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert torchrun.cores_per_process() == 1

@@ -279,7 +279,7 @@ def test_many_classes_with_interleaved_islands_give_the_one_class_at_a_time_resu
         keep = rule.keep(sizes, 0.001)
         expected[np.isin(components, np.flatnonzero(~keep) + 1)] = 0
         expected_records.append((f"c{value}", len(sizes), int((~keep).sum())))
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("pipeline.torchrun.cores_per_process", lambda: cores)
     kept: dict = {}
     records = apply_rules(labels, 0.001, {**rules, 4: Rule(), 9: Rule(keep_largest_component=True)}, names, kept)
     np.testing.assert_array_equal(labels, expected)
