@@ -116,8 +116,9 @@ def components_by_class(labels: np.ndarray, values: list[int]) -> Iterator[tuple
     (the clean-up does): that changes no other class's mask.
     """
     boxes = label_boxes(labels, max(values, default=0))
-    queue = iter([value for value in values if value in boxes])
-    workers = max(1, min(len(boxes), torchrun.cores_per_process()))
+    present = [value for value in values if value in boxes]
+    queue = iter(present)
+    workers = max(1, min(len(present), torchrun.cores_per_process()))
     pending: deque = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
 

@@ -148,6 +148,17 @@ def _linear_reference(image, src, dst, fill):
     return values.reshape(dst.shape)
 
 
+def _resampling_targets(grid: Grid, scale, crop_stop, beyond_shape) -> tuple[Grid, Grid, Grid]:
+    """Destinations for a linear resampling test: the canonical grid at ``scale`` × its spacing, a crop of it
+    (the body crop), and a grid of ``beyond_shape`` that starts outside the source."""
+    canonical = canonical_grid(grid)
+    target = regrid_spacing(canonical, canonical.spacing * np.array(scale))
+    cropped = crop_grid(target, [2, 3, 1], np.minimum(crop_stop, target.shape))
+    beyond = Grid(beyond_shape, target.affine.copy())
+    beyond.affine[:3, 3] = target.world([-4, -2, -3])
+    return target, cropped, beyond
+
+
 @pytest.mark.parametrize("name", GRIDS)
 @pytest.mark.parametrize("layout", ["C", "F"])
 def test_linear_resampling_from_int16_in_either_memory_order_equals_float64_reference(name, layout):
@@ -157,15 +168,11 @@ def test_linear_resampling_from_int16_in_either_memory_order_equals_float64_refe
     grid = Grid((29, 19, 11), GRIDS[name])
     image = np.random.default_rng(9).integers(-1024, 1500, size=grid.shape).astype(np.int16)
     image = np.asfortranarray(image) if layout == "F" else np.ascontiguousarray(image)
-    canonical = canonical_grid(grid)
-    target = regrid_spacing(canonical, canonical.spacing * np.array([1.7, 0.6, 1.3]))
-    cropped = crop_grid(target, [2, 3, 1], np.minimum([14, 25, 8], target.shape))
-    beyond = Grid((9, 9, 9), target.affine.copy())
-    beyond.affine[:3, 3] = target.world([-4, -2, -3])
-    for dst in (target, cropped, beyond):
+    for dst in _resampling_targets(grid, [1.7, 0.6, 1.3], [14, 25, 8], (9, 9, 9)):
         out = resample_to_grid(image, grid, dst, order=1, fill=-1000.0, out_dtype=np.float32)
         assert out.dtype == np.float32 and out.shape == dst.shape and out.flags.c_contiguous
         np.testing.assert_allclose(out, _linear_reference(image, grid, dst, -1000.0), rtol=0, atol=2e-3)
+    beyond = _resampling_targets(grid, [1.7, 0.6, 1.3], [14, 25, 8], (9, 9, 9))[2]
     assert (resample_to_grid(image, grid, beyond, order=1, fill=-1000.0) == -1000.0).any()
 
 
@@ -178,12 +185,7 @@ def test_linear_resampling_in_threaded_slabs_is_identical_to_one_pass(monkeypatc
     grid = Grid((37, 23, 17), GRIDS[name])
     image = np.random.default_rng(4).integers(-1024, 1500, size=grid.shape).astype(np.int16)
     image = np.asfortranarray(image) if layout == "F" else np.ascontiguousarray(image)
-    canonical = canonical_grid(grid)
-    target = regrid_spacing(canonical, canonical.spacing * np.array([0.7, 1.1, 0.9]))
-    cropped = crop_grid(target, [2, 3, 1], np.minimum([30, 20, 14], target.shape))
-    beyond = Grid((21, 13, 11), target.affine.copy())
-    beyond.affine[:3, 3] = target.world([-4, -2, -3])
-    for dst in (target, cropped, beyond):
+    for dst in _resampling_targets(grid, [0.7, 1.1, 0.9], [30, 20, 14], (21, 13, 11)):
         monkeypatch.setattr(geometry, "PARALLEL_VOXELS", 1 << 60)
         one = resample_to_grid(image, grid, dst, order=1, fill=-1000.0, out_dtype=np.float32)
         monkeypatch.setattr(geometry, "PARALLEL_VOXELS", 1)

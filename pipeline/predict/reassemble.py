@@ -214,11 +214,16 @@ def configured_rules(options, label_infos) -> dict[int, Rule]:
     return rules
 
 
+def has_configured_cleanup(options) -> bool:
+    """Whether ``predict.postprocess`` sets a clean-up of its own (:func:`postprocess` then may change labels)."""
+    return bool(options.keep_largest_component or options.min_component_ml or options.fill_holes)
+
+
 def postprocess(labels: np.ndarray, grid: Grid, label_infos, options) -> list[str]:
     """Clean ``labels`` in place as configured per label name; returns one note per change."""
     from scipy import ndimage
 
-    if not (options.keep_largest_component or options.min_component_ml or options.fill_holes) or not labels.any():
+    if not has_configured_cleanup(options) or not labels.any():
         return []
     voxel_ml = voxel_volume_ml(grid)
     records = apply_rules(labels, voxel_ml, configured_rules(options, label_infos),

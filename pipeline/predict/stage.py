@@ -61,6 +61,7 @@ from pipeline.predict.reassemble import (
     check_label_names,
     classes_to_values,
     configured_rules,
+    has_configured_cleanup,
     postprocess,
     probabilities_to_source,
     refined_to_source,
@@ -677,10 +678,9 @@ def predict_case(case: case_io.Case, predictor: Predictor, window_predictor: Win
     decided["applied"] = apply_rules(labels, voxel_volume_ml(source_grid), rules,
                                      {info.value: info.name for info in predictor.labels}, kept_sizes)
     notes = [record["note"] for record in decided["applied"]]
-    configured = options.postprocess
-    if configured.keep_largest_component or configured.min_component_ml or configured.fill_holes:
+    if has_configured_cleanup(options.postprocess):
         kept_sizes = {}  # the configured clean-up may change components again: the trust step counts them
-    notes += postprocess(labels, source_grid, predictor.labels, configured)
+    notes += postprocess(labels, source_grid, predictor.labels, options.postprocess)
     lap("postprocess")
     volumes, label_warnings = reporting.label_statistics(labels, source_grid, predictor.labels, options.report)
     warnings = redact.all(list(image.warnings) + fit_warnings + label_warnings)
